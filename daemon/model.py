@@ -1,0 +1,69 @@
+"""Values shared by the source, the mapping, the planner and the store.
+
+The snapshot keeps PingOne's JSON as it came (mapping expressions run over it), plus the
+membership graph the planner needs. Nothing here performs I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON = dict[str, Any]
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What PingOne looked like during one cycle.
+
+    `members` holds the DIRECT user members of the groups that were fetched (the groups any
+    target needs, and their nested children when transitive membership is configured);
+    `parents` maps a child group id to the ids of the groups it is nested in.
+    `complete` is True only when every page arrived and parsed: removals are planned only
+    from a complete snapshot.
+    """
+
+    users: dict[str, JSON] = field(default_factory=dict)
+    groups: dict[str, JSON] = field(default_factory=dict)
+    members: dict[str, frozenset[str]] = field(default_factory=dict)
+    parents: dict[str, frozenset[str]] = field(default_factory=dict)
+    complete: bool = True
+    problems: list[str] = field(default_factory=list)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    def children(self) -> dict[str, set[str]]:
+        """parent group id -> ids of the groups nested directly in it."""
+        out: dict[str, set[str]] = {}
+        for child, parents in self.parents.items():
+            for parent in parents:
+                out.setdefault(parent, set()).add(child)
+        return out
+
+    def descendants(self, group_id: str, children: dict[str, set[str]] | None = None) -> set[str]:
+        """The group and every group nested in it, at any depth (cycles tolerated)."""
+        kids = self.children() if children is None else children
+        seen = {group_id}
+        stack = [group_id]
+        while stack:
+            for child in kids.get(stack.pop(), ()):
+                if child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+        return seen
+
+    def member_ids(self, group_id: str, *, transitive: bool,
+                   children: dict[str, set[str]] | None = None) -> set[str]:
+        """User ids in the group: direct members, or those of every nested group as well."""
+        groups: Iterable[str] = self.descendants(group_id, children) if transitive else (group_id,)
+        out: set[str] = set()
+        for gid in groups:
+            out.update(self.members.get(gid, ()))
+        return out
+
+    def group_by_name(self, name: str) -> JSON | None:
+        for group in self.groups.values():
+            if group.get("name") == name:
+                return group
+        return None
