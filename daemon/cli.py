@@ -1,0 +1,452 @@
+"""The `provisiond` command line (also `python -m daemon`). Exit codes: 0 ok, 1 failure, 78 bad config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+
+from daemon import logs
+from daemon.config import Config, ConfigError, load_config, resolve_config_path
+from daemon.engine import META_ACCEPT_SHRINK, CycleReport, Engine
+from daemon.planner import PENDING, Op, Plan
+from daemon.store import Store, StoreError
+
+EX_OK = 0
+EX_FAIL = 1
+EX_CONFIG = 78
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(resolve_config_path(getattr(args, "config", None)))
+
+
+def _config_error(exc: ConfigError) -> int:
+    print(f"provisiond: invalid config: {exc}", file=sys.stderr)
+    return EX_CONFIG
+
+
+def _setup_logging(cfg: Config, *, to_stderr: bool = False, level: str | None = None) -> None:
+    logs.configure(fmt=cfg.daemon.log_format, level=level or cfg.daemon.log_level, secrets=cfg.secrets(),
+                   stream=sys.stderr if to_stderr else sys.stdout)
+
+
+def http_session(*, limit: int = 100) -> aiohttp.ClientSession:
+    """The one HTTP session of a process: TLS verification on (aiohttp's default), pooled."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300),
+                                 trust_env=False, raise_for_status=False)
+
+
+# -- once -------------------------------------------------------------------------------------
+
+
+async def _once(cfg: Config) -> CycleReport:
+    store = await Store.open(cfg.daemon.state_path)
+    try:
+        async with http_session() as session:
+            engine = Engine(cfg, store, session, log=logs.get_logger())
+            return await engine.cycle()
+    finally:
+        await store.close()
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        return _config_error(exc)
+    _setup_logging(cfg)
+    try:
+        report = anyio.run(_once, cfg)
+    except StoreError as exc:
+        print(f"provisiond: state: {exc}", file=sys.stderr)
+        return EX_FAIL
+    return EX_FAIL if report.failed else EX_OK
+
+
+# -- plan -------------------------------------------------------------------------------------
+
+
+async def _plan(cfg: Config) -> tuple[dict[str, Plan], bool]:
+    store = await Store.open(cfg.daemon.state_path)
+    try:
+        async with http_session() as session:
+            engine = Engine(cfg, store, session, log=logs.get_logger())
+            return await engine.preview()
+    finally:
+        await store.close()
+
+
+def _fmt(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def describe_op(op: Op) -> str:
+    sign = {"create": "+", "delete": "-", "add_members": "+", "remove_members": "-"}.get(op.op, "~")
+    head = f"  {sign} {op.kind} {op.op:<14} {op.name}  ({op.reason})"
+    if op.status != PENDING:
+        head += f"  [{op.status}: {op.skip_reason}]"
+    lines = [head]
+    payload = op.payload
+    if op.op == "update":
+        for path, after in sorted(payload.get("changed", {}).items()):
+            lines.append(f"      {path}: {_fmt(payload.get('before', {}).get(path))} -> {_fmt(after)}")
+    elif op.op == "create" and op.kind == "user":
+        for path, value in sorted(payload.get("attrs", {}).items()):
+            if value is not None:
+                lines.append(f"      {path}: {_fmt(value)}")
+    elif op.op == "rename":
+        lines.append(f"      displayName: {_fmt(payload.get('before'))} -> {_fmt(payload.get('display_name'))}")
+    elif op.op in ("add_members", "remove_members"):
+        count = len(payload.get("source_ids", ())) + len(payload.get("target_ids", ()))
+        lines.append(f"      members: {count}")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        return _config_error(exc)
+    _setup_logging(cfg, to_stderr=True, level="warning")
+    try:
+        plans, complete = anyio.run(_plan, cfg)
+    except StoreError as exc:
+        print(f"provisiond: state: {exc}", file=sys.stderr)
+        return EX_FAIL
+    if args.json:
+        out = {name: {"counts": p.counts(), "held": p.removals_held, "deferred_removals": p.removals_deferred,
+                      "snapshot_complete": complete,
+                      "operations": [{"seq": o.seq, "kind": o.kind, "op": o.op, "name": o.name,
+                                      "source_id": o.source_id, "target_id": o.target_id, "reason": o.reason,
+                                      "status": o.status, "skip_reason": o.skip_reason,
+                                      "payload": dict(o.payload)} for o in p.ops]}
+               for name, p in plans.items()}
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+        return EX_OK
+    for name, p in plans.items():
+        pending = len(p.pending())
+        print(f"target {name}: {pending} operation(s) to apply, {len(p.ops) - pending} skipped or held"
+              + ("" if complete else " (snapshot incomplete: no removals planned)"))
+        for op in p.ops:
+            print(describe_op(op))
+    return EX_OK
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+async def _status(cfg: Config) -> dict[str, Any]:
+    store = await Store.open(cfg.daemon.state_path)
+    try:
+        cycles = await store.latest_cycles()
+        out: dict[str, Any] = {"targets": []}
+        for c in cycles:
+            c["held"] = await store.held_count(c["target"])
+            c["managed_users"] = await store.managed_count(c["target"], "user")
+            c["managed_groups"] = await store.managed_count(c["target"], "group")
+            c["approval_pending"] = await store.approved(c["target"])
+            c["recent_failures"] = await store.recent_failures(c["target"], limit=10)
+            out["targets"].append(c)
+        return out
+    finally:
+        await store.close()
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        return _config_error(exc)
+    try:
+        data = anyio.run(_status, cfg)
+    except StoreError as exc:
+        print(f"provisiond: state: {exc}", file=sys.stderr)
+        return EX_FAIL
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=2, default=str))
+        return EX_OK
+    if not data["targets"]:
+        print("no cycle has run yet")
+    for t in data["targets"]:
+        s = t["summary"]
+        print(f"target {t['target']}: last cycle {t['cycle']} {t['outcome']} "
+              f"(started {_when(t['started'])}, finished {_when(t['finished'])}"
+              f"{', full sync' if t['full_sync'] else ''})")
+        for kind in ("users", "groups"):
+            if kind in s:
+                row = s[kind]
+                print(f"  {kind:<7} " + "  ".join(f"{k} {v}" for k, v in row.items()))
+        print(f"  managed: {t['managed_users']} users, {t['managed_groups']} groups; "
+              f"unmanaged users in target: {s.get('unmanaged_users', '-')}")
+        if t["held"]:
+            print(f"  HELD: {t['held']} removal(s) above max_deletes; release with "
+                  f"`provisiond approve --target {t['target']}`")
+        if s.get("deferred_removals"):
+            print(f"  deferred: {s['deferred_removals']} removal(s) not planned (snapshot incomplete or shrunk)")
+        for f in t["recent_failures"]:
+            status = f" HTTP {f['http_status']}" if f["http_status"] else ""
+            print(f"  failed: {f['kind']} {f['op']} {f['name']}{status}"
+                  f"{' ' + f['scim_type'] if f['scim_type'] else ''}: {f['error']}")
+    return EX_OK
+
+
+# -- check-config / test-connection / approve -------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        return _config_error(exc)
+    print(json.dumps(cfg.masked(), ensure_ascii=False, indent=2, default=str))
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{cfg.path}: OK ({len(cfg.targets)} target(s))", file=sys.stderr)
+    return EX_OK
+
+
+async def _test_connection(cfg: Config) -> bool:
+    from daemon.engine import build_runtime, source_client
+
+    ok = True
+    async with http_session() as session:
+        src = source_client(cfg, session)
+        try:
+            await src.token()
+            async for page in src.iter_users():
+                print(f"source PingOne {cfg.source.api_url}: OK (token issued, users readable: {len(page)} on page 1)")
+                break
+            else:
+                print(f"source PingOne {cfg.source.api_url}: OK (token issued, no users)")
+        except Exception as exc:
+            ok = False
+            print(f"source PingOne {cfg.source.api_url}: FAILED: {logs.REDACTOR.scrub(str(exc))}")
+        for target in cfg.targets:
+            rt = build_runtime(target, session)
+            try:
+                async for _ in rt.client.iter_users():
+                    break
+                print(f"target {target.name} ({target.profile}) {target.base_url}: OK")
+            except Exception as exc:
+                ok = False
+                print(f"target {target.name} ({target.profile}) {target.base_url}: FAILED: "
+                      f"{logs.REDACTOR.scrub(str(exc))}")
+    return ok
+
+
+def cmd_test_connection(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        return _config_error(exc)
+    _setup_logging(cfg, to_stderr=True, level="warning")
+    return EX_OK if anyio.run(_test_connection, cfg) else EX_FAIL
+
+
+async def _approve(cfg: Config, target: str) -> None:
+    store = await Store.open(cfg.daemon.state_path)
+    try:
+        await store.approve(target)
+        await store.set_meta(META_ACCEPT_SHRINK, "1")
+    finally:
+        await store.close()
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args)
+        cfg.target(args.target)
+    except ConfigError as exc:
+        return _config_error(exc)
+    except KeyError:
+        print(f"provisiond: no target named {args.target!r} in {cfg.path}", file=sys.stderr)
+        return EX_FAIL
+    anyio.run(_approve, cfg, args.target)
+    print(f"approved: the next cycle of {args.target} applies its held removals once "
+          "(and accepts a shrunk source snapshot)")
+    return EX_OK
+
+
+# -- run --------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.service import run_service
+
+    return run_service(resolve_config_path(args.config))
+
+
+# -- sandbox / demo ---------------------------------------------------------------------------
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _sandbox(args: argparse.Namespace) -> None:
+    from daemon.sandbox.runner import build_sandbox, running, write_config
+
+    sandbox = build_sandbox(users=args.users, groups=args.groups, seed=args.seed, latency_ms=args.latency_ms,
+                            error_rate=args.error_rate)
+    async with running(sandbox, port=args.port):
+        print(sandbox.describe(), flush=True)
+        if args.write_config:
+            path = write_config(sandbox, args.write_config)
+            print(f"config written to {path}", flush=True)
+        print("serving; Ctrl-C stops", flush=True)
+        await _stop_event().wait()
+    print("sandbox stopped", flush=True)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    asyncio.run(_sandbox(args))
+    return EX_OK
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from daemon.sandbox.runner import build_sandbox, mutate, running, write_config
+
+    sandbox = build_sandbox(users=args.users, groups=args.groups, seed=args.seed, zia_rps=args.zia_rps)
+    stop = _stop_event()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="provisiond-demo-") as tmp:
+        async with running(sandbox, port=args.port):
+            path = write_config(sandbox, Path(tmp) / "demo.toml", log_format=args.log_format,
+                                zia_rps=args.zia_rps)
+            cfg = load_config(path)
+            logs.configure(fmt=cfg.daemon.log_format, level="info" if args.verbose else "warning",
+                           secrets=cfg.secrets())
+            print(sandbox.describe(), flush=True)
+            print(f"\nconfig: {path} (state {cfg.daemon.state_path})\n", flush=True)
+            store = await Store.open(cfg.daemon.state_path)
+            try:
+                async with http_session() as session:
+                    engine = Engine(cfg, store, session, log=logs.get_logger())
+                    step = 0
+                    while not stop.is_set() and (args.cycles == 0 or step < args.cycles):
+                        step += 1
+                        if step > 1:
+                            for line in mutate(sandbox.directory, rng, step):
+                                print(f"  PingOne: {line}", flush=True)
+                        report = await engine.cycle()
+                        print_cycle(step, report, sandbox)
+                        if args.cycles and step >= args.cycles:
+                            break
+                        try:
+                            await asyncio.wait_for(stop.wait(), timeout=args.interval)
+                        except TimeoutError:
+                            pass
+            finally:
+                await store.close()
+    print("demo stopped", flush=True)
+    return EX_OK
+
+
+def print_cycle(step: int, report: CycleReport, sandbox: Any) -> None:
+    took = report.finished - report.started
+    print(f"cycle {step}: {report.snapshot_users} PingOne users read, {took:.1f}s", flush=True)
+    if report.source_error:
+        print(f"  source failed: {report.source_error}", flush=True)
+    for t in report.targets:
+        u = t.summary.get("users", {})
+        g = t.summary.get("groups", {})
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(t.plan_counts.items())) or "nothing to do"
+        emulator = getattr(sandbox, t.target, None)
+        in_target = f"; target holds {len(emulator.users)} users" if emulator is not None else ""
+        print(f"  {t.target:<4} {t.outcome:<15} ops: {ops}", flush=True)
+        print(f"       users impacted {u.get('impacted', 0)} success {u.get('success', 0)} "
+              f"unsynced {u.get('unsynced', 0)} skipped {u.get('skipped', 0)} failed {u.get('failed', 0)}; "
+              f"groups {g.get('success', 0)}/{g.get('impacted', 0)} in sync{in_target}", flush=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return asyncio.run(_demo(args))
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="provisiond", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", help="config file (default $PROVISIOND_CONFIG, then "
+                       "/etc/provisiond/provisiond.toml)")
+        return p
+
+    with_config(sub.add_parser("run", help="the daemon: cycles forever")).set_defaults(func=cmd_run)
+    with_config(sub.add_parser("once", help="one full cycle, then exit")).set_defaults(func=cmd_once)
+    p = with_config(sub.add_parser("plan", help="snapshot and plan, apply nothing"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    p = with_config(sub.add_parser("status", help="last cycle per target and recent failures"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    with_config(sub.add_parser("check-config", help="validate and print the config, secrets masked")
+                ).set_defaults(func=cmd_check_config)
+    with_config(sub.add_parser("test-connection", help="authenticate and read once from each side")
+                ).set_defaults(func=cmd_test_connection)
+    p = with_config(sub.add_parser("approve", help="release removals held by max_deletes, once"))
+    p.add_argument("--target", required=True)
+    p.set_defaults(func=cmd_approve)
+
+    def emulator_options(p: argparse.ArgumentParser, users: int, groups: int) -> None:
+        p.add_argument("--users", type=int, default=users)
+        p.add_argument("--groups", type=int, default=groups)
+        p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--port", type=int, default=8900,
+                       help="PingOne on PORT, zpa SCIM on PORT+1, zia SCIM on PORT+2; 0 = free ports")
+
+    p = sub.add_parser("sandbox", help="run the emulators alone")
+    emulator_options(p, 2000, 40)
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--error-rate", type=float, default=0.0)
+    p.add_argument("--write-config", metavar="PATH", help="write a provisiond config targeting the emulators")
+    p.set_defaults(func=cmd_sandbox)
+    p = sub.add_parser("demo", help="the emulators and real cycles against them")
+    emulator_options(p, 2000, 40)
+    p.add_argument("--cycles", type=int, default=0, help="stop after N cycles (0 = until Ctrl-C)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between cycles")
+    p.add_argument("--zia-rps", type=float, default=25.0,
+                   help="the zia emulator's rate limit and the zia target's requests_per_second "
+                        "(real ZIA: 5/s; the demo default is faster so that cycles are short)")
+    p.add_argument("--log-format", default="console", choices=["console", "json"])
+    p.add_argument("--verbose", action="store_true", help="log every entity event")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.umask(os.umask(0o077) | 0o077)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

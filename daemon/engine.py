@@ -1,0 +1,580 @@
+"""One provisioning cycle, step by step (DESIGN.md "What it is"):
+
+    1 snapshot PingOne                      (source.snapshot)
+    2 gate it: complete? shrunk?            removals only from a complete, unshrunk snapshot
+    3 per target, concurrently:
+      a recover what an interrupted cycle left in flight (lookup before any create)
+      b on a full sync, read the target and repair the links (drift, adoption)
+      c derive the desired state            (mapping, pure)
+      d plan                                (planner, pure) -> SQLite
+      e apply                               (applier) -> SQLite + one log event per entity
+      f summarise                           -> SQLite + `cycle.finished`
+
+A target that fails (auth, mostly transient failures, unreachable) is quarantined with a
+growing back-off; the other targets carry on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import aiohttp
+import anyio
+
+from daemon.applier import APPLIED, FAILED, Applier, TargetUnhealthy
+from daemon.backoff import RetryPolicy
+from daemon.config import Config, GroupRef, TargetConfig
+from daemon.errors import Forbidden, RemoteError, TransientError, Unauthorized
+from daemon.mapping import (
+    Desired,
+    GroupSelector,
+    Rules,
+    canonical_hash,
+    desired_state,
+    resolve_pins,
+    username_key,
+)
+from daemon.model import Snapshot
+from daemon.planner import HELD, PENDING, Actual, GroupLink, Plan, Policy, UserLink, plan
+from daemon.ratelimit import RateGovernor
+from daemon.source.pingone import PingOneClient
+from daemon.source.snapshot import take_snapshot
+from daemon.store import Store
+from daemon.target.auth import auth_from
+from daemon.target.profiles import profile_for
+from daemon.target.resource import read_active, read_user
+from daemon.target.scim import ScimClient
+
+QUARANTINE_BASE = 60.0
+QUARANTINE_CAP = 3600.0
+META_LAST_GOOD_USERS = "source.last_good_users"
+META_ACCEPT_SHRINK = "source.accept_shrink"
+_MEMBER_OF_RE = re.compile(r'memberOfGroups\[\s*id\s+eq\s+"([^"]+)"\s*\]', re.IGNORECASE)
+
+ProgressHook = Callable[[str, int, int], None]
+
+
+class SourceUnavailable(Exception):
+    """PingOne could not be read at all (or refused our credentials)."""
+
+
+@dataclass
+class Quarantine:
+    until: float = 0.0
+    backoff: float = 0.0
+    reason: str | None = None
+
+    def active(self, now: float) -> bool:
+        return self.reason is not None and now < self.until
+
+
+@dataclass
+class TargetRuntime:
+    """What lives across cycles for one target: its client, limits and health."""
+
+    config: TargetConfig
+    rules: Rules
+    client: ScimClient
+    governor: RateGovernor
+    limiter: anyio.CapacityLimiter
+    quarantine: Quarantine = field(default_factory=Quarantine)
+    unmanaged: int | None = None          # target users provisiond does not manage (last full sync)
+
+
+@dataclass
+class TargetReport:
+    target: str
+    cycle_id: int | None
+    outcome: str
+    full_sync: bool = False
+    plan_counts: dict[str, int] = field(default_factory=dict)
+    results: dict[str, int] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    failed: int = 0
+
+
+@dataclass
+class CycleReport:
+    started: float
+    finished: float = 0.0
+    snapshot_users: int = 0
+    snapshot_complete: bool = True
+    targets: list[TargetReport] = field(default_factory=list)
+    source_error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.source_error is not None or any(
+            t.failed or t.outcome in ("failed", "quarantined") for t in self.targets)
+
+
+def rules_for(target: TargetConfig) -> Rules:
+    def selector(ref: GroupRef) -> GroupSelector:
+        return GroupSelector(name=ref.name, id=ref.id)
+
+    return Rules.compile(
+        target.mapping,
+        scope_groups=tuple(selector(g) for g in target.scope.groups),
+        scope_filter=target.scope.filter,
+        groups=tuple(selector(g) for g in target.groups),
+        transitive=target.membership == "transitive",
+        require_email_username=target.require_email_username,
+    )
+
+
+def build_runtime(target: TargetConfig, session: aiohttp.ClientSession) -> TargetRuntime:
+    def reveal(secret: Any) -> str | None:
+        return secret.reveal() if secret is not None else None
+
+    auth = auth_from(target.auth, token=reveal(target.token), username=target.username,
+                     password=reveal(target.password), token_url=target.token_url,
+                     client_id=target.client_id, client_secret=reveal(target.client_secret))
+    profile = profile_for(target.profile, active_false_deletes=target.active_false_deletes,
+                          page_size=target.page_size, membership_batch=target.membership_batch)
+    governor = RateGovernor(target.requests_per_second, target.burst)
+    client = ScimClient(
+        session, target.base_url, auth, profile=profile, governor=governor,
+        policy=RetryPolicy(), timeout=target.timeout, match_filter=target.match_filter,
+        group_match_filter=target.group_match_filter, page_size=target.page_size,
+        membership_batch=target.membership_batch, update_method=target.update_method)
+    return TargetRuntime(target, rules_for(target), client, governor, anyio.CapacityLimiter(target.concurrency))
+
+
+def source_client(config: Config, session: aiohttp.ClientSession) -> PingOneClient:
+    src = config.source
+    return PingOneClient(
+        session, api_url=src.api_url, auth_url=src.auth_url, environment_id=src.environment_id,
+        client_id=src.client_id, client_secret=src.client_secret.reveal(), client_auth=src.client_auth,
+        page_size=src.page_size, timeout=src.timeout)
+
+
+def snapshot_needs(targets: Sequence[TargetConfig]) -> tuple[set[str], set[str], bool]:
+    names: set[str] = set()
+    ids: set[str] = set()
+    transitive = False
+    for t in targets:
+        for ref in (*t.groups, *t.scope.groups):
+            if ref.id is not None:
+                ids.add(ref.id)
+            elif ref.name is not None:
+                names.add(ref.name)
+        if t.scope.filter:
+            ids.update(_MEMBER_OF_RE.findall(t.scope.filter))
+        transitive = transitive or t.membership == "transitive"
+    return names, ids, transitive
+
+
+def user_hashes(snapshot: Snapshot) -> dict[str, str]:
+    return {uid: canonical_hash(user) for uid, user in snapshot.users.items()}
+
+
+class Engine:
+    """Runs cycles for every configured target against one state file."""
+
+    def __init__(self, config: Config, store: Store, session: aiohttp.ClientSession, *, log: Any) -> None:
+        self.store = store
+        self.session = session
+        self.log = log
+        self.config = config
+        self.runtimes: dict[str, TargetRuntime] = {}
+        self.source = source_client(config, session)
+        self.progress: ProgressHook | None = None
+        self.quarantine_base = QUARANTINE_BASE
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt a new config from the next cycle on; live limits are resized in place."""
+        old = self.runtimes
+        self.runtimes = {}
+        for target in config.targets:
+            previous = old.get(target.name)
+            if previous is not None and previous.config == target:
+                self.runtimes[target.name] = previous
+                continue
+            runtime = build_runtime(target, self.session)
+            if previous is not None:
+                runtime.quarantine = previous.quarantine
+            self.runtimes[target.name] = runtime
+        if config.source != self.config.source:
+            self.source = source_client(config, self.session)
+        self.config = config
+
+    # -- the cycle ------------------------------------------------------------------------
+
+    async def snapshot(self) -> Snapshot:
+        names, ids, transitive = snapshot_needs(self.config.targets)
+        try:
+            return await take_snapshot(self.source, group_names=names, group_ids=ids, transitive=transitive,
+                                       log=self.log)
+        except RemoteError as exc:
+            raise SourceUnavailable(str(exc)) from exc
+
+    async def gate(self, snapshot: Snapshot) -> bool:
+        """May removals be planned from this snapshot? Logs why not."""
+        if not snapshot.complete:
+            self.log.warning("snapshot.incomplete", users=len(snapshot.users), problems=snapshot.problems[:10],
+                             problem_count=len(snapshot.problems))
+            return False
+        last = await self.store.get_meta(META_LAST_GOOD_USERS)
+        accept = await self.store.get_meta(META_ACCEPT_SHRINK)
+        count = len(snapshot.users)
+        if last is not None and accept != "1":
+            previous = int(last)
+            floor = previous * (1.0 - self.config.daemon.max_source_shrink)
+            if previous > 0 and count < floor:
+                self.log.warning("snapshot.shrunk", users=count, last_good_users=previous,
+                                 shrink_pct=round(100.0 * (previous - count) / previous, 1),
+                                 max_source_shrink_pct=round(100 * self.config.daemon.max_source_shrink, 1))
+                return False
+        await self.store.set_meta(META_LAST_GOOD_USERS, str(count))
+        if accept is not None:
+            await self.store.set_meta(META_ACCEPT_SHRINK, "0")
+        return True
+
+    async def cycle(self, *, targets: Sequence[str] | None = None) -> CycleReport:
+        report = CycleReport(started=time.time())
+        self.log.info("cycle.started", targets=[t for t in self.runtimes if targets is None or t in targets])
+        try:
+            snapshot = await self.snapshot()
+        except SourceUnavailable as exc:
+            report.source_error = str(exc)
+            report.finished = time.time()
+            self.log.error("snapshot.failed", error=str(exc))
+            return report
+        complete = await self.gate(snapshot)
+        await self.store.save_snapshot(snapshot, user_hashes(snapshot))
+        report.snapshot_users = len(snapshot.users)
+        report.snapshot_complete = complete
+        self.log.info("snapshot.taken", users=len(snapshot.users), groups=len(snapshot.groups),
+                      complete=complete, duration_ms=round((snapshot.finished_at - snapshot.started_at) * 1000))
+        chosen = [rt for name, rt in self.runtimes.items() if targets is None or name in targets]
+        results: dict[str, TargetReport] = {}
+
+        async def run(rt: TargetRuntime) -> None:
+            results[rt.config.name] = await self.target_cycle(rt, snapshot, complete)
+
+        async with anyio.create_task_group() as tg:
+            for rt in chosen:
+                tg.start_soon(run, rt)
+        report.targets = [results[rt.config.name] for rt in chosen]
+        report.finished = time.time()
+        return report
+
+    async def preview(self) -> tuple[dict[str, Plan], bool]:
+        """Snapshot and plan every target from what SQLite knows; write nothing, send nothing."""
+        snapshot = await self.snapshot()
+        complete = snapshot.complete
+        last = await self.store.get_meta(META_LAST_GOOD_USERS)
+        if complete and last is not None and int(last) > 0:
+            complete = len(snapshot.users) >= int(last) * (1.0 - self.config.daemon.max_source_shrink)
+        plans: dict[str, Plan] = {}
+        for name, rt in self.runtimes.items():
+            stored = await self.store.get_meta(f"group_pins.{name}")
+            pins = resolve_pins(snapshot, rt.rules, json.loads(stored) if stored else {})
+            desired = desired_state(snapshot, rt.rules, pins)
+            actual = await self.store.load_links(name)
+            plans[name] = await self.make_plan(rt, desired, actual, complete)
+        return plans, complete
+
+    async def target_cycle(self, rt: TargetRuntime, snapshot: Snapshot, complete: bool) -> TargetReport:
+        name = rt.config.name
+        log = self.log.bind(target=name)
+        now = time.time()
+        if rt.quarantine.active(now):
+            log.info("target.skipped", reason="quarantined", quarantine_reason=rt.quarantine.reason,
+                     retry_in_s=round(rt.quarantine.until - now))
+            return TargetReport(name, None, "quarantined")
+        full = await self._full_sync_due(rt)
+        cycle_id = await self.store.start_cycle(name, full_sync=full)
+        log = log.bind(cycle=cycle_id)
+        try:
+            report = await self._target_cycle(rt, snapshot, complete, cycle_id, full, log)
+        except (Unauthorized, Forbidden, TransientError, TargetUnhealthy) as exc:
+            reason = exc.reason if isinstance(exc, TargetUnhealthy) else (
+                "auth_failed" if isinstance(exc, Unauthorized | Forbidden) else "unreachable")
+            self._quarantine(rt, reason, str(exc), log)
+            await self.store.finish_cycle(cycle_id, "quarantined", {"reason": reason, "error": str(exc)})
+            log.warning("cycle.finished", outcome="quarantined", reason=reason)
+            return TargetReport(name, cycle_id, "quarantined", full)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.store.finish_cycle(cycle_id, "aborted", {})
+            raise
+        if rt.quarantine.reason is not None and report.outcome != "quarantined":
+            log.info("target.recovered", after_reason=rt.quarantine.reason)
+            rt.quarantine = Quarantine()
+        return report
+
+    def _quarantine(self, rt: TargetRuntime, reason: str, detail: str, log: Any) -> None:
+        q = rt.quarantine
+        first = q.reason is None
+        q.backoff = min(QUARANTINE_CAP, self.quarantine_base if first else q.backoff * 2)
+        q.until = time.time() + q.backoff
+        q.reason = reason
+        if first:
+            log.error("target.quarantined", reason=reason, error=detail, retry_in_s=q.backoff)
+        else:
+            log.warning("target.still_quarantined", reason=reason, error=detail, retry_in_s=q.backoff)
+
+    async def _full_sync_due(self, rt: TargetRuntime) -> bool:
+        last = await self.store.last_full_sync(rt.config.name)
+        every = rt.config.full_sync_every or self.config.daemon.full_sync_every
+        return last is None or time.time() - last >= every
+
+    async def _target_cycle(self, rt: TargetRuntime, snapshot: Snapshot, complete: bool, cycle_id: int,
+                            full: bool, log: Any) -> TargetReport:
+        name = rt.config.name
+        await self.recover(rt, log)
+        pins_key = f"group_pins.{name}"
+        stored = await self.store.get_meta(pins_key)
+        old_pins: dict[str, str] = json.loads(stored) if stored else {}
+        pins = resolve_pins(snapshot, rt.rules, old_pins)
+        if pins != old_pins:
+            await self.store.set_meta(pins_key, json.dumps(pins, sort_keys=True))
+        desired = desired_state(snapshot, rt.rules, pins)
+        actual = await self.store.load_links(name)
+        if full:
+            actual = await self.refresh_actual(rt, actual, desired, log)
+        the_plan = await self.make_plan(rt, desired, actual, complete)
+        await self.store.save_plan(cycle_id, name, the_plan.ops)
+        for skip in desired.skipped.values():
+            log.info("user.skipped", source_id=skip.source_id, user=skip.user_name, op="provision",
+                     outcome="skipped", reason=skip.reason, detail=skip.detail)
+        for missing in desired.missing_groups:
+            log.warning("group.not_found_in_source", group=missing)
+        if the_plan.removals_held:
+            log.warning("plan.removals_held", held=the_plan.removals_held, limit=the_plan.removals_limit,
+                        hint=f"provisiond approve --target {name}")
+        if the_plan.removals_deferred:
+            log.warning("plan.removals_deferred", deferred=the_plan.removals_deferred,
+                        reason="snapshot_incomplete")
+        pending = the_plan.pending()
+        eta = self.eta(rt, len(pending))
+        log.info("cycle.apply_started", operations=len(pending), planned=the_plan.counts(), eta_s=eta,
+                 full_sync=full)
+        for op in the_plan.ops:
+            if op.status != PENDING:
+                log.info(f"{op.kind}.skipped", source_id=op.source_id, target_id=op.target_id,
+                         **{("user" if op.kind == "user" else "group"): op.name}, op=op.op, outcome="skipped",
+                         reason=op.skip_reason, planned_reason=op.reason)
+        users = dict(actual.users)
+        groups = dict(actual.groups)
+        applier = Applier(
+            target=name, cycle_id=cycle_id, client=rt.client, store=self.store, log=log, limiter=rt.limiter,
+            users=users, groups=groups, paths=rt.rules.paths, can_create=rt.config.actions.create,
+            active_false_deletes=rt.config.active_false_deletes,
+            progress=(lambda done, total: self.progress(name, done, total)) if self.progress else None)
+        result = await applier.apply(the_plan.ops)
+        if await self.store.approved(name):
+            await self.store.consume_approval(name)   # an approval releases held removals once
+        counts = result.counts()
+        summary = self.summarize(desired, Actual(users, groups), the_plan, result, snapshot_complete=complete)
+        summary["unmanaged_users"] = rt.unmanaged
+        failed = counts.get(FAILED, 0)
+        outcome = "success" if not failed else "partial_failure"
+        if result.stopped is not None:
+            outcome = "quarantined"
+        await self.store.finish_cycle(cycle_id, outcome, summary)
+        log.info("cycle.finished", outcome=outcome, applied=counts.get(APPLIED, 0), failed=failed,
+                 skipped=counts.get("skipped", 0) + sum(1 for op in the_plan.ops if op.status != PENDING),
+                 held=the_plan.removals_held, users=summary["users"], groups=summary["groups"],
+                 full_sync=full)
+        report = TargetReport(name, cycle_id, outcome, full, the_plan.counts(), counts, summary, failed)
+        if result.stopped is not None:
+            self._quarantine(rt, result.stopped.reason, result.stopped.detail, log)
+        return report
+
+    def eta(self, rt: TargetRuntime, operations: int) -> float:
+        """Seconds an apply of `operations` should take at this target's rate and concurrency."""
+        if operations == 0:
+            return 0.0
+        return round(operations / max(rt.governor.rate, 0.01), 1)
+
+    async def make_plan(self, rt: TargetRuntime, desired: Desired, actual: Actual, complete: bool) -> Plan:
+        cfg = rt.config
+        managed = len(actual.users)
+        policy = Policy(
+            create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,
+            deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action, delete_after=cfg.delete_after,
+            group_membership=cfg.group_membership, max_deletes=cfg.max_deletes.limit(managed),
+            approved=await self.store.approved(cfg.name))
+        return plan(desired, actual, policy, complete=complete, now=time.time())
+
+    # -- recovery and actual state --------------------------------------------------------
+
+    async def recover(self, rt: TargetRuntime, log: Any) -> None:
+        """Resolve what an interrupted cycle left in flight, before anything new is created."""
+        name = rt.config.name
+        unfinished = await self.store.unfinished_ops(name)
+        if not unfinished:
+            return
+        links = await self.store.load_links(name)
+        users: list[UserLink] = []
+        groups: list[GroupLink] = []
+        for op in unfinished:
+            if op["status"] != "in_flight" or op["op"] != "create":
+                continue
+            if op["kind"] == "user" and op["source_id"] not in links.users:
+                found = await rt.client.find_user(op["name"])
+                if found is not None:
+                    attrs = op["payload"].get("attrs", {})
+                    users.append(UserLink(op["source_id"], str(found["id"]), op["name"],
+                                          read_user(found, rt.rules.paths) or attrs, read_active(found)))
+                    log.info("user.recovered", source_id=op["source_id"], target_id=found["id"], user=op["name"],
+                             op="create", outcome="applied", reason="found_after_interruption")
+            elif op["kind"] == "group" and op["source_id"] not in links.groups:
+                found = await rt.client.find_group(op["name"])
+                if found is not None:
+                    groups.append(GroupLink(op["source_id"], str(found["id"]), op["name"], frozenset()))
+                    log.info("group.recovered", source_id=op["source_id"], target_id=found["id"], group=op["name"],
+                             op="create", outcome="applied", reason="found_after_interruption")
+        await self.store.write_links(name, users=users, groups=groups)
+        closed = await self.store.supersede(name)
+        log.info("cycle.resumed", unfinished=len(unfinished), recovered_users=len(users),
+                 recovered_groups=len(groups), superseded=closed)
+
+    async def refresh_actual(self, rt: TargetRuntime, actual: Actual, desired: Desired, log: Any) -> Actual:
+        """Read the target whole; links follow what is really there (drift), matches are adopted."""
+        name = rt.config.name
+        paths = rt.rules.paths
+        by_id: dict[str, dict[str, Any]] = {}
+        by_name: dict[str, dict[str, Any]] = {}
+        async for res in rt.client.iter_users():
+            rid = res.get("id")
+            uname = res.get("userName")
+            if not isinstance(rid, str) or not isinstance(uname, str):
+                continue
+            by_id[rid] = res
+            by_name[username_key(uname)] = res
+        users: dict[str, UserLink] = {}
+        dropped: list[str] = []
+        for sid, link in actual.users.items():
+            res = by_id.get(link.target_id)
+            if res is None:
+                dropped.append(sid)
+                log.info("user.missing_in_target", source_id=sid, target_id=link.target_id, user=link.user_name)
+                continue
+            users[sid] = replace(link, attrs=read_user(res, paths), active=read_active(res))
+        linked_ids = {link.target_id for link in users.values()}
+        for sid, want in desired.users.items():
+            if sid in users:
+                continue
+            res = by_name.get(username_key(want.user_name))
+            if res is None or res["id"] in linked_ids:
+                continue
+            users[sid] = UserLink(sid, str(res["id"]), want.user_name, read_user(res, paths), read_active(res),
+                                  origin="adopted")
+            linked_ids.add(str(res["id"]))
+            log.info("user.adopted", source_id=sid, target_id=res["id"], user=want.user_name, op="adopt",
+                     outcome="applied", reason="same_username_in_target")
+        unmanaged = len(by_id) - len(linked_ids & by_id.keys())
+        rt.unmanaged = unmanaged
+
+        groups: dict[str, GroupLink] = {}
+        dropped_groups: list[str] = []
+        by_gid: dict[str, dict[str, Any]] = {}
+        by_gname: dict[str, dict[str, Any]] = {}
+        async for g in rt.client.iter_groups():
+            gid = g.get("id")
+            gname = g.get("displayName")
+            if isinstance(gid, str) and isinstance(gname, str):
+                by_gid[gid] = g
+                by_gname[username_key(gname)] = g
+        target_to_source = {link.target_id: sid for sid, link in users.items()}
+
+        async def read_members(gid: str) -> tuple[frozenset[str], frozenset[str]] | None:
+            found = await rt.client.group_member_ids(gid)
+            if found is None:
+                return None
+            ours = frozenset(target_to_source[t] for t in found if t in target_to_source)
+            return ours, frozenset(t for t in found if t not in target_to_source)
+
+        for sid, glink in actual.groups.items():
+            g = by_gid.get(glink.target_id)
+            if g is None:
+                dropped_groups.append(sid)
+                log.info("group.missing_in_target", source_id=sid, target_id=glink.target_id,
+                         group=glink.display_name)
+                continue
+            members = await read_members(glink.target_id)
+            new = replace(glink, display_name=str(g["displayName"]))
+            if members is not None:
+                new = replace(new, members=members[0], foreign=members[1])
+            groups[sid] = new
+        linked_groups = {gl.target_id for gl in groups.values()}
+        for sid, wantg in desired.groups.items():
+            if sid in groups:
+                continue
+            g = by_gname.get(username_key(wantg.display_name))
+            if g is None or g["id"] in linked_groups:
+                continue
+            members = await read_members(str(g["id"]))
+            ours, foreign = members if members is not None else (frozenset(), frozenset())
+            groups[sid] = GroupLink(sid, str(g["id"]), str(g["displayName"]), ours, foreign, origin="adopted")
+            log.info("group.adopted", source_id=sid, target_id=g["id"], group=wantg.display_name, op="adopt",
+                     outcome="applied", reason="same_name_in_target", foreign_members=len(foreign))
+        await self.store.write_links(name, users=users.values(), groups=groups.values(),
+                                     drop_users=dropped, drop_groups=dropped_groups)
+        log.info("target.read", users=len(by_id), groups=len(by_gid), unmanaged_users=unmanaged,
+                 missing=len(dropped) + len(dropped_groups))
+        return Actual(users=users, groups=groups)
+
+    # -- summary --------------------------------------------------------------------------
+
+    def summarize(self, desired: Desired, after: Actual, the_plan: Plan, result: Any, *,
+                  snapshot_complete: bool) -> dict[str, Any]:
+        """PingOne's sync summary (impacted / success / unsynced / partial / failed) plus op counts."""
+        failed_users: set[str] = set()
+        failed_groups: set[str] = set()
+        for op in the_plan.ops:
+            outcome = result.outcomes.get(op.seq)
+            if outcome is not None and outcome.status == FAILED:
+                (failed_users if op.kind == "user" else failed_groups).add(op.source_id)
+        u = {"impacted": desired.in_scope, "success": 0, "unsynced": 0, "partial": 0, "failed": 0, "skipped": 0}
+        for sid, want in desired.users.items():
+            link = after.users.get(sid)
+            if sid in failed_users:
+                u["failed"] += 1
+            elif link is None:
+                u["unsynced"] += 1
+            elif dict(link.attrs) == dict(want.attrs) and link.active == want.active:
+                u["success"] += 1
+            elif not want.active and link.active is False:
+                u["success"] += 1
+            else:
+                u["partial"] += 1
+        for sid in desired.skipped:
+            u["skipped"] += 1
+            if sid in after.users:
+                u["partial"] += 1
+            else:
+                u["unsynced"] += 1
+        g = {"impacted": len(desired.groups), "success": 0, "unsynced": 0, "partial": 0, "failed": 0}
+        for sid, wantg in desired.groups.items():
+            glink = after.groups.get(sid)
+            if sid in failed_groups:
+                g["failed"] += 1
+            elif glink is None:
+                g["unsynced"] += 1
+            elif glink.display_name == wantg.display_name and glink.members == wantg.members & after.users.keys():
+                g["success"] += 1
+            else:
+                g["partial"] += 1
+        ops: dict[str, int] = {}
+        for op in the_plan.ops:
+            outcome = result.outcomes.get(op.seq)
+            status = outcome.status if outcome is not None else op.status
+            key = f"{op.kind}.{op.op}.{status}"
+            ops[key] = ops.get(key, 0) + 1
+        return {"users": u, "groups": g, "operations": ops, "held": the_plan.removals_held,
+                "deferred_removals": the_plan.removals_deferred, "snapshot_complete": snapshot_complete,
+                "missing_groups": desired.missing_groups}
+
+
+def held_ops(the_plan: Plan) -> int:
+    return sum(1 for op in the_plan.ops if op.status == HELD)

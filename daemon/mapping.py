@@ -1,0 +1,295 @@
+"""From a PingOne snapshot to one target's desired state: scope, attribute mapping, groups.
+
+Pure: data in, data out. No I/O, no clock, no logging. The rules of a target are compiled once
+(`Rules.compile`), then `desired_state` is called per cycle.
+
+Scope: a user is in scope when it is a member of one of `scope.groups` (directly, or through
+nested groups when `membership = "transitive"`) AND matches `scope.filter`; an absent part does
+not narrow. Each mapped value is NFC-normalised, so that a composed and a decomposed "é" compare
+equal. A user is *skipped* (never sent, never removed because of it) when its userName is missing,
+not an email address where the target requires one, shared with another in-scope user
+(`conflict`: neither overwrites the other), or when a mapping expression fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jmespath
+import jmespath.exceptions
+
+from daemon.model import JSON, Snapshot
+from daemon.sandbox.pingone_filter import DEFAULT_USER_DIALECT, CompiledFilter, compile_filter
+
+USERNAME_PATH = "userName"
+MAX_VALUE_CHARS = 65536
+EMAIL_RE = re.compile(r"^[^@\s\"<>(),;:\\\[\]]+@[^@\s\"<>(),;:\\\[\]]+\.[^@\s\"<>(),;:\\\[\]]{2,}$")
+
+# Skip reasons (stable: they appear in logs, SQLite and `status`).
+INVALID_USERNAME = "invalid_username"
+MISSING_USERNAME = "missing_username"
+CONFLICT = "conflict"
+MAPPING_ERROR = "mapping_error"
+VALUE_TOO_LONG = "value_too_long"
+MALFORMED_SOURCE = "malformed_source"
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredUser:
+    source_id: str
+    user_name: str
+    attrs: Mapping[str, Any]     # flat SCIM path -> value (None = absent)
+    active: bool
+    hash: str
+    updated_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    source_id: str
+    user_name: str | None
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredGroup:
+    source_id: str
+    display_name: str
+    members: frozenset[str]      # source user ids (in scope, not skipped)
+    hash: str
+
+
+@dataclass(slots=True)
+class Desired:
+    users: dict[str, DesiredUser] = field(default_factory=dict)
+    skipped: dict[str, Skipped] = field(default_factory=dict)
+    groups: dict[str, DesiredGroup] = field(default_factory=dict)
+    missing_groups: list[str] = field(default_factory=list)   # configured, absent from PingOne
+    present_users: Collection[str] = ()    # every user id in the snapshot (deleted vs left scope)
+    present_groups: Collection[str] = ()
+    in_scope: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSelector:
+    name: str | None = None
+    id: str | None = None
+
+    def find(self, snapshot: Snapshot, pins: Mapping[str, str] | None = None) -> JSON | None:
+        """The group this selects. A name once resolved is pinned to its id (`pins`), so that a
+        group renamed in PingOne is still the same group (and its rename is pushed)."""
+        if self.id is not None:
+            return snapshot.groups.get(self.id)
+        if self.name is None:
+            return None
+        pinned = (pins or {}).get(self.name)
+        if pinned is not None and pinned in snapshot.groups:
+            return snapshot.groups[pinned]
+        return snapshot.group_by_name(self.name)
+
+    def label(self) -> str:
+        return self.name if self.name is not None else f"id:{self.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """A target's rule, compiled."""
+
+    mapping: tuple[tuple[str, jmespath.parser.ParsedResult], ...]
+    scope_groups: tuple[GroupSelector, ...] = ()
+    scope_filter: CompiledFilter | None = None
+    groups: tuple[GroupSelector, ...] = ()
+    transitive: bool = True
+    require_email_username: bool = False
+
+    @classmethod
+    def compile(
+        cls,
+        mapping: Mapping[str, str] | tuple[tuple[str, str], ...],
+        *,
+        scope_groups: tuple[GroupSelector, ...] = (),
+        scope_filter: str | None = None,
+        groups: tuple[GroupSelector, ...] = (),
+        transitive: bool = True,
+        require_email_username: bool = False,
+    ) -> Rules:
+        items = mapping.items() if isinstance(mapping, Mapping) else mapping
+        compiled = tuple((path, jmespath.compile(expr)) for path, expr in items)
+        if USERNAME_PATH not in {p for p, _ in compiled}:
+            raise ValueError("the mapping has no userName")
+        return cls(
+            mapping=compiled,
+            scope_groups=scope_groups,
+            scope_filter=compile_filter(scope_filter, DEFAULT_USER_DIALECT) if scope_filter else None,
+            groups=groups,
+            transitive=transitive,
+            require_email_username=require_email_username,
+        )
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(p for p, _ in self.mapping)
+
+
+def canonical_hash(obj: Any) -> str:
+    """A stable digest of a JSON-able value: sorted keys, no spaces, UTF-8."""
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.blake2b(data.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def normalise(value: Any) -> Any:
+    """NFC for strings, recursively; other scalars as they are."""
+    if isinstance(value, str):
+        return unicodedata.normalize("NFC", value)
+    if isinstance(value, list):
+        return [normalise(v) for v in value]
+    if isinstance(value, dict):
+        return {k: normalise(v) for k, v in value.items()}
+    return value
+
+
+def username_key(user_name: str) -> str:
+    """How userNames are compared for uniqueness (SCIM: caseExact=false)."""
+    return unicodedata.normalize("NFC", user_name).casefold()
+
+
+def is_email(value: str) -> bool:
+    return bool(EMAIL_RE.match(value))
+
+
+class _MappingFailure(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def map_user(user: JSON, rules: Rules) -> tuple[str, dict[str, Any]]:
+    """Map one PingOne user to (userName, flat SCIM attributes). Raises _MappingFailure."""
+    attrs: dict[str, Any] = {}
+    for path, expr in rules.mapping:
+        try:
+            value = expr.search(user)
+        except (jmespath.exceptions.JMESPathError, TypeError, ValueError) as exc:
+            raise _MappingFailure(MAPPING_ERROR, f"{path}: {exc}") from exc
+        if isinstance(value, dict | list):
+            raise _MappingFailure(MAPPING_ERROR, f"{path}: expression gave a {type(value).__name__}")
+        if isinstance(value, str):
+            if len(value) > MAX_VALUE_CHARS:
+                raise _MappingFailure(VALUE_TOO_LONG, f"{path}: {len(value)} characters")
+            value = unicodedata.normalize("NFC", value)
+            if value == "":
+                value = None
+        attrs[path] = value
+    user_name = attrs.get(USERNAME_PATH)
+    if not isinstance(user_name, str) or not user_name:
+        raise _MappingFailure(MISSING_USERNAME, "the mapped userName is empty")
+    if rules.require_email_username and not is_email(user_name):
+        raise _MappingFailure(INVALID_USERNAME, f"userName {user_name!r} is not an email address")
+    return user_name, attrs
+
+
+def scope_members(snapshot: Snapshot, rules: Rules, children: dict[str, set[str]],
+                  pins: Mapping[str, str] | None = None) -> set[str] | None:
+    """User ids that the scope's groups admit; None when the scope names no group."""
+    if not rules.scope_groups:
+        return None
+    out: set[str] = set()
+    for selector in rules.scope_groups:
+        group = selector.find(snapshot, pins)
+        if group is not None:
+            out |= snapshot.member_ids(group["id"], transitive=rules.transitive, children=children)
+    return out
+
+
+def resolve_pins(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str]) -> dict[str, str]:
+    """Group name -> id for every name selector that resolves now (old pins kept when valid)."""
+    out: dict[str, str] = {}
+    for selector in (*rules.scope_groups, *rules.groups):
+        if selector.name is None:
+            continue
+        group = selector.find(snapshot, pins)
+        if group is not None:
+            out[selector.name] = group["id"]
+        elif selector.name in pins:
+            out[selector.name] = pins[selector.name]
+    return out
+
+
+def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | None = None) -> Desired:
+    """The users and groups one target should hold, given the snapshot.
+
+    `pins` maps configured group names to the PingOne ids they resolved to before
+    (`resolve_pins`), so that a renamed group keeps being followed."""
+    desired = Desired(present_users=snapshot.users.keys(), present_groups=snapshot.groups.keys())
+    children = snapshot.children()
+    admitted = scope_members(snapshot, rules, children, pins)
+    member_cache: dict[str, set[str]] = {}
+
+    def members_of(group_id: str) -> set[str]:
+        if group_id not in member_cache:
+            member_cache[group_id] = snapshot.member_ids(
+                group_id, transitive=rules.transitive, children=children)
+        return member_cache[group_id]
+
+    by_name: dict[str, list[str]] = {}
+    mapped: dict[str, tuple[str, dict[str, Any], JSON]] = {}
+    candidates = snapshot.users.keys() if admitted is None else admitted
+    for user_id in candidates:
+        user = snapshot.users.get(user_id)
+        if user is None:
+            continue
+        if not isinstance(user, dict):
+            desired.skipped[user_id] = Skipped(user_id, None, MALFORMED_SOURCE, "user is not an object")
+            continue
+        if rules.scope_filter is not None and not rules.scope_filter.matches(user, members_of):
+            continue
+        desired.in_scope += 1
+        try:
+            user_name, attrs = map_user(user, rules)
+        except _MappingFailure as failure:
+            name = user.get("username")
+            desired.skipped[user_id] = Skipped(
+                user_id, name if isinstance(name, str) else None, failure.reason, failure.detail)
+            continue
+        mapped[user_id] = (user_name, attrs, user)
+        by_name.setdefault(username_key(user_name), []).append(user_id)
+
+    for ids in by_name.values():
+        if len(ids) > 1:
+            for user_id in ids:
+                user_name = mapped[user_id][0]
+                others = ", ".join(sorted(i for i in ids if i != user_id))
+                desired.skipped[user_id] = Skipped(
+                    user_id, user_name, CONFLICT, f"userName {user_name!r} is also mapped from {others}")
+                del mapped[user_id]
+
+    for user_id, (user_name, attrs, user) in mapped.items():
+        active = user.get("enabled", True) is not False
+        digest = canonical_hash([attrs, active])
+        updated = user.get("updatedAt")
+        desired.users[user_id] = DesiredUser(
+            user_id, user_name, attrs, active, digest, updated if isinstance(updated, str) else None)
+
+    provisioned = desired.users.keys()
+    for selector in rules.groups:
+        group = selector.find(snapshot, pins)
+        if group is None:
+            desired.missing_groups.append(selector.label())
+            continue
+        group_id = group["id"]
+        name = group.get("name")
+        if not isinstance(name, str) or not name:
+            continue
+        members = frozenset(members_of(group_id) & provisioned)
+        display = unicodedata.normalize("NFC", name)
+        desired.groups[group_id] = DesiredGroup(
+            group_id, display, members, canonical_hash([display, sorted(members)]))
+    return desired

@@ -1,0 +1,292 @@
+"""The plan: desired state against what provisiond knows of a target, as ordered operations.
+
+Pure: `plan()` takes data and returns data. Every operation carries the reason it exists; an
+operation whose action is switched off is still planned, as `skipped` with `action_disabled`,
+so that drift stays visible. Removals (deprovisioning and group deletion, member removals) are
+planned only from a complete snapshot; removals of users above the deletion threshold are
+`held`.
+
+Phases run in order, each one after the previous has finished, which is what makes
+dependencies hold: a member add runs after the user and group creates it needs.
+
+    1 users: create, enable, update      2 groups: create, rename
+    3 members: add                       4 members: remove
+    5 users: disable                     6 users: delete, then groups: delete
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from daemon.mapping import Desired, DesiredGroup, DesiredUser
+
+# phases
+PHASE_USERS = 1
+PHASE_GROUPS = 2
+PHASE_MEMBER_ADD = 3
+PHASE_MEMBER_REMOVE = 4
+PHASE_DISABLE = 5
+PHASE_DELETE = 6
+
+# statuses of an operation
+PENDING = "pending"
+SKIPPED = "skipped"
+HELD = "held"
+
+# reasons
+NEW_IN_SCOPE = "new_in_scope"
+ATTRIBUTES_CHANGED = "attributes_changed"
+ENABLED_IN_SOURCE = "enabled_in_source"
+DISABLED_IN_SOURCE = "disabled_in_source"
+LEFT_SCOPE = "left_scope"
+DELETED_IN_SOURCE = "deleted_in_source"
+DELETE_AFTER_GRACE = "disabled_grace_elapsed"
+BACK_IN_SCOPE = "back_in_scope"
+NEW_GROUP = "new_group"
+GROUP_RENAMED = "group_renamed"
+GROUP_DELETED_IN_SOURCE = "group_deleted_in_source"
+GROUP_UNSELECTED = "group_unselected"
+MEMBERSHIP_CHANGED = "membership_changed"
+FOREIGN_MEMBERS = "foreign_members"
+ACTION_DISABLED = "action_disabled"
+REMOVALS_HELD = "removals_held"
+
+
+@dataclass(frozen=True, slots=True)
+class UserLink:
+    """What provisiond last applied for one user in one target."""
+
+    source_id: str
+    target_id: str
+    user_name: str
+    attrs: Mapping[str, Any]
+    active: bool
+    origin: str = "created"                 # created | adopted
+    disabled_reason: str | None = None      # why provisiond set active=false (left_scope, ...)
+    disabled_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupLink:
+    source_id: str
+    target_id: str
+    display_name: str
+    members: frozenset[str]                 # source user ids provisiond added
+    foreign: frozenset[str] = frozenset()   # target user ids found in an adopted group (overwrite)
+    origin: str = "created"
+
+
+@dataclass(frozen=True, slots=True)
+class Actual:
+    users: Mapping[str, UserLink]
+    groups: Mapping[str, GroupLink]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    create: bool = True
+    update: bool = True
+    disable: bool = True
+    deprovision: bool = True
+    remove_action: str = "disable"          # disable | delete | disable_then_delete
+    delete_after: float | None = None       # seconds, with disable_then_delete
+    group_membership: str = "overwrite"     # overwrite | merge
+    max_deletes: int | None = None          # removals allowed this cycle (None = no limit)
+    approved: bool = False                  # the operator released held removals once
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    seq: int
+    phase: int
+    kind: str                               # user | group
+    op: str                                 # create update enable disable delete | rename add_members remove_members
+    source_id: str
+    target_id: str | None
+    name: str                               # userName or group displayName
+    reason: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    status: str = PENDING
+    skip_reason: str | None = None
+
+    @property
+    def is_removal(self) -> bool:
+        return self.kind == "user" and self.phase in (PHASE_DISABLE, PHASE_DELETE) and self.reason in (
+            LEFT_SCOPE, DELETED_IN_SOURCE, DELETE_AFTER_GRACE)
+
+
+@dataclass(slots=True)
+class Plan:
+    ops: list[Op]
+    removals_deferred: int = 0              # not planned: the snapshot was incomplete
+    removals_held: int = 0
+    removals_limit: int | None = None
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for op in self.ops:
+            key = f"{op.kind}.{op.op}" + ("" if op.status == PENDING else f".{op.status}")
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def pending(self) -> list[Op]:
+        return [op for op in self.ops if op.status == PENDING]
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+
+    def add(self, phase: int, kind: str, op: str, source_id: str, target_id: str | None, name: str,
+            reason: str, payload: Mapping[str, Any] | None = None, allowed: bool = True) -> None:
+        self.ops.append(Op(
+            seq=0, phase=phase, kind=kind, op=op, source_id=source_id, target_id=target_id, name=name,
+            reason=reason, payload=payload or {},
+            status=PENDING if allowed else SKIPPED, skip_reason=None if allowed else ACTION_DISABLED))
+
+
+def changed_attributes(desired: Mapping[str, Any], applied: Mapping[str, Any]) -> dict[str, Any]:
+    """The mapped paths whose value differs from what was last applied (None clears)."""
+    return {path: value for path, value in desired.items() if applied.get(path) != value}
+
+
+def plan(desired: Desired, actual: Actual, policy: Policy, *, complete: bool, now: float) -> Plan:
+    """Compare and order. `complete` False: no removal of any kind is planned."""
+    b = _Builder()
+    deferred = 0
+    _plan_users(b, desired, actual, policy)
+    if complete:
+        _plan_user_removals(b, desired, actual, policy, now)
+    else:
+        deferred += sum(1 for sid in actual.users if sid not in desired.users and sid not in desired.skipped)
+    # Members can only be users that exist in the target (or are created by this plan): a
+    # disabled user that was never provisioned is not added, and is not retried every cycle.
+    provisionable = set(actual.users) | {op.source_id for op in b.ops if op.kind == "user" and op.op == "create"}
+    deferred += _plan_groups(b, desired, actual, policy, complete, provisionable)
+    ops = sorted(b.ops, key=lambda o: (o.phase, 0 if o.kind == "user" else 1, o.name, o.source_id))
+    result = Plan(ops=[_with_seq(op, i + 1) for i, op in enumerate(ops)], removals_deferred=deferred)
+    _hold_removals(result, policy)
+    return result
+
+
+def _with_seq(op: Op, seq: int) -> Op:
+    return Op(seq, op.phase, op.kind, op.op, op.source_id, op.target_id, op.name, op.reason,
+              op.payload, op.status, op.skip_reason)
+
+
+def _plan_users(b: _Builder, desired: Desired, actual: Actual, policy: Policy) -> None:
+    for sid, want in desired.users.items():
+        link = actual.users.get(sid)
+        if link is None:
+            if want.active:
+                b.add(PHASE_USERS, "user", "create", sid, None, want.user_name, NEW_IN_SCOPE,
+                      {"attrs": dict(want.attrs), "active": True}, policy.create)
+            continue
+        _plan_linked_user(b, want, link, policy)
+
+
+def _plan_linked_user(b: _Builder, want: DesiredUser, link: UserLink, policy: Policy) -> None:
+    changed = changed_attributes(want.attrs, link.attrs)
+    if want.active and not link.active:
+        back = link.disabled_reason in (LEFT_SCOPE, DELETED_IN_SOURCE)
+        # Re-enabling a user that provisiond disabled on deprovisioning is the deprovision
+        # action undone; otherwise it mirrors PingOne's `enabled` (the disable action).
+        allowed = policy.deprovision if back else policy.disable
+        b.add(PHASE_USERS, "user", "enable", want.source_id, link.target_id, want.user_name,
+              BACK_IN_SCOPE if back else ENABLED_IN_SOURCE, {"attrs": dict(want.attrs)}, allowed)
+    if changed:
+        b.add(PHASE_USERS, "user", "update", want.source_id, link.target_id, want.user_name,
+              ATTRIBUTES_CHANGED,
+              {"changed": changed, "attrs": dict(want.attrs),
+               "before": {p: link.attrs.get(p) for p in changed}}, policy.update)
+    if not want.active and link.active:
+        b.add(PHASE_DISABLE, "user", "disable", want.source_id, link.target_id, want.user_name,
+              DISABLED_IN_SOURCE, {"attrs": dict(want.attrs)}, policy.disable)
+
+
+def _plan_user_removals(b: _Builder, desired: Desired, actual: Actual, policy: Policy, now: float) -> None:
+    for sid, link in actual.users.items():
+        if sid in desired.users or sid in desired.skipped:
+            continue
+        reason = LEFT_SCOPE if sid in desired.present_users else DELETED_IN_SOURCE
+        allowed = policy.deprovision
+        action = policy.remove_action
+        if action == "delete":
+            b.add(PHASE_DELETE, "user", "delete", sid, link.target_id, link.user_name, reason, {}, allowed)
+        elif link.active:
+            b.add(PHASE_DISABLE, "user", "disable", sid, link.target_id, link.user_name, reason,
+                  {"attrs": dict(link.attrs)}, allowed)
+        elif (action == "disable_then_delete" and policy.delete_after is not None
+              and link.disabled_at is not None and now - link.disabled_at >= policy.delete_after):
+            b.add(PHASE_DELETE, "user", "delete", sid, link.target_id, link.user_name, DELETE_AFTER_GRACE,
+                  {}, allowed)
+
+
+def _plan_groups(b: _Builder, desired: Desired, actual: Actual, policy: Policy, complete: bool,
+                 provisionable: set[str]) -> int:
+    deferred = 0
+    for gid, wanted in desired.groups.items():
+        want = replace(wanted, members=wanted.members & provisionable)
+        link = actual.groups.get(gid)
+        if link is None:
+            b.add(PHASE_GROUPS, "group", "create", gid, None, want.display_name, NEW_GROUP,
+                  {"display_name": want.display_name}, policy.create)
+            if want.members:
+                b.add(PHASE_MEMBER_ADD, "group", "add_members", gid, None, want.display_name,
+                      MEMBERSHIP_CHANGED, {"source_ids": sorted(want.members)}, policy.create)
+            continue
+        deferred += _plan_linked_group(b, want, link, policy, complete)
+    for gid, link in actual.groups.items():
+        if gid in desired.groups:
+            continue
+        if not complete:
+            deferred += 1
+            continue
+        b.add(PHASE_DELETE, "group", "delete", gid, link.target_id, link.display_name,
+              GROUP_UNSELECTED if gid in desired.present_groups else GROUP_DELETED_IN_SOURCE, {},
+              policy.deprovision)
+    return deferred
+
+
+def _plan_linked_group(b: _Builder, want: DesiredGroup, link: GroupLink, policy: Policy,
+                       complete: bool) -> int:
+    if want.display_name != link.display_name:
+        b.add(PHASE_GROUPS, "group", "rename", want.source_id, link.target_id, want.display_name,
+              GROUP_RENAMED, {"display_name": want.display_name, "before": link.display_name}, policy.update)
+    to_add = sorted(want.members - link.members)
+    if to_add:
+        b.add(PHASE_MEMBER_ADD, "group", "add_members", want.source_id, link.target_id, want.display_name,
+              MEMBERSHIP_CHANGED, {"source_ids": to_add}, policy.update)
+    to_remove = sorted(link.members - want.members)
+    foreign = sorted(link.foreign) if policy.group_membership == "overwrite" else []
+    if not (to_remove or foreign):
+        return 0
+    if not complete:
+        return 1
+    b.add(PHASE_MEMBER_REMOVE, "group", "remove_members", want.source_id, link.target_id, want.display_name,
+          MEMBERSHIP_CHANGED if to_remove else FOREIGN_MEMBERS,
+          {"source_ids": to_remove, "target_ids": foreign}, policy.update)
+    return 0
+
+
+def _hold_removals(result: Plan, policy: Policy) -> None:
+    removals = [op for op in result.ops if op.is_removal and op.status == PENDING]
+    result.removals_limit = policy.max_deletes
+    if policy.max_deletes is None or policy.approved or len(removals) <= policy.max_deletes:
+        return
+    held = {op.seq for op in removals}
+    result.removals_held = len(held)
+    result.ops = [
+        Op(op.seq, op.phase, op.kind, op.op, op.source_id, op.target_id, op.name, op.reason, op.payload,
+           HELD, REMOVALS_HELD) if op.seq in held else op
+        for op in result.ops
+    ]
+
+
+def summarize_ops(ops: Iterable[Op]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for op in ops:
+        out[op.status] = out.get(op.status, 0) + 1
+    return out

@@ -1,0 +1,409 @@
+"""The state file: one SQLite database (WAL), opened through aiosqlite.
+
+Tables (schema version in `PRAGMA user_version`, migrated forward on open):
+
+    meta            key/value: last good snapshot size, ...
+    source_user     latest snapshot of PingOne users: id, username, hash, updated_at, data (JSON)
+    source_group    latest snapshot of groups: id, name, hash, members (JSON list of direct user ids)
+    target_object   per target: the link from a source id to the target object provisiond created or
+                    adopted, and what it last applied (attributes, active, members)
+    cycle           per target: one row per cycle with its outcome and summary
+    operation       the plan of each cycle, one row per operation, with its outcome
+    approval        operator approvals of held removals, consumed by the next cycle
+
+The file is created 0600 and its WAL companions inherit a 077 umask. Writes go in batches
+inside one transaction each. Secrets are never written here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+
+from daemon.model import Snapshot
+from daemon.planner import Actual, GroupLink, Op, UserLink
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS source_user (
+    id TEXT PRIMARY KEY, username TEXT, hash TEXT NOT NULL, updated_at TEXT, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS source_user_username ON source_user(username COLLATE NOCASE);
+CREATE TABLE IF NOT EXISTS source_group (
+    id TEXT PRIMARY KEY, name TEXT, hash TEXT NOT NULL, members TEXT NOT NULL, parents TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS target_object (
+    target TEXT NOT NULL, kind TEXT NOT NULL, source_id TEXT NOT NULL, target_id TEXT NOT NULL,
+    name TEXT NOT NULL, attrs TEXT NOT NULL DEFAULT '{}', active INTEGER NOT NULL DEFAULT 1,
+    members TEXT NOT NULL DEFAULT '[]', foreign_members TEXT NOT NULL DEFAULT '[]',
+    origin TEXT NOT NULL DEFAULT 'created', disabled_reason TEXT, disabled_at REAL,
+    last_synced REAL NOT NULL,
+    PRIMARY KEY (target, kind, source_id));
+CREATE INDEX IF NOT EXISTS target_object_name ON target_object(target, kind, name COLLATE NOCASE);
+CREATE TABLE IF NOT EXISTS cycle (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, target TEXT NOT NULL, started REAL NOT NULL, finished REAL,
+    full_sync INTEGER NOT NULL DEFAULT 0, outcome TEXT NOT NULL DEFAULT 'running',
+    summary TEXT NOT NULL DEFAULT '{}');
+CREATE INDEX IF NOT EXISTS cycle_target ON cycle(target, id);
+CREATE TABLE IF NOT EXISTS operation (
+    cycle_id INTEGER NOT NULL, seq INTEGER NOT NULL, target TEXT NOT NULL, kind TEXT NOT NULL,
+    op TEXT NOT NULL, source_id TEXT NOT NULL, target_id TEXT, name TEXT NOT NULL,
+    payload TEXT NOT NULL, reason TEXT NOT NULL, status TEXT NOT NULL, skip_reason TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0, http_status INTEGER, error TEXT, scim_type TEXT,
+    started REAL, finished REAL,
+    PRIMARY KEY (cycle_id, seq));
+CREATE INDEX IF NOT EXISTS operation_status ON operation(target, status);
+CREATE INDEX IF NOT EXISTS operation_source ON operation(target, source_id);
+CREATE TABLE IF NOT EXISTS approval (target TEXT PRIMARY KEY, granted REAL NOT NULL);
+"""
+
+BATCH = 1000
+
+
+class StoreError(Exception):
+    """The state file cannot be opened or used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one operation, as the applier reports it."""
+
+    seq: int
+    status: str                      # applied | failed | skipped
+    attempts: int = 0
+    http_status: int | None = None
+    error: str | None = None
+    scim_type: str | None = None
+    target_id: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    skip_reason: str | None = None
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+class Store:
+    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
+        self.db = db
+        self.path = path
+        # One connection serves every target's tasks: writes take turns, so that one
+        # target's transaction never swallows (or rolls back) another's statements.
+        self._write_lock = anyio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str]) -> Store:
+        path = str(path)
+        parent = Path(path).parent
+        if not parent.is_dir():
+            raise StoreError(f"{path}: the directory {parent} does not exist")
+        old_umask = os.umask(0o077)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            os.close(fd)
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except OSError as exc:
+            raise StoreError(f"{path}: {exc.strerror or exc}") from exc
+        finally:
+            os.umask(old_umask)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute("PRAGMA foreign_keys=ON")
+            store = cls(db, path)
+            await store._migrate()
+        except Exception as exc:
+            await db.close()
+            raise StoreError(f"{path}: {exc}") from exc
+        return store
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"schema version {version} is newer than this provisiond ({SCHEMA_VERSION})")
+        if version < 1:
+            await self.db.executescript(_SCHEMA)
+        await self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.db.execute("ROLLBACK")
+                raise
+            with anyio.CancelScope(shield=True):
+                await self.db.execute("COMMIT")
+
+    async def _write(self, sql: str, args: tuple[Any, ...] = ()) -> aiosqlite.Cursor:
+        async with self._write_lock:
+            return await self.db.execute(sql, args)
+
+    # -- meta ---------------------------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        async with self.db.execute("SELECT value FROM meta WHERE key=?", (key,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._write("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # -- source snapshot ----------------------------------------------------------------------
+
+    async def source_hashes(self) -> dict[str, str]:
+        async with self.db.execute("SELECT id, hash FROM source_user") as cur:
+            return {str(r[0]): str(r[1]) async for r in cur}
+
+    async def save_snapshot(self, snapshot: Snapshot, hashes: dict[str, str]) -> int:
+        """Write the users whose hash changed (and, when complete, drop those gone). Returns rows written."""
+        old = await self.source_hashes()
+        rows = [
+            (uid, user.get("username"), hashes[uid], user.get("updatedAt"), _dumps(user))
+            for uid, user in snapshot.users.items()
+            if old.get(uid) != hashes[uid]
+        ]
+        gone = [(uid,) for uid in old if uid not in snapshot.users] if snapshot.complete else []
+        groups = [
+            (gid, g.get("name"), "", _dumps(sorted(snapshot.members.get(gid, ()))),
+             _dumps(sorted(snapshot.parents.get(gid, ()))))
+            for gid, g in snapshot.groups.items()
+        ]
+        async with self.transaction() as db:
+            for i in range(0, len(rows), BATCH):
+                await db.executemany(
+                    "INSERT OR REPLACE INTO source_user(id, username, hash, updated_at, data) "
+                    "VALUES (?, ?, ?, ?, ?)", rows[i:i + BATCH])
+            if gone:
+                await db.executemany("DELETE FROM source_user WHERE id=?", gone)
+            if snapshot.complete:
+                await db.execute("DELETE FROM source_group")
+            await db.executemany(
+                "INSERT OR REPLACE INTO source_group(id, name, hash, members, parents) VALUES (?, ?, ?, ?, ?)",
+                groups)
+        return len(rows) + len(gone)
+
+    async def find_source_user(self, ref: str) -> dict[str, Any] | None:
+        """A stored PingOne user by id, username or email (case-insensitive)."""
+        async with self.db.execute(
+            "SELECT data FROM source_user WHERE id=? OR username=? COLLATE NOCASE "
+            "OR json_extract(data, '$.email')=? COLLATE NOCASE LIMIT 1", (ref, ref, ref)) as cur:
+            row = await cur.fetchone()
+        return json.loads(row[0]) if row else None
+
+    # -- links --------------------------------------------------------------------------------
+
+    async def load_links(self, target: str) -> Actual:
+        users: dict[str, UserLink] = {}
+        groups: dict[str, GroupLink] = {}
+        async with self.db.execute(
+            "SELECT kind, source_id, target_id, name, attrs, active, members, foreign_members, origin, "
+            "disabled_reason, disabled_at FROM target_object WHERE target=?", (target,)) as cur:
+            async for r in cur:
+                if r[0] == "user":
+                    users[r[1]] = UserLink(r[1], r[2], r[3], json.loads(r[4]), bool(r[5]), r[8], r[9], r[10])
+                else:
+                    groups[r[1]] = GroupLink(r[1], r[2], r[3], frozenset(json.loads(r[6])),
+                                             frozenset(json.loads(r[7])), r[8])
+        return Actual(users=users, groups=groups)
+
+    async def write_links(
+        self,
+        target: str,
+        *,
+        users: Iterable[UserLink] = (),
+        groups: Iterable[GroupLink] = (),
+        drop_users: Iterable[str] = (),
+        drop_groups: Iterable[str] = (),
+    ) -> None:
+        now = time.time()
+        user_rows = [
+            (target, "user", u.source_id, u.target_id, u.user_name, _dumps(dict(u.attrs)), int(u.active),
+             "[]", "[]", u.origin, u.disabled_reason, u.disabled_at, now)
+            for u in users
+        ]
+        group_rows = [
+            (target, "group", g.source_id, g.target_id, g.display_name, "{}", 1, _dumps(sorted(g.members)),
+             _dumps(sorted(g.foreign)), g.origin, None, None, now)
+            for g in groups
+        ]
+        drops = [(target, "user", s) for s in drop_users] + [(target, "group", s) for s in drop_groups]
+        if not (user_rows or group_rows or drops):
+            return
+        async with self.transaction() as db:
+            rows = user_rows + group_rows
+            for i in range(0, len(rows), BATCH):
+                await db.executemany(
+                    "INSERT OR REPLACE INTO target_object(target, kind, source_id, target_id, name, attrs, "
+                    "active, members, foreign_members, origin, disabled_reason, disabled_at, last_synced) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[i:i + BATCH])
+            if drops:
+                await db.executemany(
+                    "DELETE FROM target_object WHERE target=? AND kind=? AND source_id=?", drops)
+
+    async def link_for(self, target: str, source_id: str) -> dict[str, Any] | None:
+        async with self.db.execute(
+            "SELECT target_id, name, attrs, active, origin, disabled_reason, disabled_at, last_synced "
+            "FROM target_object WHERE target=? AND kind='user' AND source_id=?", (target, source_id)) as cur:
+            r = await cur.fetchone()
+        if r is None:
+            return None
+        return {"target_id": r[0], "user_name": r[1], "attrs": json.loads(r[2]), "active": bool(r[3]),
+                "origin": r[4], "disabled_reason": r[5], "disabled_at": r[6], "last_synced": r[7]}
+
+    async def managed_count(self, target: str, kind: str = "user") -> int:
+        async with self.db.execute(
+            "SELECT count(*) FROM target_object WHERE target=? AND kind=?", (target, kind)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # -- cycles -------------------------------------------------------------------------------
+
+    async def start_cycle(self, target: str, *, full_sync: bool) -> int:
+        cur = await self._write(
+            "INSERT INTO cycle(target, started, full_sync) VALUES (?, ?, ?)", (target, time.time(), int(full_sync)))
+        assert cur.lastrowid is not None
+        return int(cur.lastrowid)
+
+    async def finish_cycle(self, cycle_id: int, outcome: str, summary: dict[str, Any]) -> None:
+        await self._write(
+            "UPDATE cycle SET finished=?, outcome=?, summary=? WHERE id=?",
+            (time.time(), outcome, _dumps(summary), cycle_id))
+
+    async def last_full_sync(self, target: str) -> float | None:
+        async with self.db.execute(
+            "SELECT max(started) FROM cycle WHERE target=? AND full_sync=1 AND outcome NOT IN "
+            "('running', 'aborted', 'quarantined', 'failed')", (target,)) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def latest_cycles(self) -> list[dict[str, Any]]:
+        async with self.db.execute(
+            "SELECT c.id, c.target, c.started, c.finished, c.full_sync, c.outcome, c.summary FROM cycle c "
+            "JOIN (SELECT target, max(id) AS id FROM cycle GROUP BY target) m ON m.id = c.id "
+            "ORDER BY c.target") as cur:
+            return [
+                {"cycle": r[0], "target": r[1], "started": r[2], "finished": r[3], "full_sync": bool(r[4]),
+                 "outcome": r[5], "summary": json.loads(r[6])}
+                async for r in cur
+            ]
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def save_plan(self, cycle_id: int, target: str, ops: Sequence[Op]) -> None:
+        rows = [
+            (cycle_id, op.seq, target, op.kind, op.op, op.source_id, op.target_id, op.name,
+             _dumps(dict(op.payload)), op.reason, op.status, op.skip_reason)
+            for op in ops
+        ]
+        async with self.transaction() as db:
+            for i in range(0, len(rows), BATCH):
+                await db.executemany(
+                    "INSERT INTO operation(cycle_id, seq, target, kind, op, source_id, target_id, name, "
+                    "payload, reason, status, skip_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows[i:i + BATCH])
+
+    async def mark_in_flight(self, cycle_id: int, seqs: Sequence[int]) -> None:
+        now = time.time()
+        async with self.transaction() as db:
+            await db.executemany(
+                "UPDATE operation SET status='in_flight', started=? WHERE cycle_id=? AND seq=?",
+                [(now, cycle_id, s) for s in seqs])
+
+    async def record_outcomes(self, cycle_id: int, outcomes: Sequence[Outcome]) -> None:
+        if not outcomes:
+            return
+        async with self.transaction() as db:
+            await db.executemany(
+                "UPDATE operation SET status=?, attempts=?, http_status=?, error=?, scim_type=?, "
+                "target_id=coalesce(?, target_id), started=coalesce(?, started), finished=?, "
+                "skip_reason=coalesce(?, skip_reason) WHERE cycle_id=? AND seq=?",
+                [(o.status, o.attempts, o.http_status, o.error, o.scim_type, o.target_id, o.started,
+                  o.finished, o.skip_reason, cycle_id, o.seq) for o in outcomes])
+
+    async def unfinished_ops(self, target: str) -> list[dict[str, Any]]:
+        """Operations left pending or in flight by an interrupted cycle."""
+        async with self.db.execute(
+            "SELECT cycle_id, seq, kind, op, source_id, target_id, name, payload, status FROM operation "
+            "WHERE target=? AND status IN ('pending', 'in_flight') ORDER BY cycle_id, seq", (target,)) as cur:
+            return [
+                {"cycle": r[0], "seq": r[1], "kind": r[2], "op": r[3], "source_id": r[4], "target_id": r[5],
+                 "name": r[6], "payload": json.loads(r[7]), "status": r[8]}
+                async for r in cur
+            ]
+
+    async def supersede(self, target: str) -> int:
+        """Close what an interrupted cycle left open: the next plan covers it again."""
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE operation SET status='superseded' WHERE target=? AND status IN ('pending', 'in_flight')",
+                (target,))
+            await db.execute(
+                "UPDATE cycle SET outcome='interrupted', finished=coalesce(finished, ?) "
+                "WHERE target=? AND outcome='running' AND id < (SELECT max(id) FROM cycle WHERE target=?)",
+                (time.time(), target, target))
+            return cur.rowcount
+
+    async def recent_failures(self, target: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        sql = ("SELECT cycle_id, target, kind, op, source_id, target_id, name, reason, attempts, http_status, "
+               "scim_type, error, finished FROM operation WHERE status='failed'")
+        args: tuple[Any, ...] = ()
+        if target is not None:
+            sql += " AND target=?"
+            args = (target,)
+        sql += " ORDER BY cycle_id DESC, seq DESC LIMIT ?"
+        async with self.db.execute(sql, (*args, limit)) as cur:
+            cols = ["cycle", "target", "kind", "op", "source_id", "target_id", "name", "reason", "attempts",
+                    "http_status", "scim_type", "error", "finished"]
+            return [dict(zip(cols, r, strict=True)) async for r in cur]
+
+    async def operations_for(self, target: str | None, source_id: str, limit: int = 10) -> list[dict[str, Any]]:
+        sql = ("SELECT cycle_id, target, kind, op, name, reason, status, skip_reason, attempts, http_status, "
+               "scim_type, error, started, finished FROM operation WHERE source_id=?")
+        args: tuple[Any, ...] = (source_id,)
+        if target is not None:
+            sql += " AND target=?"
+            args = (*args, target)
+        sql += " ORDER BY cycle_id DESC, seq DESC LIMIT ?"
+        async with self.db.execute(sql, (*args, limit)) as cur:
+            cols = ["cycle", "target", "kind", "op", "name", "reason", "status", "skip_reason", "attempts",
+                    "http_status", "scim_type", "error", "started", "finished"]
+            return [dict(zip(cols, r, strict=True)) async for r in cur]
+
+    async def held_count(self, target: str) -> int:
+        async with self.db.execute(
+            "SELECT count(*) FROM operation WHERE target=? AND status='held' AND cycle_id="
+            "(SELECT max(id) FROM cycle WHERE target=?)", (target, target)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # -- approvals ----------------------------------------------------------------------------
+
+    async def approve(self, target: str) -> None:
+        await self._write("INSERT OR REPLACE INTO approval(target, granted) VALUES (?, ?)", (target, time.time()))
+
+    async def approved(self, target: str) -> bool:
+        async with self.db.execute("SELECT 1 FROM approval WHERE target=?", (target,)) as cur:
+            return await cur.fetchone() is not None
+
+    async def consume_approval(self, target: str) -> None:
+        await self._write("DELETE FROM approval WHERE target=?", (target,))
