@@ -33,8 +33,9 @@ from daemon.errors import Forbidden, RemoteError, TransientError, Unauthorized
 from daemon.mapping import (
     Desired,
     GroupSelector,
+    MappingCache,
     Rules,
-    canonical_hash,
+    content_hash,
     desired_state,
     resolve_pins,
     username_key,
@@ -84,6 +85,8 @@ class TargetRuntime:
     limiter: anyio.CapacityLimiter
     quarantine: Quarantine = field(default_factory=Quarantine)
     unmanaged: int | None = None          # target users provisiond does not manage (last full sync)
+    mapped: MappingCache = field(default_factory=dict)   # valid for these rules only
+    links: Actual | None = None           # the store's links as of the end of the last cycle
 
 
 @dataclass
@@ -170,7 +173,7 @@ def snapshot_needs(targets: Sequence[TargetConfig]) -> tuple[set[str], set[str],
 
 
 def user_hashes(snapshot: Snapshot) -> dict[str, str]:
-    return {uid: canonical_hash(user) for uid, user in snapshot.users.items()}
+    return {uid: content_hash(user) for uid, user in snapshot.users.items()}
 
 
 class Engine:
@@ -247,7 +250,8 @@ class Engine:
             self.log.error("snapshot.failed", error=str(exc))
             return report
         complete = await self.gate(snapshot)
-        await self.store.save_snapshot(snapshot, user_hashes(snapshot))
+        snapshot.hashes = user_hashes(snapshot)
+        await self.store.save_snapshot(snapshot, snapshot.hashes)
         report.snapshot_users = len(snapshot.users)
         report.snapshot_complete = complete
         self.log.info("snapshot.taken", users=len(snapshot.users), groups=len(snapshot.groups),
@@ -336,8 +340,9 @@ class Engine:
         pins = resolve_pins(snapshot, rt.rules, old_pins)
         if pins != old_pins:
             await self.store.set_meta(pins_key, json.dumps(pins, sort_keys=True))
-        desired = desired_state(snapshot, rt.rules, pins)
-        actual = await self.store.load_links(name)
+        desired = desired_state(snapshot, rt.rules, pins, hashes=snapshot.hashes, cache=rt.mapped)
+        actual = rt.links if rt.links is not None else await self.store.load_links(name)
+        rt.links = None   # until this cycle ends well, the store is the only truth
         if full:
             actual = await self.refresh_actual(rt, actual, desired, log)
         the_plan = await self.make_plan(rt, desired, actual, complete)
@@ -364,12 +369,14 @@ class Engine:
                          reason=op.skip_reason, planned_reason=op.reason)
         users = dict(actual.users)
         groups = dict(actual.groups)
+        hook = self.progress
         applier = Applier(
             target=name, cycle_id=cycle_id, client=rt.client, store=self.store, log=log, limiter=rt.limiter,
             users=users, groups=groups, paths=rt.rules.paths, can_create=rt.config.actions.create,
             active_false_deletes=rt.config.active_false_deletes,
-            progress=(lambda done, total: self.progress(name, done, total)) if self.progress else None)
+            progress=(lambda done, total: hook(name, done, total)) if hook is not None else None)
         result = await applier.apply(the_plan.ops)
+        rt.links = Actual(users, groups)
         if await self.store.approved(name):
             await self.store.consume_approval(name)   # an approval releases held removals once
         counts = result.counts()
@@ -413,6 +420,7 @@ class Engine:
         unfinished = await self.store.unfinished_ops(name)
         if not unfinished:
             return
+        rt.links = None
         links = await self.store.load_links(name)
         users: list[UserLink] = []
         groups: list[GroupLink] = []
@@ -454,23 +462,23 @@ class Engine:
         users: dict[str, UserLink] = {}
         dropped: list[str] = []
         for sid, link in actual.users.items():
-            res = by_id.get(link.target_id)
-            if res is None:
+            found = by_id.get(link.target_id)
+            if found is None:
                 dropped.append(sid)
                 log.info("user.missing_in_target", source_id=sid, target_id=link.target_id, user=link.user_name)
                 continue
-            users[sid] = replace(link, attrs=read_user(res, paths), active=read_active(res))
+            users[sid] = replace(link, attrs=read_user(found, paths), active=read_active(found))
         linked_ids = {link.target_id for link in users.values()}
         for sid, want in desired.users.items():
             if sid in users:
                 continue
-            res = by_name.get(username_key(want.user_name))
-            if res is None or res["id"] in linked_ids:
+            match = by_name.get(username_key(want.user_name))
+            if match is None or match["id"] in linked_ids:
                 continue
-            users[sid] = UserLink(sid, str(res["id"]), want.user_name, read_user(res, paths), read_active(res),
-                                  origin="adopted")
-            linked_ids.add(str(res["id"]))
-            log.info("user.adopted", source_id=sid, target_id=res["id"], user=want.user_name, op="adopt",
+            users[sid] = UserLink(sid, str(match["id"]), want.user_name, read_user(match, paths),
+                                  read_active(match), origin="adopted")
+            linked_ids.add(str(match["id"]))
+            log.info("user.adopted", source_id=sid, target_id=match["id"], user=want.user_name, op="adopt",
                      outcome="applied", reason="same_username_in_target")
         unmanaged = len(by_id) - len(linked_ids & by_id.keys())
         rt.unmanaged = unmanaged
@@ -495,14 +503,14 @@ class Engine:
             return ours, frozenset(t for t in found if t not in target_to_source)
 
         for sid, glink in actual.groups.items():
-            g = by_gid.get(glink.target_id)
-            if g is None:
+            seen = by_gid.get(glink.target_id)
+            if seen is None:
                 dropped_groups.append(sid)
                 log.info("group.missing_in_target", source_id=sid, target_id=glink.target_id,
                          group=glink.display_name)
                 continue
             members = await read_members(glink.target_id)
-            new = replace(glink, display_name=str(g["displayName"]))
+            new = replace(glink, display_name=str(seen["displayName"]))
             if members is not None:
                 new = replace(new, members=members[0], foreign=members[1])
             groups[sid] = new
@@ -510,13 +518,14 @@ class Engine:
         for sid, wantg in desired.groups.items():
             if sid in groups:
                 continue
-            g = by_gname.get(username_key(wantg.display_name))
-            if g is None or g["id"] in linked_groups:
+            other = by_gname.get(username_key(wantg.display_name))
+            if other is None or other["id"] in linked_groups:
                 continue
-            members = await read_members(str(g["id"]))
+            members = await read_members(str(other["id"]))
             ours, foreign = members if members is not None else (frozenset(), frozenset())
-            groups[sid] = GroupLink(sid, str(g["id"]), str(g["displayName"]), ours, foreign, origin="adopted")
-            log.info("group.adopted", source_id=sid, target_id=g["id"], group=wantg.display_name, op="adopt",
+            groups[sid] = GroupLink(sid, str(other["id"]), str(other["displayName"]), ours, foreign,
+                                    origin="adopted")
+            log.info("group.adopted", source_id=sid, target_id=other["id"], group=wantg.display_name, op="adopt",
                      outcome="applied", reason="same_name_in_target", foreign_members=len(foreign))
         await self.store.write_links(name, users=users.values(), groups=groups.values(),
                                      drop_users=dropped, drop_groups=dropped_groups)

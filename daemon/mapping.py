@@ -25,7 +25,7 @@ import jmespath
 import jmespath.exceptions
 
 from daemon.model import JSON, Snapshot
-from daemon.sandbox.pingone_filter import DEFAULT_USER_DIALECT, CompiledFilter, compile_filter
+from daemon.pingone_filter import SCOPE_DIALECT, CompiledFilter, compile_filter
 
 USERNAME_PATH = "userName"
 MAX_VALUE_CHARS = 65536
@@ -46,7 +46,6 @@ class DesiredUser:
     user_name: str
     attrs: Mapping[str, Any]     # flat SCIM path -> value (None = absent)
     active: bool
-    hash: str
     updated_at: str | None = None
 
 
@@ -127,7 +126,7 @@ class Rules:
         return cls(
             mapping=compiled,
             scope_groups=scope_groups,
-            scope_filter=compile_filter(scope_filter, DEFAULT_USER_DIALECT) if scope_filter else None,
+            scope_filter=compile_filter(scope_filter, SCOPE_DIALECT) if scope_filter else None,
             groups=groups,
             transitive=transitive,
             require_email_username=require_email_username,
@@ -142,6 +141,20 @@ def canonical_hash(obj: Any) -> str:
     """A stable digest of a JSON-able value: sorted keys, no spaces, UTF-8."""
     data = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.blake2b(data.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def content_hash(obj: Any) -> str:
+    """A cheap digest of a parsed JSON value, for change detection between snapshots.
+
+    `repr` keeps the server's key order, so the same document read twice hashes the same; a
+    reordering only costs a cache miss, never a missed change. About 5x cheaper than
+    `canonical_hash` on a PingOne user, which matters at 100,000 users per cycle.
+    """
+    return hashlib.blake2b(repr(obj).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+MappedUser = tuple[str, dict[str, Any]] | Skipped
+MappingCache = dict[str, tuple[str, MappedUser]]   # source id -> (content hash, mapped or skipped)
 
 
 def normalise(value: Any) -> Any:
@@ -223,11 +236,14 @@ def resolve_pins(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str]) -> d
     return out
 
 
-def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | None = None) -> Desired:
+def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | None = None, *,
+                  hashes: Mapping[str, str] | None = None, cache: MappingCache | None = None) -> Desired:
     """The users and groups one target should hold, given the snapshot.
 
     `pins` maps configured group names to the PingOne ids they resolved to before
-    (`resolve_pins`), so that a renamed group keeps being followed."""
+    (`resolve_pins`), so that a renamed group keeps being followed. With `hashes` (source id ->
+    `content_hash` of the user) and a `cache` kept by the caller for these same rules, a user
+    whose JSON did not change is not mapped again."""
     desired = Desired(present_users=snapshot.users.keys(), present_groups=snapshot.groups.keys())
     children = snapshot.children()
     admitted = scope_members(snapshot, rules, children, pins)
@@ -252,13 +268,23 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
         if rules.scope_filter is not None and not rules.scope_filter.matches(user, members_of):
             continue
         desired.in_scope += 1
-        try:
-            user_name, attrs = map_user(user, rules)
-        except _MappingFailure as failure:
-            name = user.get("username")
-            desired.skipped[user_id] = Skipped(
-                user_id, name if isinstance(name, str) else None, failure.reason, failure.detail)
+        digest = hashes.get(user_id) if hashes is not None else None
+        hit = cache.get(user_id) if cache is not None and digest is not None else None
+        result: MappedUser
+        if hit is not None and hit[0] == digest:
+            result = hit[1]
+        else:
+            try:
+                result = map_user(user, rules)
+            except _MappingFailure as failure:
+                name = user.get("username")
+                result = Skipped(user_id, name if isinstance(name, str) else None, failure.reason, failure.detail)
+            if cache is not None and digest is not None:
+                cache[user_id] = (digest, result)
+        if isinstance(result, Skipped):
+            desired.skipped[user_id] = result
             continue
+        user_name, attrs = result
         mapped[user_id] = (user_name, attrs, user)
         by_name.setdefault(username_key(user_name), []).append(user_id)
 
@@ -273,10 +299,9 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
 
     for user_id, (user_name, attrs, user) in mapped.items():
         active = user.get("enabled", True) is not False
-        digest = canonical_hash([attrs, active])
         updated = user.get("updatedAt")
         desired.users[user_id] = DesiredUser(
-            user_id, user_name, attrs, active, digest, updated if isinstance(updated, str) else None)
+            user_id, user_name, attrs, active, updated if isinstance(updated, str) else None)
 
     provisioned = desired.users.keys()
     for selector in rules.groups:

@@ -32,6 +32,7 @@ class Snapshot:
     problems: list[str] = field(default_factory=list)
     started_at: float = 0.0
     finished_at: float = 0.0
+    hashes: dict[str, str] = field(default_factory=dict)   # user id -> content hash (set by the engine)
 
     def children(self) -> dict[str, set[str]]:
         """parent group id -> ids of the groups nested directly in it."""

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ErrorFactory = Callable[[int, str], web.Response]
@@ -90,7 +91,7 @@ def fault_middleware(
     error_response: ErrorFactory,
     limit_response: LimitFactory,
     exclude_prefixes: tuple[str, ...] = ("/_admin",),
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     """Build an aiohttp middleware that applies *faults*; bodies come from the emulator's factories."""
 
     @web.middleware

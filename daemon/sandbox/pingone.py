@@ -25,15 +25,12 @@ import uuid
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable
 from dataclasses import fields
-from typing import Any, cast
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
-from daemon.sandbox.directory import Directory, DirectoryConflict, Ordering, UnknownObject
-from daemon.sandbox.faults import Faults, fault_middleware
-from daemon.sandbox.pingone_filter import (
+from daemon.pingone_filter import (
     DEFAULT_GROUP_DIALECT,
     DEFAULT_USER_DIALECT,
     CompiledFilter,
@@ -41,6 +38,8 @@ from daemon.sandbox.pingone_filter import (
     UnsupportedFilter,
     compile_filter,
 )
+from daemon.sandbox.directory import Directory, DirectoryConflict, Ordering, UnknownObject
+from daemon.sandbox.faults import Faults, fault_middleware
 
 DEFAULT_CLIENT_ID = "provisiond-sandbox"
 DEFAULT_CLIENT_SECRET = "sandbox-secret-not-for-production"
@@ -180,10 +179,8 @@ class PingOneEmulator:
         """A fresh aiohttp application serving this emulator."""
         app = web.Application(middlewares=[
             self._outer_middleware,
-            # faults.py types its middleware as a plain Callable; aiohttp wants its Protocol.
-            cast(Middleware, fault_middleware(self.faults, error_response=fault_error_response,
-                                              limit_response=fault_limit_response,
-                                              exclude_prefixes=(ADMIN_PREFIX,))),
+            fault_middleware(self.faults, error_response=fault_error_response,
+                             limit_response=fault_limit_response, exclude_prefixes=(ADMIN_PREFIX,)),
         ])
         app.on_shutdown.append(self._cancel_in_flight)
         if self.prerender_users:

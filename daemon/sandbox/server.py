@@ -14,7 +14,9 @@ DEFAULT_HOST = "127.0.0.1"
 @asynccontextmanager
 async def serve(app: web.Application, host: str = DEFAULT_HOST, port: int = 0) -> AsyncIterator[str]:
     """Run *app* on host:port (0 = a free port) and yield its base URL ``http://host:port``."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # A hung handler (the "hang" fault) must not hold shutdown for aiohttp's default 60 s.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5,
+                           handler_cancellation=True)
     await runner.setup()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

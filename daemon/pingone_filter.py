@@ -1,5 +1,8 @@
 """PingOne list filters (SCIM-like, pingone.md §2.3) evaluated over user and group JSON.
 
+Used by the PingOne emulator (what the API accepts) and by provisiond itself (a target's
+`scope.filter`, evaluated over the snapshot).
+
 Parsing is scim2-filter-parser's; this module turns its AST into a small predicate tree and checks
 every attribute and operator against a `FilterDialect` (what the server accepts). Anything outside
 it raises `UnsupportedFilter`, which the emulator answers with 400 INVALID_DATA / INVALID_FILTER.
@@ -46,11 +49,15 @@ class FilterDialect:
     time_attributes: frozenset[str] = frozenset()
     bool_attributes: frozenset[str] = frozenset()
     allow_member_of: bool = False
+    # Any attribute not named above is treated as a custom STRING attribute (a target's scope
+    # filter, evaluated by provisiond itself over whatever the environment's schema holds).
+    any_custom: bool = False
 
     def with_custom(self, names: frozenset[str]) -> FilterDialect:
         """The same dialect with *names* as the custom STRING attributes."""
         return FilterDialect(self.attributes, names, self.custom_ops, self.case_insensitive,
-                             self.time_attributes, self.bool_attributes, self.allow_member_of)
+                             self.time_attributes, self.bool_attributes, self.allow_member_of,
+                             self.any_custom)
 
 
 # Users (pingone.md §2.3). Which attributes accept `co` is UNCONFIRMED: every string attribute
@@ -85,6 +92,17 @@ DEFAULT_USER_FILTER_DIALECT = FilterDialect(
     time_attributes=DEFAULT_USER_DIALECT.time_attributes,
     bool_attributes=DEFAULT_USER_DIALECT.bool_attributes,
     allow_member_of=False,
+)
+# A target's `scope.filter`, which provisiond evaluates itself over the snapshot: every user
+# attribute the API can filter on, memberOfGroups, and any custom attribute of the environment.
+SCOPE_DIALECT = FilterDialect(
+    attributes=DEFAULT_USER_DIALECT.attributes,
+    custom_attributes=DEFAULT_USER_DIALECT.custom_attributes,
+    case_insensitive=DEFAULT_USER_DIALECT.case_insensitive,
+    time_attributes=DEFAULT_USER_DIALECT.time_attributes,
+    bool_attributes=DEFAULT_USER_DIALECT.bool_attributes,
+    allow_member_of=True,
+    any_custom=True,
 )
 # Groups (pingone.md §2.3). Case-sensitive name matching is UNCONFIRMED.
 DEFAULT_GROUP_DIALECT = FilterDialect(
@@ -267,7 +285,7 @@ class _Builder:
         op = str(expr.value).lower()
         dialect = self.dialect
         allowed = dialect.attributes.get(name)
-        if allowed is None and path.sub_attr is None and name in dialect.custom_attributes:
+        if allowed is None and (name in dialect.custom_attributes or dialect.any_custom):
             allowed = dialect.custom_ops
         if allowed is None:
             raise UnsupportedFilter(f"attribute '{name}' is not filterable")
