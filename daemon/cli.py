@@ -412,21 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True)
     p.set_defaults(func=cmd_approve)
 
-    def emulator_options(p: argparse.ArgumentParser, users: int, groups: int) -> None:
+    def emulator_options(p: argparse.ArgumentParser, users: int, groups: int, port: int) -> None:
         p.add_argument("--users", type=int, default=users)
         p.add_argument("--groups", type=int, default=groups)
         p.add_argument("--seed", type=int, default=1)
-        p.add_argument("--port", type=int, default=8900,
-                       help="PingOne on PORT, zpa SCIM on PORT+1, zia SCIM on PORT+2; 0 = free ports")
+        p.add_argument("--port", type=int, default=port,
+                       help=f"PingOne on PORT, zpa SCIM on PORT+1, zia SCIM on PORT+2; 0 = free ports "
+                            f"(default {port})")
 
     p = sub.add_parser("sandbox", help="run the emulators alone")
-    emulator_options(p, 2000, 40)
+    emulator_options(p, 2000, 40, 8900)
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--error-rate", type=float, default=0.0)
     p.add_argument("--write-config", metavar="PATH", help="write a provisiond config targeting the emulators")
     p.set_defaults(func=cmd_sandbox)
     p = sub.add_parser("demo", help="the emulators and real cycles against them")
-    emulator_options(p, 2000, 40)
+    emulator_options(p, 2000, 40, 0)
     p.add_argument("--cycles", type=int, default=0, help="stop after N cycles (0 = until Ctrl-C)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between cycles")
     p.add_argument("--zia-rps", type=float, default=25.0,
