@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from daemon.sandbox.pingone_filter import (
+from daemon.pingone_filter import (
     DEFAULT_USER_FILTER_DIALECT,
     CompiledFilter,
     compile_filter,
