@@ -38,6 +38,7 @@ PAST = {
 }
 
 Progress = Callable[[int, int], None]
+Observer = Callable[[str, dict[str, Any]], None]   # (event name, event fields incl. target)
 
 
 class TargetUnhealthy(Exception):
@@ -93,6 +94,7 @@ class Applier:
         can_create: bool,
         active_false_deletes: bool,
         progress: Progress | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.target = target
         self.cycle_id = cycle_id
@@ -106,6 +108,7 @@ class Applier:
         self.can_create = can_create
         self.active_false_deletes = active_false_deletes
         self.progress = progress
+        self.observer = observer
         self.health = _Health()
         self.result = ApplyResult()
         self._buffer: list[Outcome] = []
@@ -238,6 +241,8 @@ class Applier:
             fields["error"] = outcome.error
         fields.update(extra)
         method(event, **fields)
+        if self.observer is not None:
+            self.observer(event, {"target": self.target, "kind": op.kind, **fields})
 
     async def _dispatch(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
         handler = getattr(self, f"_{op.kind}_{op.op}")

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import anyio
 
-from daemon.applier import APPLIED, FAILED, Applier, TargetUnhealthy
+from daemon.applier import APPLIED, FAILED, Applier, Observer, TargetUnhealthy
 from daemon.backoff import RetryPolicy
 from daemon.config import Config, GroupRef, TargetConfig
 from daemon.errors import Forbidden, RemoteError, TransientError, Unauthorized
@@ -55,6 +55,9 @@ QUARANTINE_BASE = 60.0
 QUARANTINE_CAP = 3600.0
 META_LAST_GOOD_USERS = "source.last_good_users"
 META_ACCEPT_SHRINK = "source.accept_shrink"
+# Bumped by another process that writes a target's links (`provisiond sync-user`), so that a
+# running daemon drops its in-memory copy: "links.generation.<target>".
+META_LINKS_GENERATION = "links.generation"
 _MEMBER_OF_RE = re.compile(r'memberOfGroups\[\s*id\s+eq\s+"([^"]+)"\s*\]', re.IGNORECASE)
 
 ProgressHook = Callable[[str, int, int], None]
@@ -87,6 +90,7 @@ class TargetRuntime:
     unmanaged: int | None = None          # target users provisiond does not manage (last full sync)
     mapped: MappingCache = field(default_factory=dict)   # valid for these rules only
     links: Actual | None = None           # the store's links as of the end of the last cycle
+    links_generation: str | None = None   # META_LINKS_GENERATION as of `links`
 
 
 @dataclass
@@ -187,6 +191,8 @@ class Engine:
         self.runtimes: dict[str, TargetRuntime] = {}
         self.source = source_client(config, session)
         self.progress: ProgressHook | None = None
+        # Called with every entity event of an apply and with `cycle.finished` (metrics, health).
+        self.observers: list[Observer] = []
         self.quarantine_base = QUARANTINE_BASE
         self.reconfigure(config)
 
@@ -304,6 +310,8 @@ class Engine:
             self._quarantine(rt, reason, str(exc), log)
             await self.store.finish_cycle(cycle_id, "quarantined", {"reason": reason, "error": str(exc)})
             log.warning("cycle.finished", outcome="quarantined", reason=reason)
+            self._notify("cycle.finished", {"target": name, "outcome": "quarantined", "reason": reason,
+                                            "started": now, "finished": time.time()})
             return TargetReport(name, cycle_id, "quarantined", full)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -313,6 +321,10 @@ class Engine:
             log.info("target.recovered", after_reason=rt.quarantine.reason)
             rt.quarantine = Quarantine()
         return report
+
+    def _notify(self, event: str, fields: dict[str, Any]) -> None:
+        for observer in self.observers:
+            observer(event, fields)
 
     def _quarantine(self, rt: TargetRuntime, reason: str, detail: str, log: Any) -> None:
         q = rt.quarantine
@@ -333,6 +345,7 @@ class Engine:
     async def _target_cycle(self, rt: TargetRuntime, snapshot: Snapshot, complete: bool, cycle_id: int,
                             full: bool, log: Any) -> TargetReport:
         name = rt.config.name
+        started = time.time()
         await self.recover(rt, log)
         pins_key = f"group_pins.{name}"
         stored = await self.store.get_meta(pins_key)
@@ -341,8 +354,11 @@ class Engine:
         if pins != old_pins:
             await self.store.set_meta(pins_key, json.dumps(pins, sort_keys=True))
         desired = desired_state(snapshot, rt.rules, pins, hashes=snapshot.hashes, cache=rt.mapped)
-        actual = rt.links if rt.links is not None else await self.store.load_links(name)
+        generation = await self.store.get_meta(f"{META_LINKS_GENERATION}.{name}")
+        cached = rt.links if rt.links is not None and generation == rt.links_generation else None
+        actual = cached if cached is not None else await self.store.load_links(name)
         rt.links = None   # until this cycle ends well, the store is the only truth
+        rt.links_generation = generation
         if full:
             actual = await self.refresh_actual(rt, actual, desired, log)
         the_plan = await self.make_plan(rt, desired, actual, complete)
@@ -374,7 +390,8 @@ class Engine:
             target=name, cycle_id=cycle_id, client=rt.client, store=self.store, log=log, limiter=rt.limiter,
             users=users, groups=groups, paths=rt.rules.paths, can_create=rt.config.actions.create,
             active_false_deletes=rt.config.active_false_deletes,
-            progress=(lambda done, total: hook(name, done, total)) if hook is not None else None)
+            progress=(lambda done, total: hook(name, done, total)) if hook is not None else None,
+            observer=self._notify if self.observers else None)
         result = await applier.apply(the_plan.ops)
         rt.links = Actual(users, groups)
         if await self.store.approved(name):
@@ -394,6 +411,9 @@ class Engine:
         report = TargetReport(name, cycle_id, outcome, full, the_plan.counts(), counts, summary, failed)
         if result.stopped is not None:
             self._quarantine(rt, result.stopped.reason, result.stopped.detail, log)
+        self._notify("cycle.finished", {"target": name, "outcome": outcome, "summary": summary,
+                                        "started": started, "finished": time.time(),
+                                        "queue": 0, "reason": result.stopped.reason if result.stopped else None})
         return report
 
     def eta(self, rt: TargetRuntime, operations: int) -> float:
