@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -95,6 +95,7 @@ class Applier:
         active_false_deletes: bool,
         progress: Progress | None = None,
         observer: Observer | None = None,
+        source_updated: Mapping[str, str | None] | None = None,
     ) -> None:
         self.target = target
         self.cycle_id = cycle_id
@@ -109,6 +110,7 @@ class Applier:
         self.active_false_deletes = active_false_deletes
         self.progress = progress
         self.observer = observer
+        self.source_updated = source_updated or {}
         self.health = _Health()
         self.result = ApplyResult()
         self._buffer: list[Outcome] = []
@@ -240,6 +242,10 @@ class Applier:
         if outcome.error:
             fields["error"] = outcome.error
         fields.update(extra)
+        if op.kind == "user" and outcome.status == APPLIED:
+            updated = self.source_updated.get(op.source_id)
+            if updated:
+                fields["source_updated_at"] = updated   # PingOne updatedAt: propagation latency
         method(event, **fields)
         if self.observer is not None:
             self.observer(event, {"target": self.target, "kind": op.kind, **fields})

@@ -391,7 +391,8 @@ class Engine:
             users=users, groups=groups, paths=rt.rules.paths, can_create=rt.config.actions.create,
             active_false_deletes=rt.config.active_false_deletes,
             progress=(lambda done, total: hook(name, done, total)) if hook is not None else None,
-            observer=self._notify if self.observers else None)
+            observer=self._notify if self.observers else None,
+            source_updated={sid: want.updated_at for sid, want in desired.users.items()})
         result = await applier.apply(the_plan.ops)
         rt.links = Actual(users, groups)
         if await self.store.approved(name):
