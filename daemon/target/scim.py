@@ -1,0 +1,471 @@
+"""The SCIM 2.0 client: users, groups and memberships over one request chokepoint.
+
+`ScimClient.request` is the only place that touches the network. For every attempt it takes a
+token from the target's rate governor, sets the Authorization header, and maps the outcome:
+timeouts -> RequestTimeout, connection errors -> ConnectionFailed, non-2xx -> the typed error of
+`error_for_status`, a 2xx body that is not a JSON object -> MalformedResponse. Transient errors
+are retried by `backoff.retry`; a 401 drops the cached credential and is tried once more.
+"""
+
+from __future__ import annotations
+
+import collections
+import json as jsonlib
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+from yarl import URL
+
+from daemon.backoff import RetryPolicy, parse_retry_after, retry
+from daemon.errors import (
+    BadRequest,
+    ConnectionFailed,
+    Forbidden,
+    MalformedResponse,
+    NotFound,
+    RateLimited,
+    RemoteError,
+    RequestTimeout,
+    TransientError,
+    Unauthorized,
+    UnexpectedStatus,
+    error_for_status,
+)
+from daemon.ratelimit import RateGovernor
+from daemon.target.auth import TargetAuth
+from daemon.target.profiles import TargetProfile
+from daemon.target.resource import (
+    build_group,
+    build_user,
+    member_remove_op,
+    members_add_op,
+    patch_body,
+    quote_filter_value,
+    read_active,
+    user_patch,
+)
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MATCH_FILTER = 'userName eq "%s"'
+DEFAULT_GROUP_MATCH_FILTER = 'displayName eq "%s"'
+MAX_BODY_BYTES = 64 << 20        # a response larger than this is refused (MalformedResponse)
+MAX_PAGES = 100_000              # a server that never ends its listing is cut off here
+SCIM_JSON = "application/scim+json"
+ACCEPT = "application/scim+json, application/json;q=0.9"
+UPDATE_METHODS = ("patch", "put")
+DEFAULT_POLICY = RetryPolicy()
+
+
+class ScimClient:
+    """A client for one SCIM target: base URL (opaque, e.g. ZPA's ``/scim/1/{idp}/v2``), auth, profile."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        auth: TargetAuth,
+        *,
+        profile: TargetProfile,
+        governor: RateGovernor | None = None,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        timeout: float = DEFAULT_TIMEOUT,
+        match_filter: str = DEFAULT_MATCH_FILTER,
+        group_match_filter: str = DEFAULT_GROUP_MATCH_FILTER,
+        page_size: int | None = None,
+        membership_batch: int | None = None,
+        update_method: str = "patch",
+    ) -> None:
+        if update_method not in UPDATE_METHODS:
+            raise ValueError(f"update_method must be 'patch' or 'put', not {update_method!r}")
+        self._session = session
+        self.base_url = base_url.rstrip("/")
+        self._base_path = URL(self.base_url).path.rstrip("/")
+        self._auth = auth
+        self.profile = profile
+        self.governor = governor
+        self.policy = policy
+        self.timeout = timeout
+        self.match_filter = match_filter
+        self.group_match_filter = group_match_filter
+        self.page_size = page_size or profile.page_size
+        self.membership_batch = membership_batch or profile.membership_batch
+        self.update_method = update_method
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    def __repr__(self) -> str:
+        return f"ScimClient({self.base_url!r}, profile={self.profile.name!r})"
+
+    # -- the chokepoint -------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+        attempts: list[int] | None = None,
+    ) -> tuple[int, dict[str, Any] | None]:
+        """Send one request (with retries); (status, parsed JSON object or None for an empty body)."""
+        method = method.upper()
+        used = 0
+
+        async def once() -> tuple[int, dict[str, Any] | None]:
+            nonlocal used
+            used += 1
+            return await self._attempt(method, path, json, params)
+
+        def on_retry(attempt: int, exc: TransientError, wait: float) -> None:
+            self.stats["retries"] += 1
+
+        try:
+            try:
+                return await retry(once, self.policy, on_retry=on_retry)
+            except Unauthorized:
+                # A cached OAuth token may have been revoked: drop it and try exactly once more.
+                self._auth.invalidate()
+                self.stats["retries"] += 1
+                return await retry(once, self.policy, on_retry=on_retry)
+        finally:
+            if attempts is not None:
+                attempts.append(used)
+
+    async def _attempt(
+        self, method: str, path: str, payload: Any, params: Mapping[str, str] | None
+    ) -> tuple[int, dict[str, Any] | None]:
+        if self.governor is not None:
+            await self.governor.acquire()
+        url_path = self._base_path + path
+        text = self.base_url + path
+        if params:
+            text += "?" + urlencode(params, quote_via=quote)
+        headers = {"Accept": ACCEPT, "Authorization": await self._auth.authorization(self._session)}
+        data: bytes | None = None
+        if payload is not None:
+            data = jsonlib.dumps(payload, ensure_ascii=False).encode("utf-8")
+            headers["Content-Type"] = SCIM_JSON
+        self._count(method, path)
+        try:
+            async with self._session.request(
+                method, URL(text, encoded=True), data=data, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout), allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                raw = await resp.content.read(MAX_BODY_BYTES + 1)
+        except TimeoutError as exc:
+            raise RequestTimeout(f"no answer within {self.timeout:g}s", method=method, path=url_path) from exc
+        except aiohttp.InvalidURL as exc:
+            raise RemoteError("invalid URL", method=method, path=url_path) from exc
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise ConnectionFailed(_describe_exc(exc), method=method, path=url_path) from exc
+        except aiohttp.ClientError as exc:
+            raise ConnectionFailed(type(exc).__name__, method=method, path=url_path) from exc
+        if len(raw) > MAX_BODY_BYTES:
+            raise MalformedResponse(f"response larger than {MAX_BODY_BYTES} bytes", status=status,
+                                    method=method, path=url_path)
+        if not 200 <= status < 300:
+            body: Any
+            try:
+                body = jsonlib.loads(raw) if raw else ""
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+            error = error_for_status(status, body, method=method, path=url_path, retry_after=retry_after)
+            if isinstance(error, RateLimited):
+                self.stats["429"] += 1
+                if self.governor is not None:
+                    self.governor.throttled(retry_after)
+            raise error
+        if self.governor is not None:
+            self.governor.succeeded()
+        if status == 204 or not raw.strip():
+            return status, None
+        try:
+            parsed = jsonlib.loads(raw)
+        except ValueError as exc:
+            raise MalformedResponse("response body is not JSON", status=status, method=method,
+                                    path=url_path) from exc
+        if not isinstance(parsed, dict):
+            raise MalformedResponse(f"response body is a JSON {type(parsed).__name__}, not an object",
+                                    status=status, method=method, path=url_path)
+        return status, parsed
+
+    def _count(self, method: str, path: str) -> None:
+        resource = path.lstrip("/").split("/", 1)[0].split("?", 1)[0]
+        self.stats["requests"] += 1
+        self.stats[f"{method} /{resource}"] += 1
+        if method not in ("GET", "HEAD"):
+            self.stats["writes"] += 1
+
+    # -- users ----------------------------------------------------------------------------------
+
+    async def create_user(
+        self, attrs: Mapping[str, Any], *, active: bool = True, attempts: list[int] | None = None
+    ) -> dict[str, Any]:
+        """POST /Users; the created resource (with the target's `id`)."""
+        _, body = await self.request("POST", "/Users", json=build_user(attrs, active=active), attempts=attempts)
+        return _with_id(body, "POST", self._base_path + "/Users")
+
+    async def get_user(self, user_id: str) -> dict[str, Any]:
+        """GET /Users/{id}; NotFound when it is gone."""
+        path = _item("/Users", user_id)
+        _, body = await self.request("GET", path)
+        return _normalise_user(_with_id(body, "GET", self._base_path + path))
+
+    async def update_user(
+        self,
+        user_id: str,
+        changed: Mapping[str, Any],
+        *,
+        full: Mapping[str, Any],
+        active: bool | None = None,
+        attempts: list[int] | None = None,
+    ) -> None:
+        """PATCH the changed paths, or PUT the whole user when update_method is "put"."""
+        path = _item("/Users", user_id)
+        if self.update_method == "put":
+            await self.request("PUT", path, json=_put_body(full, active), attempts=attempts)
+            return
+        ops = user_patch(changed, active=active, full=full)
+        if ops:
+            await self.request("PATCH", path, json=patch_body(ops), attempts=attempts)
+
+    async def set_active(
+        self,
+        user_id: str,
+        active: bool,
+        *,
+        full: Mapping[str, Any] | None = None,
+        attempts: list[int] | None = None,
+    ) -> None:
+        """Enable or disable: PATCH replace active (PUT with *full* when update_method is "put")."""
+        path = _item("/Users", user_id)
+        if self.update_method == "put" and full is not None:
+            await self.request("PUT", path, json=build_user(full, active=active), attempts=attempts)
+            return
+        ops = [{"op": "replace", "path": "active", "value": active}]
+        await self.request("PATCH", path, json=patch_body(ops), attempts=attempts)
+
+    async def delete_user(self, user_id: str, *, attempts: list[int] | None = None) -> None:
+        await self.request("DELETE", _item("/Users", user_id), attempts=attempts)
+
+    async def find_user(self, user_name: str) -> dict[str, Any] | None:
+        """The target user whose userName matches (case-insensitively), by filter or by a paged scan."""
+        found = await self._find("/Users", self.match_filter, "userName", user_name, self.iter_users())
+        return None if found is None else _normalise_user(found)
+
+    async def iter_users(self) -> AsyncIterator[dict[str, Any]]:
+        """Every user in the target, page by page."""
+        async for resource in self._pages("/Users", {}):
+            yield _normalise_user(resource)
+
+    # -- groups ---------------------------------------------------------------------------------
+
+    async def create_group(
+        self, display_name: str, *, external_id: str | None = None, attempts: list[int] | None = None
+    ) -> dict[str, Any]:
+        """POST /Groups, created empty (members are added afterwards by PATCH)."""
+        _, body = await self.request(
+            "POST", "/Groups", json=build_group(display_name, external_id=external_id), attempts=attempts
+        )
+        return _with_id(body, "POST", self._base_path + "/Groups")
+
+    async def get_group(self, group_id: str) -> dict[str, Any]:
+        path = _item("/Groups", group_id)
+        _, body = await self.request("GET", path)
+        return _with_id(body, "GET", self._base_path + path)
+
+    async def rename_group(self, group_id: str, display_name: str, *, attempts: list[int] | None = None) -> None:
+        """PATCH replace displayName (never PUT: on RFC-replace servers a PUT without members empties the group)."""
+        ops = [{"op": "replace", "path": "displayName", "value": display_name}]
+        await self.request("PATCH", _item("/Groups", group_id), json=patch_body(ops), attempts=attempts)
+
+    async def delete_group(self, group_id: str, *, attempts: list[int] | None = None) -> None:
+        await self.request("DELETE", _item("/Groups", group_id), attempts=attempts)
+
+    async def find_group(self, display_name: str) -> dict[str, Any] | None:
+        """The target group with this displayName (case-insensitively), by filter or by a paged scan."""
+        return await self._find("/Groups", self.group_match_filter, "displayName", display_name,
+                                self.iter_groups(), extra={"excludedAttributes": "members"})
+
+    async def iter_groups(self) -> AsyncIterator[dict[str, Any]]:
+        """Every group in the target, without members."""
+        async for resource in self._pages("/Groups", {"excludedAttributes": "members"}):
+            yield resource
+
+    async def group_member_ids(self, group_id: str) -> set[str] | None:
+        """Member ids of the group; None when the target does not return `members` at all."""
+        group = await self.get_group(group_id)
+        members = group.get("members")
+        if members is None:
+            return None
+        if not isinstance(members, list):
+            raise MalformedResponse("group 'members' is not a list", method="GET",
+                                    path=self._base_path + _item("/Groups", group_id))
+        return {m["value"] for m in members if isinstance(m, dict) and isinstance(m.get("value"), str)}
+
+    async def add_members(
+        self, group_id: str, user_ids: Sequence[str], *, attempts: list[int] | None = None
+    ) -> int:
+        """PATCH add members in chunks of at most `membership_batch`; the number of requests sent."""
+        path = _item("/Groups", group_id)
+        sent = 0
+        for chunk in _chunks(_member_ids(user_ids), self.membership_batch):
+            await self.request("PATCH", path, json=patch_body([members_add_op(chunk)]), attempts=attempts)
+            sent += 1
+        return sent
+
+    async def remove_members(
+        self, group_id: str, user_ids: Sequence[str], *, attempts: list[int] | None = None
+    ) -> int:
+        """PATCH remove ``members[value eq "ID"]``, up to `membership_batch` ops per request."""
+        path = _item("/Groups", group_id)
+        sent = 0
+        for chunk in _chunks(_member_ids(user_ids), self.membership_batch):
+            ops = [member_remove_op(uid) for uid in chunk]
+            await self.request("PATCH", path, json=patch_body(ops), attempts=attempts)
+            sent += 1
+        return sent
+
+    # -- discovery ------------------------------------------------------------------------------
+
+    async def service_provider_config(self) -> dict[str, Any] | None:
+        """GET /ServiceProviderConfig; None when the target has none or refuses it."""
+        try:
+            _, body = await self.request("GET", "/ServiceProviderConfig")
+        except (NotFound, Unauthorized, Forbidden, BadRequest, UnexpectedStatus, MalformedResponse):
+            return None
+        return body
+
+    # -- internals ------------------------------------------------------------------------------
+
+    async def _pages(self, path: str, extra: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
+        """Page by startIndex/count. Stops on an empty page or when totalResults is reached;
+        `itemsPerPage` is never trusted (ZPA echoes the requested page size)."""
+        start = 1
+        for _ in range(MAX_PAGES):
+            params = {**extra, "startIndex": str(start), "count": str(self.page_size)}
+            _, body = await self.request("GET", path, params=params)
+            resources, total = _list_response(body, self._base_path + path)
+            for resource in resources:
+                yield resource
+            if not resources:
+                return
+            if total is not None and start + len(resources) - 1 >= total:
+                return
+            start += len(resources)
+        raise MalformedResponse(f"listing did not end within {MAX_PAGES} pages", method="GET",
+                                path=self._base_path + path)
+
+    async def _find(
+        self,
+        path: str,
+        template: str,
+        attr: str,
+        value: str,
+        scan: AsyncIterator[dict[str, Any]],
+        *,
+        extra: Mapping[str, str] | None = None,
+    ) -> dict[str, Any] | None:
+        wanted = value.casefold()
+        params = {**(extra or {}), "filter": template.replace("%s", quote_filter_value(value))}
+        try:
+            _, body = await self.request("GET", path, params=params)
+            resources, total = _list_response(body, self._base_path + path)
+        except BadRequest:
+            resources, total = None, None   # filter unsupported: scan instead
+        if resources is not None:
+            exact = [r for r in resources if _text(r.get(attr)).casefold() == wanted]
+            if exact:
+                return exact[0]
+            if not resources:
+                return None
+            if len(resources) == 1 and (total is None or total <= 1):
+                return resources[0]      # a custom match_filter on another attribute
+            # Several non-matching results: the target ignored the filter. Scan.
+        async for resource in scan:
+            if _text(resource.get(attr)).casefold() == wanted:
+                return resource
+        return None
+
+
+def _item(collection: str, object_id: str) -> str:
+    if not isinstance(object_id, str) or not object_id:
+        raise ValueError(f"invalid SCIM id {object_id!r}")
+    return f"{collection}/{quote(object_id, safe='')}"
+
+
+def _with_id(body: dict[str, Any] | None, method: str, path: str) -> dict[str, Any]:
+    if body is None or not isinstance(body.get("id"), str | int) or body.get("id") in ("", None):
+        raise MalformedResponse("response carries no resource id", method=method, path=path)
+    if not isinstance(body["id"], str):
+        body["id"] = str(body["id"])   # legacy numeric ids are text to provisiond
+    return body
+
+
+def _list_response(body: dict[str, Any] | None, path: str) -> tuple[list[dict[str, Any]], int | None]:
+    """(Resources, totalResults) of a ListResponse; tolerant of string numbers and a missing Resources."""
+    if body is None:
+        raise MalformedResponse("empty list response", method="GET", path=path)
+    resources = body.get("Resources", body.get("resources", []))
+    if resources is None:
+        resources = []
+    if not isinstance(resources, list) or not all(isinstance(r, dict) for r in resources):
+        raise MalformedResponse("'Resources' is not a list of objects", method="GET", path=path)
+    total_raw = body.get("totalResults")
+    total: int | None
+    try:
+        total = None if total_raw is None or isinstance(total_raw, bool) else int(total_raw)
+    except (TypeError, ValueError):
+        raise MalformedResponse("'totalResults' is not a number", method="GET", path=path) from None
+    for resource in resources:
+        if isinstance(resource.get("id"), int):
+            resource["id"] = str(resource["id"])
+    return resources, total
+
+
+def _normalise_user(resource: dict[str, Any]) -> dict[str, Any]:
+    """`"active": "true"` (ZPA) becomes a boolean; everything else is left as the target sent it."""
+    if isinstance(resource.get("active"), str):
+        try:
+            resource["active"] = read_active(resource)
+        except ValueError:
+            pass
+    return resource
+
+
+def _put_body(full: Mapping[str, Any], active: bool | None) -> dict[str, Any]:
+    body = build_user(full, active=True if active is None else active)
+    if active is None:
+        del body["active"]
+    return body
+
+
+def _member_ids(user_ids: Iterable[str]) -> list[str]:
+    """De-duplicated ids in order; an empty or non-text id is a caller bug (never send null members)."""
+    out: dict[str, None] = {}
+    for uid in user_ids:
+        if not isinstance(uid, str) or not uid:
+            raise ValueError(f"invalid member id {uid!r}")
+        out.setdefault(uid, None)
+    return list(out)
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _describe_exc(exc: BaseException) -> str:
+    """A credential-free description of a low-level error: its class and OS reason only."""
+    reason = getattr(exc, "strerror", None) or getattr(exc, "os_error", None)
+    if isinstance(reason, OSError):
+        reason = reason.strerror
+    return f"{type(exc).__name__}: {reason}" if isinstance(reason, str) and reason else type(exc).__name__
+
