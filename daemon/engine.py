@@ -519,7 +519,9 @@ class Engine:
         async def read_members(gid: str) -> tuple[frozenset[str], frozenset[str]] | None:
             found = await rt.client.group_member_ids(gid)
             if found is None:
-                return None
+                if not rt.client.profile.group_get_returns_members:
+                    return None    # the target does not tell: keep provisiond's own state
+                found = set()
             ours = frozenset(target_to_source[t] for t in found if t in target_to_source)
             return ours, frozenset(t for t in found if t not in target_to_source)
 

@@ -35,6 +35,10 @@ class TargetProfile:
     requests_per_second: float = 10.0
     update_method: str = "patch"      # patch | put
     require_email_username: bool = False
+    # GET /Groups/{id} lists members, so a missing `members` key means "none" (RFC 7643 leaves
+    # an empty multi-valued attribute out). ZPA's examples never show members: UNCONFIRMED there,
+    # so a missing key means "unknown" and provisiond keeps its own membership state.
+    group_get_returns_members: bool = True
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.membership_batch < 1:
@@ -60,6 +64,7 @@ PROFILES: dict[str, TargetProfile] = {
         requests_per_second=20.0,             # documented 50/s; headroom
         update_method="patch",
         require_email_username=True,
+        group_get_returns_members=False,      # get-by-id example omits members (UNCONFIRMED)
     ),
     "zia": TargetProfile(
         name="zia",

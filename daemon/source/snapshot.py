@@ -1,0 +1,193 @@
+"""One consistent-enough picture of PingOne per cycle: users, groups, nesting, direct members.
+
+The steps, in order:
+
+1. every user, in one paged listing (`_links` dropped from each, nothing else copied);
+2. every group, in one listing (names resolve here; renames and deletions show here);
+3. the wanted groups: those named or ided that exist; with `transitive`, the parents of every
+   group are read and the wanted set grows by every group nested in a wanted one, at any depth;
+4. the direct members of every wanted group.
+
+A refusal (401/403) is fatal for the cycle and propagates. Any other failure, after the client's
+retries, marks the snapshot incomplete, adds a line to `problems` and the snapshot goes on with
+what it has: removals are then not planned from it (the engine's gate).
+
+Memory: over 100,000 users the JSON dominates. Values that repeat across users (a flat object
+such as `environment`, `population`, `account`, or a short string such as `title`) are shared
+between the user dicts rather than held once per user. Treat the snapshot's JSON as read-only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Collection, Hashable
+from typing import Any
+
+import anyio
+import structlog
+
+from daemon.errors import Forbidden, RemoteError, Unauthorized
+from daemon.model import Snapshot
+from daemon.source.pingone import DEFAULT_CONCURRENCY, PingOneClient
+
+_FATAL = (Unauthorized, Forbidden)
+# A top-level user key whose values are shared until it shows this many distinct values; past it
+# the key is taken to be per-user (names, timestamps, ids) and left alone.
+DEFAULT_SHARE_CARDINALITY = 256
+SHARED_STRING_MAX = 128
+
+
+async def take_snapshot(
+    client: PingOneClient,
+    *,
+    group_names: Collection[str] = (),
+    group_ids: Collection[str] = (),
+    transitive: bool = True,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    log: structlog.typing.FilteringBoundLogger | None = None,
+) -> Snapshot:
+    """Read PingOne into a `Snapshot`; `complete` is False if anything could not be read."""
+    snap = Snapshot(started_at=time.time())
+    share = _Sharer()
+
+    page_no = 0
+    try:
+        async for page in client.iter_users():
+            page_no += 1
+            users = snap.users
+            for user in page:
+                user.pop("_links", None)
+                share(user)
+                users[user["id"]] = user
+            if log is not None:
+                log.debug("snapshot.page", kind="users", page=page_no, size=len(page),
+                          total=len(users))
+    except _FATAL:
+        raise
+    except RemoteError as exc:
+        _problem(snap, f"users page {page_no + 1}: {exc}")
+
+    page_no = 0
+    try:
+        async for page in client.pages("groups", "groups"):
+            page_no += 1
+            for group in page:
+                group.pop("_links", None)
+                snap.groups[group["id"]] = group
+            if log is not None:
+                log.debug("snapshot.page", kind="groups", page=page_no, size=len(page),
+                          total=len(snap.groups))
+    except _FATAL:
+        raise
+    except RemoteError as exc:
+        _problem(snap, f"groups page {page_no + 1}: {exc}")
+
+    names = set(group_names)
+    wanted = {gid for gid in group_ids if gid in snap.groups}
+    wanted.update(gid for gid, group in snap.groups.items()
+                  if isinstance(group.get("name"), str) and group["name"] in names)
+
+    limiter = anyio.CapacityLimiter(max(1, concurrency))
+    if transitive and snap.groups:
+        parents: dict[str, frozenset[str]] = {}
+
+        async def read_parents(gid: str) -> None:
+            parents[gid] = frozenset(await client.group_parents(gid))
+
+        await _fan_out(snap, limiter, list(snap.groups), read_parents, "parents")
+        snap.parents = parents
+        children = snap.children()
+        for gid in list(wanted):
+            wanted |= snap.descendants(gid, children)
+
+    members: dict[str, frozenset[str]] = {}
+
+    async def read_members(gid: str) -> None:
+        members[gid] = frozenset(await client.group_member_ids(gid))
+
+    await _fan_out(snap, limiter, sorted(wanted), read_members, "members")
+    snap.members = members
+    snap.finished_at = time.time()
+    if log is not None:
+        log.debug("snapshot.taken", users=len(snap.users), groups=len(snap.groups),
+                         wanted_groups=len(wanted), complete=snap.complete,
+                         problems=len(snap.problems),
+                         duration_ms=round((snap.finished_at - snap.started_at) * 1000))
+    return snap
+
+
+async def _fan_out(
+    snap: Snapshot,
+    limiter: anyio.CapacityLimiter,
+    group_ids: list[str],
+    read: Callable[[str], Awaitable[None]],
+    what: str,
+) -> None:
+    """Run *read* for every group, *limiter* at a time. A failure becomes a problem; a refusal
+    cancels the rest and is raised as itself (not inside an exception group)."""
+    fatal: list[BaseException] = []
+
+    async def one(gid: str, scope: anyio.CancelScope) -> None:
+        async with limiter:
+            try:
+                await read(gid)
+            except _FATAL as exc:
+                fatal.append(exc)
+                scope.cancel()
+            except RemoteError as exc:
+                _problem(snap, f"group {gid} {what}: {exc}")
+
+    async with anyio.create_task_group() as tg:
+        for gid in group_ids:
+            tg.start_soon(one, gid, tg.cancel_scope)
+    if fatal:
+        raise fatal[0]
+
+
+def _problem(snap: Snapshot, text: str) -> None:
+    snap.complete = False
+    snap.problems.append(text)
+
+
+class _Sharer:
+    """Replace repeated top-level values (short strings, flat objects) by one shared instance."""
+
+    __slots__ = ("_by_key", "_limit", "_unique")
+
+    def __init__(self, limit: int = DEFAULT_SHARE_CARDINALITY) -> None:
+        self._limit = limit
+        self._by_key: dict[str, dict[Hashable, Any]] = {}
+        self._unique: set[str] = {"id", "username", "email", "createdAt", "updatedAt"}
+
+    def __call__(self, user: dict[str, Any]) -> None:
+        by_key = self._by_key
+        unique = self._unique
+        for key, value in user.items():
+            if key in unique:
+                continue
+            marker: Hashable
+            if isinstance(value, str):
+                if len(value) > SHARED_STRING_MAX:
+                    continue
+                marker = value
+            elif isinstance(value, dict):
+                try:
+                    # the type is part of the marker: True == 1 == 1.0 must not be merged
+                    marker = tuple((k, v.__class__, v) for k, v in value.items())
+                    hash(marker)
+                except TypeError:  # nested structure: not flat, not shared
+                    continue
+            else:
+                continue
+            seen = by_key.get(key)
+            if seen is None:
+                seen = by_key[key] = {}
+            shared = seen.get(marker)
+            if shared is None:
+                if len(seen) >= self._limit:
+                    unique.add(key)
+                    del by_key[key]
+                    continue
+                seen[marker] = value
+            elif shared is not value:
+                user[key] = shared

@@ -1,0 +1,209 @@
+"""take_snapshot against the PingOne emulator: equality with the Directory, completeness, refusals."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from daemon.backoff import RetryPolicy
+from daemon.errors import Forbidden, Unauthorized
+from daemon.model import Snapshot
+from daemon.sandbox.directory import Directory, generate
+from daemon.sandbox.faults import Faults
+from daemon.sandbox.pingone import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, PingOneEmulator
+from daemon.sandbox.server import serve
+from daemon.source.pingone import PingOneClient
+from daemon.source.snapshot import _Sharer, take_snapshot
+
+pytestmark = pytest.mark.timeout(30)
+
+FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, max_elapsed=10.0)
+
+
+@asynccontextmanager
+async def running(directory: Directory, **emulator_kwargs: Any,
+                  ) -> AsyncIterator[tuple[PingOneEmulator, PingOneClient]]:
+    emulator = PingOneEmulator(directory, **emulator_kwargs)
+    async with serve(emulator.app()) as base, aiohttp.ClientSession() as session:
+        client = PingOneClient(session, api_url=f"{base}/v1", auth_url=base,
+                               environment_id=directory.env_id, client_id=DEFAULT_CLIENT_ID,
+                               client_secret=DEFAULT_CLIENT_SECRET, policy=FAST, page_size=100)
+        yield emulator, client
+
+
+def wanted_closure(directory: Directory, roots: set[str]) -> set[str]:
+    """The roots and every group nested in them, from the emulator's own state."""
+    out = set(roots)
+    todo = list(roots)
+    while todo:
+        parent = todo.pop()
+        for child, parents in directory.parents.items():
+            if parent in parents and child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def assert_matches(snap: Snapshot, directory: Directory, wanted: set[str]) -> None:
+    assert snap.complete, snap.problems
+    assert snap.problems == []
+    assert snap.users == directory.users  # as returned, minus `_links`
+    assert set(snap.groups) == set(directory.groups)
+    for gid, group in snap.groups.items():
+        assert group["name"] == directory.groups[gid]["name"]
+        assert "_links" not in group
+    assert set(snap.members) == wanted
+    for gid in wanted:
+        assert snap.members[gid] == frozenset(directory.direct_member_ids(gid))
+    assert snap.finished_at >= snap.started_at > 0
+
+
+async def test_snapshot_of_a_generated_directory_equals_the_directory() -> None:
+    directory = generate(300, 12, seed=7)
+    zpa = directory.group_by_name("ZPA Users")["id"]
+    zia = directory.group_by_name("ZIA Users")["id"]
+    grandchild = directory.add_group("ZPA Contractors EU")["id"]
+    directory.nest(grandchild, directory.group_by_name("ZPA Contractors")["id"])
+    async with running(directory, users_page_cap=40) as (_emulator, client):
+        snap = await take_snapshot(client, group_names=["ZPA Users"], group_ids=[zia])
+    wanted = wanted_closure(directory, {zpa, zia})
+    assert grandchild in wanted  # nested two levels down
+    assert_matches(snap, directory, wanted)
+    expected_parents = {gid: frozenset(directory.parents.get(gid, ())) for gid in directory.groups}
+    assert snap.parents == expected_parents
+    assert snap.member_ids(zpa, transitive=True) == directory.transitive_member_ids(zpa)
+
+
+async def test_direct_snapshot_reads_no_nesting_and_only_the_named_groups() -> None:
+    directory = generate(120, 10, seed=8)
+    zpa = directory.group_by_name("ZPA Users")["id"]
+    async with running(directory) as (emulator, client):
+        snap = await take_snapshot(client, group_names=["ZPA Users"], transitive=False)
+        assert emulator.counters["groups.memberOfGroups"] == 0
+    assert snap.parents == {}
+    assert_matches(snap, directory, {zpa})
+
+
+async def test_a_wanted_group_that_does_not_exist_is_simply_absent() -> None:
+    directory = generate(50, 6, seed=1)
+    async with running(directory) as (_emulator, client):
+        snap = await take_snapshot(client, group_names=["No Such Group"],
+                                   group_ids=["00000000-0000-4000-8000-00000000dead"])
+    assert snap.complete
+    assert snap.problems == []
+    assert snap.members == {}
+    assert snap.users == directory.users
+
+
+async def test_snapshot_sees_renames_by_id_and_dynamic_members() -> None:
+    directory = generate(200, 10, seed=4)
+    dynamic = directory.group_by_name("Engineering (dynamic)")
+    directory.rename_group(dynamic["id"], "Engineers")
+    async with running(directory) as (_emulator, client):
+        snap = await take_snapshot(client, group_ids=[dynamic["id"]])
+    assert snap.groups[dynamic["id"]]["name"] == "Engineers"
+    assert snap.members[dynamic["id"]] == frozenset(directory.direct_member_ids(dynamic["id"]))
+    assert snap.members[dynamic["id"]]
+
+
+async def test_a_users_page_that_stays_malformed_leaves_an_incomplete_snapshot_with_earlier_users() -> None:
+    directory = generate(200, 6, seed=2)
+    faults = Faults()
+    async with running(directory, users_page_cap=30, faults=faults) as (_emulator, client):
+        await client.token()  # request 1
+        # requests 2 and 3 are users pages 1 and 2; page 3 fails on every attempt
+        faults.fail_nth = {4 + i: "truncated" for i in range(FAST.max_attempts)}
+        snap = await take_snapshot(client, group_names=["All Staff"])
+    assert not snap.complete
+    assert len(snap.users) == 60
+    assert list(snap.users) == list(directory.users)[:60]
+    assert snap.problems[0].startswith("users page 3: ")
+    assert len(snap.problems) == 1
+    # the rest of the snapshot went on
+    assert set(snap.groups) == set(directory.groups)
+    assert snap.members
+
+
+async def test_a_member_listing_that_fails_is_a_problem_and_that_group_is_left_out() -> None:
+    directory = generate(80, 6, seed=3)
+    zpa = directory.group_by_name("ZPA Users")["id"]
+    zia = directory.group_by_name("ZIA Users")["id"]
+    faults = Faults()
+    async with running(directory, faults=faults) as (_emulator, client):
+        await client.token()  # request 1; then users (2), groups (3)
+        first, second = sorted([zpa, zia])
+        # members of `first` fail on every attempt (requests 4..), `second` then succeeds
+        faults.fail_nth = {4 + i: "503" for i in range(FAST.max_attempts)}
+        snap = await take_snapshot(client, group_ids=[zpa, zia], transitive=False, concurrency=1)
+    assert not snap.complete
+    assert snap.problems == [snap.problems[0]]
+    assert snap.problems[0].startswith(f"group {first} members: ")
+    assert "HTTP 503" in snap.problems[0]
+    assert first not in snap.members
+    assert snap.members[second] == frozenset(directory.direct_member_ids(second))
+    assert snap.users == directory.users
+
+
+async def test_a_refusal_during_the_fan_out_is_raised_as_itself() -> None:
+    directory = generate(60, 8, seed=5)
+    faults = Faults()
+    async with running(directory, faults=faults) as (_emulator, client):
+        await client.token()
+        faults.fail_nth = {5: "403"}  # one of the nesting reads
+        with pytest.raises(Forbidden):
+            await take_snapshot(client, group_names=["ZPA Users"])
+
+
+async def test_wrong_credentials_make_the_snapshot_raise_unauthorized() -> None:
+    directory = generate(10, 4, seed=5)
+    async with running(directory, client_secret="another-secret") as (_emulator, client):
+        with pytest.raises(Unauthorized):
+            await take_snapshot(client, group_names=["ZPA Users"])
+
+
+async def test_snapshot_logs_pages_at_debug_and_nothing_per_user() -> None:
+    directory = generate(90, 5, seed=6)
+    async with running(directory, users_page_cap=30) as (_emulator, client):
+        with capture_logs() as logs:
+            await take_snapshot(client, group_names=["ZPA Users"], log=structlog.get_logger())
+    pages = [entry for entry in logs if entry["event"] == "snapshot.page"]
+    assert [(p["kind"], p["page"]) for p in pages] == [("users", 1), ("users", 2), ("users", 3),
+                                                       ("groups", 1)]
+    assert all(entry["log_level"] == "debug" for entry in logs)
+    assert len(logs) == len(pages) + 1  # plus one snapshot.taken
+
+
+async def test_repeated_values_are_shared_between_users_without_changing_them() -> None:
+    directory = generate(120, 4, seed=9)
+    async with running(directory) as (_emulator, client):
+        snap = await take_snapshot(client)
+    assert snap.users == directory.users
+    users = list(snap.users.values())
+    assert all(user["environment"] is users[0]["environment"] for user in users)
+
+
+def test_sharing_keeps_types_and_order_apart() -> None:
+    share = _Sharer()
+    first = {"id": "a", "flags": {"x": True}, "order": {"p": 1, "q": 2}}
+    second = {"id": "b", "flags": {"x": 1}, "order": {"q": 2, "p": 1}}
+    third = {"id": "c", "flags": {"x": True}, "order": {"p": 1, "q": 2}}
+    for user in (first, second, third):
+        share(user)
+    assert second["flags"]["x"] is not True and second["flags"] == {"x": 1}
+    assert list(second["order"]) == ["q", "p"]
+    assert third["flags"] is first["flags"] and third["order"] is first["order"]
+
+
+def test_sharing_gives_up_on_a_key_with_many_distinct_values() -> None:
+    share = _Sharer(limit=3)
+    users = [{"id": str(i), "title": f"t{i}", "type": "Employee"} for i in range(10)]
+    for user in users:
+        share(user)
+    assert [user["title"] for user in users] == [f"t{i}" for i in range(10)]
+    assert all(user["type"] == "Employee" for user in users)
