@@ -29,6 +29,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
+from daemon.mapping import content_hash
 from daemon.model import Snapshot
 from daemon.planner import Actual, GroupLink, Op, UserLink
 
@@ -100,6 +101,8 @@ class Store:
         # One connection serves every target's tasks: writes take turns, so that one
         # target's transaction never swallows (or rolls back) another's statements.
         self._write_lock = anyio.Lock()
+        self._user_hashes: dict[str, str] | None = None    # source_user hashes as written
+        self._group_hashes: dict[str, str] | None = None
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str]) -> Store:
@@ -170,37 +173,58 @@ class Store:
 
     # -- source snapshot ----------------------------------------------------------------------
 
-    async def source_hashes(self) -> dict[str, str]:
-        async with self.db.execute("SELECT id, hash FROM source_user") as cur:
-            return {str(r[0]): str(r[1]) async for r in cur}
-
     async def save_snapshot(self, snapshot: Snapshot, hashes: dict[str, str]) -> int:
-        """Write the users whose hash changed (and, when complete, drop those gone). Returns rows written."""
-        old = await self.source_hashes()
+        """Write the users and groups whose hash changed (and, when complete, drop those gone).
+
+        The hashes last written are kept in memory, so a cycle with nothing new reads nothing
+        back and writes nothing. Returns the number of user rows written or deleted.
+        """
+        if self._user_hashes is None:
+            self._user_hashes = await self._read_hashes("source_user")
+            self._group_hashes = await self._read_hashes("source_group")
+        old = self._user_hashes
+        old_groups = self._group_hashes or {}
         rows = [
             (uid, user.get("username"), hashes[uid], user.get("updatedAt"), _dumps(user))
             for uid, user in snapshot.users.items()
             if old.get(uid) != hashes[uid]
         ]
-        gone = [(uid,) for uid in old if uid not in snapshot.users] if snapshot.complete else []
-        groups = [
-            (gid, g.get("name"), "", _dumps(sorted(snapshot.members.get(gid, ()))),
-             _dumps(sorted(snapshot.parents.get(gid, ()))))
-            for gid, g in snapshot.groups.items()
-        ]
-        async with self.transaction() as db:
-            for i in range(0, len(rows), BATCH):
+        gone = [uid for uid in old if uid not in snapshot.users] if snapshot.complete else []
+        groups = []
+        group_hashes: dict[str, str] = {}
+        for gid, g in snapshot.groups.items():
+            members = _dumps(sorted(snapshot.members.get(gid, ())))
+            parents = _dumps(sorted(snapshot.parents.get(gid, ())))
+            digest = content_hash((g.get("name"), members, parents))
+            group_hashes[gid] = digest
+            if old_groups.get(gid) != digest:
+                groups.append((gid, g.get("name"), digest, members, parents))
+        groups_gone = [gid for gid in old_groups if gid not in snapshot.groups] if snapshot.complete else []
+        if rows or gone or groups or groups_gone:
+            async with self.transaction() as db:
+                for i in range(0, len(rows), BATCH):
+                    await db.executemany(
+                        "INSERT OR REPLACE INTO source_user(id, username, hash, updated_at, data) "
+                        "VALUES (?, ?, ?, ?, ?)", rows[i:i + BATCH])
+                await db.executemany("DELETE FROM source_user WHERE id=?", [(u,) for u in gone])
                 await db.executemany(
-                    "INSERT OR REPLACE INTO source_user(id, username, hash, updated_at, data) "
-                    "VALUES (?, ?, ?, ?, ?)", rows[i:i + BATCH])
-            if gone:
-                await db.executemany("DELETE FROM source_user WHERE id=?", gone)
-            if snapshot.complete:
-                await db.execute("DELETE FROM source_group")
-            await db.executemany(
-                "INSERT OR REPLACE INTO source_group(id, name, hash, members, parents) VALUES (?, ?, ?, ?, ?)",
-                groups)
+                    "INSERT OR REPLACE INTO source_group(id, name, hash, members, parents) VALUES (?, ?, ?, ?, ?)",
+                    groups)
+                await db.executemany("DELETE FROM source_group WHERE id=?", [(g,) for g in groups_gone])
+        for uid, _, digest, _, _ in rows:
+            old[uid] = digest
+        for uid in gone:
+            old.pop(uid, None)
+        if snapshot.complete:
+            self._group_hashes = group_hashes
+        else:
+            old_groups.update(group_hashes)
+            self._group_hashes = old_groups
         return len(rows) + len(gone)
+
+    async def _read_hashes(self, table: str) -> dict[str, str]:
+        async with self.db.execute(f"SELECT id, hash FROM {table}") as cur:
+            return {str(r[0]): str(r[1]) async for r in cur}
 
     async def find_source_user(self, ref: str) -> dict[str, Any] | None:
         """A stored PingOne user by id, username or email (case-insensitive)."""
