@@ -91,6 +91,7 @@ class TargetRuntime:
     mapped: MappingCache = field(default_factory=dict)   # valid for these rules only
     links: Actual | None = None           # the store's links as of the end of the last cycle
     links_generation: str | None = None   # META_LINKS_GENERATION as of `links`
+    reported: dict[str, str] = field(default_factory=dict)   # skips logged at info last cycle
 
 
 @dataclass
@@ -363,9 +364,18 @@ class Engine:
             actual = await self.refresh_actual(rt, actual, desired, log)
         the_plan = await self.make_plan(rt, desired, actual, complete)
         await self.store.save_plan(cycle_id, name, the_plan.ops)
+        # A skip is logged at info when it starts (or its reason changes), at debug while it lasts:
+        # the journal says why once, not every cycle.
+        reported: dict[str, str] = {}
+
+        def report_skip(key: str, reason: str) -> Any:
+            reported[key] = reason
+            return log.info if rt.reported.get(key) != reason else log.debug
+
         for skip in desired.skipped.values():
-            log.info("user.skipped", source_id=skip.source_id, user=skip.user_name, op="provision",
-                     outcome="skipped", reason=skip.reason, detail=skip.detail)
+            report_skip(f"user:{skip.source_id}", skip.reason)(
+                "user.skipped", source_id=skip.source_id, user=skip.user_name, op="provision",
+                outcome="skipped", reason=skip.reason, detail=skip.detail)
         for missing in desired.missing_groups:
             log.warning("group.not_found_in_source", group=missing)
         if the_plan.removals_held:
@@ -380,9 +390,11 @@ class Engine:
                  full_sync=full)
         for op in the_plan.ops:
             if op.status != PENDING:
-                log.info(f"{op.kind}.skipped", source_id=op.source_id, target_id=op.target_id,
-                         **{("user" if op.kind == "user" else "group"): op.name}, op=op.op, outcome="skipped",
-                         reason=op.skip_reason, planned_reason=op.reason)
+                report_skip(f"{op.kind}:{op.source_id}:{op.op}", op.skip_reason or "")(
+                    f"{op.kind}.skipped", source_id=op.source_id, target_id=op.target_id,
+                    **{("user" if op.kind == "user" else "group"): op.name}, op=op.op, outcome="skipped",
+                    reason=op.skip_reason, planned_reason=op.reason)
+        rt.reported = reported
         users = dict(actual.users)
         groups = dict(actual.groups)
         hook = self.progress
