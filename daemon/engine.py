@@ -218,11 +218,20 @@ class Engine:
 
     async def snapshot(self) -> Snapshot:
         names, ids, transitive = snapshot_needs(self.config.targets)
+        # Groups already resolved are fetched by id too: one renamed in PingOne no longer answers
+        # to its configured name, and its members must still be read (else everyone would
+        # seem to leave scope).
+        for target in self.config.targets:
+            ids.update((await self.pins(target.name)).values())
         try:
             return await take_snapshot(self.source, group_names=names, group_ids=ids, transitive=transitive,
                                        log=self.log)
         except RemoteError as exc:
             raise SourceUnavailable(str(exc)) from exc
+
+    async def pins(self, target: str) -> dict[str, str]:
+        stored = await self.store.get_meta(f"group_pins.{target}")
+        return dict(json.loads(stored)) if stored else {}
 
     async def gate(self, snapshot: Snapshot) -> bool:
         """May removals be planned from this snapshot? Logs why not."""
@@ -285,8 +294,7 @@ class Engine:
             complete = len(snapshot.users) >= int(last) * (1.0 - self.config.daemon.max_source_shrink)
         plans: dict[str, Plan] = {}
         for name, rt in self.runtimes.items():
-            stored = await self.store.get_meta(f"group_pins.{name}")
-            pins = resolve_pins(snapshot, rt.rules, json.loads(stored) if stored else {})
+            pins = resolve_pins(snapshot, rt.rules, await self.pins(name))
             desired = desired_state(snapshot, rt.rules, pins)
             actual = await self.store.load_links(name)
             plans[name] = await self.make_plan(rt, desired, actual, complete)
@@ -348,12 +356,10 @@ class Engine:
         name = rt.config.name
         started = time.time()
         await self.recover(rt, log)
-        pins_key = f"group_pins.{name}"
-        stored = await self.store.get_meta(pins_key)
-        old_pins: dict[str, str] = json.loads(stored) if stored else {}
+        old_pins = await self.pins(name)
         pins = resolve_pins(snapshot, rt.rules, old_pins)
         if pins != old_pins:
-            await self.store.set_meta(pins_key, json.dumps(pins, sort_keys=True))
+            await self.store.set_meta(f"group_pins.{name}", json.dumps(pins, sort_keys=True))
         desired = desired_state(snapshot, rt.rules, pins, hashes=snapshot.hashes, cache=rt.mapped)
         generation = await self.store.get_meta(f"{META_LINKS_GENERATION}.{name}")
         cached = rt.links if rt.links is not None and generation == rt.links_generation else None
