@@ -34,7 +34,7 @@ SKIPPED = "skipped"
 PAST = {
     "create": "created", "update": "updated", "enable": "enabled", "disable": "disabled",
     "delete": "deleted", "rename": "renamed", "add_members": "members_added",
-    "remove_members": "members_removed",
+    "remove_members": "members_removed", "release": "released",
 }
 
 Progress = Callable[[int, int], None]
@@ -414,6 +414,11 @@ class Applier:
                 raise
         self._link_group(replace(link, members=link.members - set(source_ids), foreign=link.foreign - set(foreign)))
         return APPLIED, link.target_id, {"members": len(target_ids), "requests": requests}
+
+    async def _group_release(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
+        """An adopted group no longer pushed: forget it, send nothing (it was not ours to delete)."""
+        self._drop_group(op.source_id)
+        return APPLIED, op.target_id, {}
 
     async def _group_delete(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
         assert op.target_id is not None

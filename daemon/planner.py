@@ -11,7 +11,8 @@ dependencies hold: a member add runs after the user and group creates it needs.
 
     1 users: create, enable, update      2 groups: create, rename
     3 members: add                       4 members: remove
-    5 users: disable                     6 users: delete, then groups: delete
+    5 users: disable                     6 users: delete, then groups: delete (or release an
+                                           adopted group: the link goes, the group stays)
 """
 
 from __future__ import annotations
@@ -244,8 +245,12 @@ def _plan_groups(b: _Builder, desired: Desired, actual: Actual, policy: Policy, 
         if not complete:
             deferred += 1
             continue
-        b.add(PHASE_DELETE, "group", "delete", gid, link.target_id, link.display_name,
-              GROUP_UNSELECTED if gid in desired.present_groups else GROUP_DELETED_IN_SOURCE, {},
+        reason = GROUP_UNSELECTED if gid in desired.present_groups else GROUP_DELETED_IN_SOURCE
+        if link.origin == "adopted":
+            # Not provisiond's to delete: it existed before; provisiond only lets go of it.
+            b.add(PHASE_DELETE, "group", "release", gid, link.target_id, link.display_name, reason, {})
+            continue
+        b.add(PHASE_DELETE, "group", "delete", gid, link.target_id, link.display_name, reason, {},
               policy.deprovision)
     return deferred
 
