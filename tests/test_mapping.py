@@ -1,0 +1,391 @@
+"""mapping.desired_state and its parts as tables of scenarios: pure data in, data out."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+import pytest
+
+from daemon.config import PROFILES
+from daemon.mapping import (
+    CONFLICT,
+    INVALID_USERNAME,
+    MISSING_USERNAME,
+    Desired,
+    GroupSelector,
+    MappingCache,
+    Rules,
+    canonical_hash,
+    content_hash,
+    desired_state,
+    is_email,
+    map_user,
+    resolve_pins,
+)
+from daemon.model import JSON, Snapshot
+
+ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+POP_A = "pop-a"
+POP_B = "pop-b"
+SIMPLE_MAPPING = {"userName": "username", "displayName": "name.formatted", "externalId": "id"}
+
+
+def user(uid: str, username: str | None = None, *, enabled: bool = True, population: str = POP_A,
+         given: str = "Ada", family: str = "Lovelace", **extra: Any) -> JSON:
+    out: JSON = {
+        "id": uid,
+        "username": username if username is not None else f"{uid}@example.com",
+        "email": f"{uid}@example.com",
+        "enabled": enabled,
+        "population": {"id": population},
+        "name": {"given": given, "family": family, "formatted": f"{given} {family}"},
+        "updatedAt": "2024-01-01T00:00:00.000Z",
+    }
+    out.update(extra)
+    return out
+
+
+def group(gid: str, name: str) -> JSON:
+    return {"id": gid, "name": name}
+
+
+def snapshot(users: list[JSON], groups: dict[str, str] | None = None,
+             members: dict[str, set[str]] | None = None,
+             parents: dict[str, set[str]] | None = None) -> Snapshot:
+    return Snapshot(
+        users={u["id"]: u for u in users},
+        groups={gid: group(gid, name) for gid, name in (groups or {}).items()},
+        members={gid: frozenset(ids) for gid, ids in (members or {}).items()},
+        parents={gid: frozenset(ids) for gid, ids in (parents or {}).items()},
+    )
+
+
+def rules(mapping: dict[str, str] | tuple[tuple[str, str], ...] = SIMPLE_MAPPING, **kwargs: Any) -> Rules:
+    return Rules.compile(mapping, **kwargs)
+
+
+# A parent group "Staff" (g-parent) holds u1 directly; "Contractors" (g-child) is nested in it and
+# holds u2; u3 is in no group; u4 is in the child and in a second population.
+NESTED = snapshot(
+    [user("u1"), user("u2"), user("u3"), user("u4", population=POP_B)],
+    groups={"g-parent": "Staff", "g-child": "Contractors", "g-other": "Other"},
+    members={"g-parent": {"u1"}, "g-child": {"u2", "u4"}, "g-other": {"u3"}},
+    parents={"g-child": {"g-parent"}},
+)
+
+
+# -- scope ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("case", "kwargs", "expected"),
+    [
+        ("no scope: everyone", {}, {"u1", "u2", "u3", "u4"}),
+        ("group, direct members only",
+         {"scope_groups": (GroupSelector(name="Staff"),), "transitive": False}, {"u1"}),
+        ("group, transitive through the nested group",
+         {"scope_groups": (GroupSelector(name="Staff"),), "transitive": True}, {"u1", "u2", "u4"}),
+        ("group by id", {"scope_groups": (GroupSelector(id="g-child"),)}, {"u2", "u4"}),
+        ("two groups: union", {"scope_groups": (GroupSelector(name="Contractors"), GroupSelector(name="Other"))},
+         {"u2", "u3", "u4"}),
+        ("filter on population", {"scope_filter": f'population.id eq "{POP_B}"'}, {"u4"}),
+        ("filter on memberOfGroups (transitive)", {"scope_filter": 'memberOfGroups[id eq "g-parent"]'},
+         {"u1", "u2", "u4"}),
+        ("filter on memberOfGroups (direct)",
+         {"scope_filter": 'memberOfGroups[id eq "g-parent"]', "transitive": False}, {"u1"}),
+        ("group and filter: both must hold",
+         {"scope_groups": (GroupSelector(name="Staff"),), "scope_filter": f'population.id eq "{POP_A}"'},
+         {"u1", "u2"}),
+        ("filter with or", {"scope_filter": 'username eq "u3@example.com" or username eq "u1@example.com"'},
+         {"u1", "u3"}),
+        ("filter that is case-insensitive on username", {"scope_filter": 'username eq "U3@EXAMPLE.COM"'}, {"u3"}),
+        ("group that does not exist: nobody", {"scope_groups": (GroupSelector(name="Nope"),)}, set()),
+    ],
+)
+def test_scope_selects_exactly_the_users_the_rule_admits(case: str, kwargs: dict[str, Any],
+                                                        expected: set[str]) -> None:
+    desired = desired_state(NESTED, rules(**kwargs))
+    assert set(desired.users) == expected, case
+    assert desired.in_scope == len(expected)
+    assert desired.skipped == {}
+
+
+def test_scope_filter_on_enabled_keeps_disabled_users_out() -> None:
+    snap = snapshot([user("u1"), user("u2", enabled=False)])
+    desired = desired_state(snap, rules(scope_filter="enabled eq true"))
+    assert set(desired.users) == {"u1"}
+
+
+def test_a_disabled_user_in_scope_is_desired_inactive() -> None:
+    snap = snapshot([user("u1"), user("u2", enabled=False)])
+    desired = desired_state(snap, rules())
+    assert desired.users["u1"].active is True
+    assert desired.users["u2"].active is False
+
+
+def test_a_scope_filter_is_parsed_by_scim2_filter_parser_and_bad_ones_are_refused() -> None:
+    with pytest.raises(ValueError):
+        rules(scope_filter='username eq "unterminated')
+    with pytest.raises(ValueError):
+        rules(scope_filter='enabled eq "maybe"')
+    with pytest.raises(ValueError):
+        rules(scope_filter='not (username eq "a@example.com")')
+
+
+# -- mapping ---------------------------------------------------------------------------------------
+
+def test_jmespath_expressions_map_to_flat_scim_paths_including_the_enterprise_extension() -> None:
+    mapping = {
+        "userName": "username",
+        "name.givenName": "name.given",
+        "name.familyName": "name.family",
+        "displayName": "join(' ', [name.given, name.family])",
+        "externalId": "id",
+        'emails[type eq "work"].value': "email",
+        f"{ENTERPRISE}:department": "department",
+        f"{ENTERPRISE}:employeeNumber": "employeeNumber",
+        "title": "title || 'Staff'",
+        "nickName": "nickname || username",
+    }
+    u = user("u1", department="Research", employeeNumber="E100001")
+    user_name, attrs = map_user(u, rules(mapping))
+    assert user_name == "u1@example.com"
+    assert attrs == {
+        "userName": "u1@example.com",
+        "name.givenName": "Ada",
+        "name.familyName": "Lovelace",
+        "displayName": "Ada Lovelace",
+        "externalId": "u1",
+        'emails[type eq "work"].value': "u1@example.com",
+        f"{ENTERPRISE}:department": "Research",
+        f"{ENTERPRISE}:employeeNumber": "E100001",
+        "title": "Staff",
+        "nickName": "u1@example.com",
+    }
+
+
+@pytest.mark.parametrize("profile", ["zpa", "zia", "generic"])
+def test_each_profile_default_mapping_maps_a_full_user(profile: str) -> None:
+    u = user("u1", department="Research")
+    _, attrs = map_user(u, rules(PROFILES[profile].mapping))
+    assert attrs["userName"] == "u1@example.com"
+    assert attrs["displayName"] == "Ada Lovelace"
+    assert attrs["externalId"] == "u1"
+    assert attrs["name.givenName"] == "Ada"
+    if profile != "generic":
+        assert attrs[f"{ENTERPRISE}:department"] == "Research"
+
+
+def test_an_absent_or_empty_source_value_maps_to_none() -> None:
+    u = user("u1")
+    u["name"] = {"given": "", "formatted": "Ada"}
+    _, attrs = map_user(u, rules({"userName": "username", "name.givenName": "name.given",
+                                  "name.familyName": "name.family"}))
+    assert attrs["name.givenName"] is None
+    assert attrs["name.familyName"] is None
+
+
+def test_a_mapping_without_username_is_refused_at_compile_time() -> None:
+    with pytest.raises(ValueError, match="userName"):
+        rules({"displayName": "name.formatted"})
+
+
+@pytest.mark.parametrize(
+    ("value", "is_valid"),
+    [
+        ("ada@example.com", True),
+        ("ada.lovelace+tag@sub.example.co.uk", True),
+        ("alovelace", False),
+        ("ada@localhost", False),
+        ("ada@@example.com", False),
+        ("ada lovelace@example.com", False),
+        ("@example.com", False),
+        ("ada@example.c", False),
+    ],
+)
+def test_is_email(value: str, is_valid: bool) -> None:
+    assert is_email(value) is is_valid
+
+
+def test_a_username_that_is_not_an_email_is_skipped_as_invalid_username_and_the_others_kept() -> None:
+    snap = snapshot([user("u1"), user("u2", "alovelace"), user("u3")])
+    desired = desired_state(snap, rules(require_email_username=True))
+    assert set(desired.users) == {"u1", "u3"}
+    skip = desired.skipped["u2"]
+    assert skip.reason == INVALID_USERNAME
+    assert skip.user_name == "alovelace"
+    assert "alovelace" in skip.detail
+    assert desired.in_scope == 3
+
+
+def test_without_require_email_username_a_plain_username_is_provisioned() -> None:
+    snap = snapshot([user("u2", "alovelace")])
+    desired = desired_state(snap, rules(require_email_username=False))
+    assert set(desired.users) == {"u2"}
+    assert desired.users["u2"].user_name == "alovelace"
+
+
+@pytest.mark.parametrize("username", ["", None])
+def test_a_missing_username_is_skipped_as_missing_username(username: str | None) -> None:
+    u = user("u1")
+    if username is None:
+        del u["username"]
+    else:
+        u["username"] = username
+    desired = desired_state(snapshot([u, user("u2")]), rules(require_email_username=True))
+    assert set(desired.users) == {"u2"}
+    assert desired.skipped["u1"].reason == MISSING_USERNAME
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("same@example.com", "same@example.com"),
+        ("Same@Example.com", "same@example.com"),                      # userName is caseExact=false
+        ("jos\u00e9@example.com", "jose\u0301@example.com"),             # composed vs decomposed
+    ],
+)
+def test_two_users_mapping_to_one_username_are_both_skipped_as_conflict(first: str, second: str) -> None:
+    snap = snapshot([user("u1", first), user("u2", second), user("u3")])
+    desired = desired_state(snap, rules(require_email_username=True))
+    assert set(desired.users) == {"u3"}
+    assert {sid: s.reason for sid, s in desired.skipped.items()} == {"u1": CONFLICT, "u2": CONFLICT}
+    assert "u2" in desired.skipped["u1"].detail
+    assert "u1" in desired.skipped["u2"].detail
+
+
+def test_conflicting_users_are_no_group_members() -> None:
+    snap = snapshot([user("u1", "x@example.com"), user("u2", "x@example.com"), user("u3")],
+                    groups={"g1": "G"}, members={"g1": {"u1", "u2", "u3"}})
+    desired = desired_state(snap, rules(groups=(GroupSelector(name="G"),)))
+    assert desired.groups["g1"].members == frozenset({"u3"})
+
+
+def test_mapped_strings_are_nfc_normalised() -> None:
+    decomposed = "Jose\u0301"
+    assert unicodedata.is_normalized("NFD", decomposed)
+    u = user("u1", given=decomposed)
+    u["name"]["formatted"] = f"{decomposed} Lovelace"
+    desired = desired_state(snapshot([u]), rules({"userName": "username", "name.givenName": "name.given",
+                                                  "displayName": "name.formatted"}))
+    attrs = desired.users["u1"].attrs
+    assert attrs["name.givenName"] == "Jos\u00e9"
+    assert attrs["displayName"] == "Jos\u00e9 Lovelace"
+
+
+def test_nfc_forms_of_one_user_map_to_the_same_canonical_json() -> None:
+    r = rules({"userName": "username", "name.givenName": "name.given"})
+    composed = desired_state(snapshot([user("u1", given="Jos\u00e9")]), r).users["u1"]
+    decomposed = desired_state(snapshot([user("u1", given="Jose\u0301")]), r).users["u1"]
+    assert composed.attrs == decomposed.attrs
+    assert canonical_hash(dict(composed.attrs)) == canonical_hash(dict(decomposed.attrs))
+
+
+def test_a_group_display_name_is_nfc_normalised() -> None:
+    snap = snapshot([user("u1")], groups={"g1": "E\u0301quipe"}, members={"g1": {"u1"}})
+    desired = desired_state(snap, rules(groups=(GroupSelector(id="g1"),)))
+    assert desired.groups["g1"].display_name == "\u00c9quipe"
+
+
+# -- canonical hash ---------------------------------------------------------------------------------
+
+def test_canonical_hash_ignores_key_order_and_is_stable() -> None:
+    a = {"userName": "a@example.com", "displayName": "A", "nested": {"x": 1, "y": [1, 2]}}
+    b = {"nested": {"y": [1, 2], "x": 1}, "displayName": "A", "userName": "a@example.com"}
+    assert canonical_hash(a) == canonical_hash(b)
+    assert canonical_hash(a) == canonical_hash(a)
+    assert len(canonical_hash(a)) == 32
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"userName": "a@example.com", "displayName": "B"},
+        {"userName": "a@example.com", "displayName": "A", "title": None},
+        {"userName": "A@example.com", "displayName": "A"},
+    ],
+)
+def test_canonical_hash_changes_with_any_value(other: dict[str, Any]) -> None:
+    assert canonical_hash({"userName": "a@example.com", "displayName": "A"}) != canonical_hash(other)
+
+
+def test_a_desired_group_hash_covers_its_name_and_members() -> None:
+    def group_hash(name: str, members: set[str]) -> str:
+        snap = snapshot([user("u1"), user("u2")], groups={"g1": name}, members={"g1": members})
+        return desired_state(snap, rules(groups=(GroupSelector(id="g1"),))).groups["g1"].hash
+
+    base = group_hash("G", {"u1"})
+    assert base == group_hash("G", {"u1"})
+    assert len({base, group_hash("H", {"u1"}), group_hash("G", {"u1", "u2"})}) == 3
+
+
+def test_the_mapping_cache_maps_a_changed_user_again_and_an_unchanged_one_the_same() -> None:
+    r = rules(require_email_username=True)
+    cache: MappingCache = {}
+    users = [user("u1"), user("u2", "plain")]
+    snap = snapshot(users)
+    first = desired_state(snap, r, hashes={u["id"]: content_hash(u) for u in users}, cache=cache)
+    assert set(first.users) == {"u1"} and first.skipped["u2"].reason == INVALID_USERNAME
+    changed = [user("u1", given="Grace"), user("u2", "grace@example.com")]
+    snap = snapshot(changed)
+    second = desired_state(snap, r, hashes={u["id"]: content_hash(u) for u in changed}, cache=cache)
+    assert second.users["u1"].attrs["displayName"] == "Grace Lovelace"
+    assert set(second.users) == {"u1", "u2"} and second.skipped == {}
+    third = desired_state(snap, r, hashes={u["id"]: content_hash(u) for u in changed}, cache=cache)
+    assert third.users == second.users
+
+
+# -- groups ---------------------------------------------------------------------------------------
+
+def pushed(desired: Desired) -> dict[str, tuple[str, set[str]]]:
+    return {gid: (g.display_name, set(g.members)) for gid, g in desired.groups.items()}
+
+
+def test_pushed_groups_hold_their_in_scope_members_transitively() -> None:
+    r = rules(scope_groups=(GroupSelector(name="Staff"),),
+              groups=(GroupSelector(name="Staff"), GroupSelector(name="Contractors"), GroupSelector(name="Other")))
+    desired = desired_state(NESTED, r)
+    # u3 ("Other") is out of scope: the group is pushed, empty
+    assert pushed(desired) == {
+        "g-parent": ("Staff", {"u1", "u2", "u4"}),
+        "g-child": ("Contractors", {"u2", "u4"}),
+        "g-other": ("Other", set()),
+    }
+
+
+def test_pushed_groups_hold_direct_members_only_with_direct_membership() -> None:
+    r = rules(groups=(GroupSelector(name="Staff"),), transitive=False)
+    assert pushed(desired_state(NESTED, r)) == {"g-parent": ("Staff", {"u1"})}
+
+
+def test_skipped_users_are_not_members_of_pushed_groups() -> None:
+    snap = snapshot([user("u1"), user("u2", "plain")], groups={"g1": "G"}, members={"g1": {"u1", "u2"}})
+    desired = desired_state(snap, rules(groups=(GroupSelector(name="G"),), require_email_username=True))
+    assert pushed(desired) == {"g1": ("G", {"u1"})}
+
+
+def test_a_configured_group_absent_from_pingone_is_reported_missing() -> None:
+    desired = desired_state(NESTED, rules(groups=(GroupSelector(name="Staff"), GroupSelector(name="Gone"),
+                                                  GroupSelector(id="g-nope"))))
+    assert set(desired.groups) == {"g-parent"}
+    assert desired.missing_groups == ["Gone", "id:g-nope"]
+
+
+def test_a_group_pinned_by_id_is_followed_through_a_rename() -> None:
+    r = rules(scope_groups=(GroupSelector(name="Staff"),), groups=(GroupSelector(name="Staff"),))
+    pins = resolve_pins(NESTED, r, {})
+    assert pins == {"Staff": "g-parent"}
+    renamed = snapshot(
+        [user("u1"), user("u2")], groups={"g-parent": "Staff (renamed)"}, members={"g-parent": {"u1", "u2"}})
+    desired = desired_state(renamed, r, resolve_pins(renamed, r, pins))
+    assert pushed(desired) == {"g-parent": ("Staff (renamed)", {"u1", "u2"})}
+    assert set(desired.users) == {"u1", "u2"}
+    # without the pin, the renamed group is not found by its old name
+    assert desired_state(renamed, r).groups == {}
+
+
+def test_present_users_and_groups_list_everything_in_the_snapshot() -> None:
+    desired = desired_state(NESTED, rules(scope_groups=(GroupSelector(name="Other"),)))
+    assert set(desired.present_users) == {"u1", "u2", "u3", "u4"}
+    assert set(desired.present_groups) == {"g-parent", "g-child", "g-other"}
+    assert set(desired.users) == {"u3"}
