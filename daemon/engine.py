@@ -417,7 +417,10 @@ class Engine:
             await self.store.consume_approval(name)   # an approval releases held removals once
         counts = result.counts()
         summary = self.summarize(desired, Actual(users, groups), the_plan, result, snapshot_complete=complete)
-        summary["unmanaged_users"] = rt.unmanaged
+        if rt.unmanaged is None:
+            known = await self.store.get_meta(f"unmanaged.{name}")
+            rt.unmanaged = int(known) if known is not None else None
+        summary["unmanaged_users"] = rt.unmanaged   # as of the last full sync
         failed = counts.get(FAILED, 0)
         outcome = "success" if not failed else "partial_failure"
         if result.stopped is not None:
@@ -521,6 +524,7 @@ class Engine:
                      outcome="applied", reason="same_username_in_target")
         unmanaged = len(by_id) - len(linked_ids & by_id.keys())
         rt.unmanaged = unmanaged
+        await self.store.set_meta(f"unmanaged.{name}", str(unmanaged))
 
         groups: dict[str, GroupLink] = {}
         dropped_groups: list[str] = []

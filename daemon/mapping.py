@@ -48,6 +48,11 @@ class DesiredUser:
     active: bool
     updated_at: str | None = None
 
+    @property
+    def hash(self) -> str:
+        """The canonical hash of what is provisioned (attributes and active)."""
+        return canonical_hash([dict(self.attrs), self.active])
+
 
 @dataclass(frozen=True, slots=True)
 class Skipped:

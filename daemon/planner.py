@@ -114,7 +114,10 @@ class Op:
 
     @property
     def is_removal(self) -> bool:
-        return self.kind == "user" and self.phase in (PHASE_DISABLE, PHASE_DELETE) and self.reason in (
+        """Counts against max_deletes: a user deprovisioned, or a group deleted."""
+        if self.kind == "group":
+            return self.op == "delete"
+        return self.phase in (PHASE_DISABLE, PHASE_DELETE) and self.reason in (
             LEFT_SCOPE, DELETED_IN_SOURCE, DELETE_AFTER_GRACE)
 
 
@@ -283,6 +286,9 @@ def _hold_removals(result: Plan, policy: Policy) -> None:
         return
     held = {op.seq for op in removals}
     result.removals_held = len(held)
+    # While removals are held, so are member removals: a mass scope loss must not empty the
+    # pushed groups either (the members would be removed from groups, the users kept).
+    held |= {op.seq for op in result.ops if op.op == "remove_members" and op.status == PENDING}
     result.ops = [
         Op(op.seq, op.phase, op.kind, op.op, op.source_id, op.target_id, op.name, op.reason, op.payload,
            HELD, REMOVALS_HELD) if op.seq in held else op

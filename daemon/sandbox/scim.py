@@ -307,9 +307,17 @@ def _add_attr(container: dict[str, Any], name: str, value: Any) -> None:
     existing = container.get(key)
     if isinstance(value, list) or isinstance(existing, list) or name.lower() in MULTI_VALUED:
         items = list(existing) if isinstance(existing, list) else ([] if existing is None else [existing])
+        # Items with a `value` are compared through a set: adding 5,000 members stays linear.
+        seen = {i["value"] for i in items if isinstance(i, dict) and isinstance(i.get("value"), str)}
         for item in value if isinstance(value, list) else [value]:
-            if not any(_same_item(item, have) for have in items):
-                items.append(item)
+            v = item.get("value") if isinstance(item, dict) else None
+            if isinstance(v, str):
+                if v in seen:
+                    continue
+                seen.add(v)
+            elif any(_same_item(item, have) for have in items):
+                continue
+            items.append(item)
         container[key] = items
     elif isinstance(value, dict) and isinstance(existing, dict):
         container[key] = {**existing, **value}
