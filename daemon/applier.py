@@ -128,13 +128,19 @@ class Applier:
         phases: dict[int, list[Op]] = {}
         for op in pending:
             phases.setdefault(op.phase, []).append(op)
-        for phase in sorted(phases):
-            batch = phases[phase]
-            await self.store.mark_in_flight(self.cycle_id, [op.seq for op in batch])
-            async with anyio.create_task_group() as tg:
-                for op in batch:
-                    tg.start_soon(self._run, op)
-            await self._flush()
+        try:
+            for phase in sorted(phases):
+                batch = phases[phase]
+                await self.store.mark_in_flight(self.cycle_id, [op.seq for op in batch])
+                async with anyio.create_task_group() as tg:
+                    for op in batch:
+                        tg.start_soon(self._run, op)
+                await self._flush()
+        finally:
+            # Stopped midway (SIGTERM, grace expired): what finished is recorded with its links,
+            # so the next start neither repeats it nor loses it; the rest stays in_flight.
+            with anyio.CancelScope(shield=True):
+                await self._flush()
         self.result.stopped = self.health.stopped
         return self.result
 

@@ -21,6 +21,7 @@ import anyio
 from daemon import logs
 from daemon.config import Config, ConfigError, load_config, resolve_config_path
 from daemon.engine import META_ACCEPT_SHRINK, CycleReport, Engine
+from daemon.lock import StateLock, StateLocked
 from daemon.planner import PENDING, Op, Plan
 from daemon.store import Store, StoreError
 
@@ -43,10 +44,11 @@ def _setup_logging(cfg: Config, *, to_stderr: bool = False, level: str | None = 
                    stream=sys.stderr if to_stderr else sys.stdout)
 
 
-def http_session(*, limit: int = 100) -> aiohttp.ClientSession:
+def http_session(*, limit: int = 100,
+                 trace_configs: list[aiohttp.TraceConfig] | None = None) -> aiohttp.ClientSession:
     """The one HTTP session of a process: TLS verification on (aiohttp's default), pooled."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300),
-                                 trust_env=False, raise_for_status=False)
+                                 trust_env=False, raise_for_status=False, trace_configs=trace_configs)
 
 
 # -- once -------------------------------------------------------------------------------------
@@ -68,11 +70,19 @@ def cmd_once(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _config_error(exc)
     _setup_logging(cfg)
+    lock = StateLock(cfg.daemon.state_path)
+    try:
+        lock.acquire()        # never apply beside a running daemon on the same state
+    except (StateLocked, OSError) as exc:
+        print(f"provisiond: {exc}", file=sys.stderr)
+        return EX_FAIL
     try:
         report = anyio.run(_once, cfg)
     except StoreError as exc:
         print(f"provisiond: state: {exc}", file=sys.stderr)
         return EX_FAIL
+    finally:
+        lock.release()
     return EX_FAIL if report.failed else EX_OK
 
 
@@ -284,6 +294,88 @@ def cmd_approve(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+# -- why / sync-user --------------------------------------------------------------------------
+
+
+async def _why(cfg: Config, ref: str, target: str | None) -> dict[str, Any]:
+    from daemon.explain import explain
+
+    store = await Store.open(cfg.daemon.state_path)
+    try:
+        return await explain(store, cfg, ref, target)
+    finally:
+        await store.close()
+
+
+def cmd_why(args: argparse.Namespace) -> int:
+    from daemon.explain import UnknownUser, render_explanation
+
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        return _config_error(exc)
+    try:
+        data = anyio.run(_why, cfg, args.user, args.target)
+    except StoreError as exc:
+        print(f"provisiond: state: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except UnknownUser as exc:
+        print(f"provisiond: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except KeyError:
+        print(f"provisiond: no target named {args.target!r} in {cfg.path}", file=sys.stderr)
+        return EX_FAIL
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=2, default=str))
+    else:
+        print(render_explanation(data))
+    return EX_OK
+
+
+async def _sync_user(cfg: Config, args: argparse.Namespace) -> Any:
+    from daemon.ondemand import sync_user
+
+    store = await Store.open(cfg.daemon.state_path)
+    try:
+        async with http_session() as session:
+            emit = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+            return await sync_user(cfg, store, session, args.user, target=args.target, dry_run=args.dry_run,
+                                   log=logs.get_logger(command="sync-user"), emit=emit)
+    finally:
+        await store.close()
+
+
+def cmd_sync_user(args: argparse.Namespace) -> int:
+    from daemon.errors import ProvisiondError
+    from daemon.explain import UnknownUser
+
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        return _config_error(exc)
+    _setup_logging(cfg, to_stderr=True, level="warning")
+    try:
+        result = anyio.run(_sync_user, cfg, args)
+    except StoreError as exc:
+        print(f"provisiond: state: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except UnknownUser as exc:
+        print(f"provisiond: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except KeyError:
+        print(f"provisiond: no target named {args.target!r} in {cfg.path}", file=sys.stderr)
+        return EX_FAIL
+    except ProvisiondError as exc:
+        print(f"provisiond: PingOne: {logs.REDACTOR.scrub(str(exc))}", file=sys.stderr)
+        return EX_FAIL
+    if args.json:
+        print(json.dumps(result.as_json(), ensure_ascii=False, indent=2, default=str))
+    else:
+        print(f"{'dry run ' if result.dry_run else ''}done in {result.took_s:.3f}s"
+              + (": some operations FAILED" if result.failed else ""))
+    return EX_FAIL if result.failed else EX_OK
+
+
 # -- run --------------------------------------------------------------------------------------
 
 
@@ -343,6 +435,7 @@ async def _demo(args: argparse.Namespace) -> int:
             try:
                 async with http_session() as session:
                     engine = Engine(cfg, store, session, log=logs.get_logger())
+                    engine.progress = _progress_printer()
                     step = 0
                     while not stop.is_set() and (args.cycles == 0 or step < args.cycles):
                         step += 1
@@ -361,6 +454,20 @@ async def _demo(args: argparse.Namespace) -> int:
                 await store.close()
     print("demo stopped", flush=True)
     return EX_OK
+
+
+def _progress_printer(every: float = 3.0) -> Any:
+    """An engine progress hook printing "zpa: applying 300/609" at most every few seconds per target."""
+    last: dict[str, float] = {}
+
+    def hook(target: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last.setdefault(target, now) >= every:
+            last[target] = now
+            if done < total:
+                print(f"  {target}: applying {done}/{total}", flush=True)
+
+    return hook
 
 
 def print_cycle(step: int, report: CycleReport, sandbox: Any) -> None:
@@ -411,6 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("approve", help="release removals held by max_deletes, once"))
     p.add_argument("--target", required=True)
     p.set_defaults(func=cmd_approve)
+    p = with_config(sub.add_parser("why", help="explain, from the state file, what provisiond did and will "
+                                   "do for one user"))
+    p.add_argument("user", metavar="USER", help="PingOne user id, username or email")
+    p.add_argument("--target", help="only this target")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_why)
+    p = with_config(sub.add_parser("sync-user", help="provision one user now (fetched from PingOne)"))
+    p.add_argument("user", metavar="USER", help="PingOne user id, username or email")
+    p.add_argument("--target", help="only this target")
+    p.add_argument("--dry-run", action="store_true", help="print what would be sent; send and record nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sync_user)
 
     def emulator_options(p: argparse.ArgumentParser, users: int, groups: int, port: int) -> None:
         p.add_argument("--users", type=int, default=users)

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import random
 import signal
@@ -38,6 +37,7 @@ from daemon import logs
 from daemon.config import Config, ConfigError, diff_configs, load_config
 from daemon.durations import format_duration
 from daemon.engine import CycleReport, Engine
+from daemon.lock import StateLock, StateLocked
 from daemon.notify import Heartbeat, Notifier, NotifyAddressError, watchdog, watchdog_timeout
 from daemon.store import Store, StoreError
 
@@ -45,7 +45,6 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1          # another daemon holds the state file, or it cannot be opened
 EXIT_CONFIG: Final = 78          # EX_CONFIG, as `provisiond once` and `check-config` use it
 
-LOCK_SUFFIX: Final = ".lock"
 MEMORY_STATE: Final = ":memory:"       # an in-memory state (tests) is private to its process: no lock
 DEFAULT_BEAT_EVERY: Final = 1.0          # seconds: the idle scheduler beats the heartbeat this often
 DEFAULT_STATUS_EVERY: Final = 1.0        # seconds between two progress STATUS= updates
@@ -56,53 +55,6 @@ RESTART_KEYS: Final = ("daemon.state_path", "daemon.http_listen")
 
 
 # -- one daemon per state file ------------------------------------------------------------------
-
-
-class StateLocked(Exception):
-    """Another provisiond holds the state file's lock."""
-
-    def __init__(self, state_path: str, pid: int | None) -> None:
-        holder = f"pid {pid}" if pid is not None else "pid unknown"
-        super().__init__(f"another provisiond is running on {state_path} ({holder})")
-        self.state_path = state_path
-        self.pid = pid
-
-
-class StateLock:
-    """An exclusive flock on `<state_path>.lock` (created 0600), holding the owner's pid."""
-
-    def __init__(self, state_path: str) -> None:
-        self.state_path = state_path
-        self.path = state_path + LOCK_SUFFIX
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock or raise `StateLocked` (or OSError when the file cannot be opened)."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = _read_pid(fd)
-            os.close(fd)
-            raise StateLocked(self.state_path, pid) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        os.ftruncate(self._fd, 0)
-        os.close(self._fd)           # closing drops the flock; the file stays (unlinking races)
-        self._fd = None
-
-
-def _read_pid(fd: int) -> int | None:
-    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    return int(text) if text.isdigit() else None
 
 
 # -- the HTTP chokepoint ------------------------------------------------------------------------
@@ -161,9 +113,10 @@ class RequestGate:
 
 
 def http_session(gate: RequestGate, *, limit: int = DEFAULT_HTTP_CONNECTIONS) -> aiohttp.ClientSession:
-    """The daemon's one HTTP session (as `cli.http_session`: TLS verified, pooled), behind `gate`."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300),
-                                 trust_env=False, raise_for_status=False, trace_configs=[gate.trace_config()])
+    """The daemon's one HTTP session (`cli.http_session`: TLS verified, pooled), behind `gate`."""
+    from daemon.cli import http_session as plain_session
+
+    return plain_session(limit=limit, trace_configs=[gate.trace_config()])
 
 
 # -- status lines -------------------------------------------------------------------------------

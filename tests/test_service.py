@@ -31,9 +31,10 @@ from aiohttp import web
 from anyio.abc import Process, TaskGroup
 from anyio.streams.text import TextReceiveStream
 
+from daemon.lock import StateLock, StateLocked
 from daemon.sandbox.runner import Sandbox, build_sandbox, running
 from daemon.sandbox.server import serve
-from daemon.service import RequestGate, StateLock, StateLocked, eta_text, next_start
+from daemon.service import RequestGate, eta_text, next_start
 
 STARTUP_TIMEOUT = 20.0     # python start, imports, first READY=1 (a loaded CI machine is slow)
 STEP_TIMEOUT = 15.0
