@@ -20,7 +20,7 @@ import anyio
 
 from daemon import logs
 from daemon.config import Config, ConfigError, load_config, resolve_config_path
-from daemon.engine import META_ACCEPT_SHRINK, CycleReport, Engine
+from daemon.engine import META_ACCEPT_SHRINK, META_RELOAD_APPROVED, CycleReport, Engine
 from daemon.lock import StateLock, StateLocked
 from daemon.planner import PENDING, Op, Plan
 from daemon.store import Store, StoreError
@@ -270,27 +270,37 @@ def cmd_test_connection(args: argparse.Namespace) -> int:
     return EX_OK if anyio.run(_test_connection, cfg) else EX_FAIL
 
 
-async def _approve(cfg: Config, target: str) -> None:
+async def _approve(cfg: Config, target: str | None, reload: bool) -> None:
     store = await Store.open(cfg.daemon.state_path)
     try:
-        await store.approve(target)
-        await store.set_meta(META_ACCEPT_SHRINK, "1")
+        if target is not None:
+            await store.approve(target)
+            await store.set_meta(META_ACCEPT_SHRINK, "1")
+        if reload:
+            await store.set_meta(META_RELOAD_APPROVED, "1")
     finally:
         await store.close()
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
+    if args.target is None and not args.reload:
+        print("provisiond: approve needs --target NAME and/or --reload", file=sys.stderr)
+        return EX_FAIL
     try:
         cfg = _load(args)
-        cfg.target(args.target)
+        if args.target is not None:
+            cfg.target(args.target)
     except ConfigError as exc:
         return _config_error(exc)
     except KeyError:
         print(f"provisiond: no target named {args.target!r} in {cfg.path}", file=sys.stderr)
         return EX_FAIL
-    anyio.run(_approve, cfg, args.target)
-    print(f"approved: the next cycle of {args.target} applies its held removals once "
-          "(and accepts a shrunk source snapshot)")
+    anyio.run(_approve, cfg, args.target, args.reload)
+    if args.target is not None:
+        print(f"approved: the next cycle of {args.target} applies its held removals once "
+              "(and accepts a shrunk source snapshot)")
+    if args.reload:
+        print("approved: the running daemon activates its held reload before its next cycle")
     return EX_OK
 
 
@@ -516,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("test-connection", help="authenticate and read once from each side")
                 ).set_defaults(func=cmd_test_connection)
     p = with_config(sub.add_parser("approve", help="release removals held by max_deletes, once"))
-    p.add_argument("--target", required=True)
+    p.add_argument("--target", help="release this target's held removals (once)")
+    p.add_argument("--reload", action="store_true",
+                   help="activate a reload the running daemon held because it would remove too much")
     p.set_defaults(func=cmd_approve)
     p = with_config(sub.add_parser("why", help="explain, from the state file, what provisiond did and will "
                                    "do for one user"))

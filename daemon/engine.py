@@ -58,6 +58,8 @@ META_ACCEPT_SHRINK = "source.accept_shrink"
 # Bumped by another process that writes a target's links (`provisiond sync-user`), so that a
 # running daemon drops its in-memory copy: "links.generation.<target>".
 META_LINKS_GENERATION = "links.generation"
+# Set by `provisiond approve --reload`: the running daemon activates its staged config.
+META_RELOAD_APPROVED = "reload.approved"
 _MEMBER_OF_RE = re.compile(r'memberOfGroups\[\s*id\s+eq\s+"([^"]+)"\s*\]', re.IGNORECASE)
 
 ProgressHook = Callable[[str, int, int], None]
@@ -299,6 +301,31 @@ class Engine:
             actual = await self.store.load_links(name)
             plans[name] = await self.make_plan(rt, desired, actual, complete)
         return plans, complete
+
+    async def preview_reload(self, config: Config) -> dict[str, dict[str, Any]]:
+        """What `config` would remove, per target, planned against the last stored snapshot.
+
+        A target whose removals exceed its `max_deletes` under the new config is `held`: the
+        daemon keeps the new config staged until `provisiond approve --reload`.
+        """
+        snapshot = await self.store.load_snapshot()
+        impact: dict[str, dict[str, Any]] = {}
+        if not snapshot.users:
+            return impact
+        for target in config.targets:
+            rules = rules_for(target)
+            desired = desired_state(snapshot, rules, resolve_pins(snapshot, rules, await self.pins(target.name)))
+            actual = await self.store.load_links(target.name)
+            limit = target.max_deletes.limit(len(actual.users))
+            policy = Policy(
+                create=target.actions.create, update=target.actions.update, disable=target.actions.disable,
+                deprovision=target.actions.deprovision, remove_action=target.remove_action,
+                delete_after=target.delete_after, group_membership=target.group_membership, max_deletes=None)
+            preview = plan(desired, actual, policy, complete=True, now=time.time())
+            removals = sum(1 for op in preview.ops if op.is_removal and op.status == PENDING)
+            impact[target.name] = {"removals": removals, "limit": limit, "held": removals > limit,
+                                   "operations": len(preview.pending())}
+        return impact
 
     async def target_cycle(self, rt: TargetRuntime, snapshot: Snapshot, complete: bool) -> TargetReport:
         name = rt.config.name

@@ -36,7 +36,7 @@ from anyio.abc import TaskGroup
 from daemon import logs
 from daemon.config import Config, ConfigError, diff_configs, load_config
 from daemon.durations import format_duration
-from daemon.engine import CycleReport, Engine
+from daemon.engine import META_RELOAD_APPROVED, CycleReport, Engine
 from daemon.lock import StateLock, StateLocked
 from daemon.notify import Heartbeat, Notifier, NotifyAddressError, watchdog, watchdog_timeout
 from daemon.store import Store, StoreError
@@ -185,6 +185,7 @@ class Service:
         self._progress: dict[str, ApplyProgress] = {}
         self._status_at = 0.0
         self._last_line = "no cycle yet"
+        self.staged: Config | None = None      # a reload held by its impact preview
 
     @property
     def engine(self) -> Engine:
@@ -248,6 +249,7 @@ class Service:
         self.heartbeat.beat()
 
     async def _run_cycle(self) -> None:
+        await self._adopt_staged_if_approved()
         self.cycles += 1
         number = self.cycles
         self.heartbeat.beat()
@@ -323,10 +325,14 @@ class Service:
     # -- reload -------------------------------------------------------------------------------
 
     async def reload(self) -> bool:
-        """Re-read the config and its secrets; True when the new one was taken."""
+        """Re-read the config and its secrets; True when the new one was taken.
+
+        Before it is taken, the new config is planned against the last snapshot: one that
+        would remove more than a target's `max_deletes` is staged, not taken
+        (`config.reload_held`), until `provisiond approve --reload`.
+        """
         self.notifier.reloading(status="reloading configuration")
         engine = self.engine
-        old = engine.config
         try:
             new = await anyio.to_thread.run_sync(load_config, self.config_path)
         except ConfigError as exc:
@@ -334,6 +340,35 @@ class Service:
                            kept="the running configuration")
             self.notifier.ready(status=f"reload failed, old config kept: {exc}")
             return False
+        try:
+            impact = await engine.preview_reload(new)
+        except Exception as exc:   # the preview must never cost the reload itself
+            self.log.warning("config.preview_failed", error=f"{type(exc).__name__}: {exc}")
+            impact = {}
+        held = {name: i for name, i in impact.items() if i["held"]}
+        if held:
+            self.staged = new
+            await engine.store.set_meta(META_RELOAD_APPROVED, "0")
+            self.log.warning("config.reload_held", path=self.config_path, targets=held,
+                             hint="provisiond approve --reload activates it; the running config stays")
+            self.notifier.ready(status="reload held: it would remove more than max_deletes; "
+                                       "`provisiond approve --reload` activates it")
+            return False
+        self.staged = None
+        return self._adopt(new, impact)
+
+    async def _adopt_staged_if_approved(self) -> None:
+        if self.staged is None or await self.engine.store.get_meta(META_RELOAD_APPROVED) != "1":
+            return
+        staged, self.staged = self.staged, None
+        await self.engine.store.set_meta(META_RELOAD_APPROVED, "0")
+        self.log.info("config.reload_approved", path=self.config_path)
+        self._adopt(staged, {})
+
+    def _adopt(self, new: Config, impact: dict[str, dict[str, Any]]) -> bool:
+        """Take `new` from the next cycle on; resize live limits of a running cycle now."""
+        engine = self.engine
+        old = engine.config
         previous = dict(engine.runtimes)
         try:
             engine.reconfigure(new)
@@ -366,7 +401,8 @@ class Service:
         diff = diff_configs(old, new)
         restart = [key for key in diff["changed"] if key in RESTART_KEYS]
         self.log.info("config.reloaded", path=self.config_path, **diff, resized=resized,
-                      **({"restart_required": restart} if restart else {}))
+                      **({"restart_required": restart} if restart else {}),
+                      **({"impact": impact} if impact else {}))
         for warning in new.warnings:
             self.log.warning("config.warning", warning=warning)
         self.notifier.ready(status=f"reloaded; last cycle {self._last_line}")

@@ -226,6 +226,20 @@ class Store:
         async with self.db.execute(f"SELECT id, hash FROM {table}") as cur:
             return {str(r[0]): str(r[1]) async for r in cur}
 
+    async def load_snapshot(self) -> Snapshot:
+        """The last snapshot as stored (for a reload's impact preview): users, groups, membership."""
+        snap = Snapshot()
+        async with self.db.execute("SELECT id, data FROM source_user") as cur:
+            async for r in cur:
+                snap.users[str(r[0])] = json.loads(r[1])
+        async with self.db.execute("SELECT id, name, members, parents FROM source_group") as cur:
+            async for r in cur:
+                gid = str(r[0])
+                snap.groups[gid] = {"id": gid, "name": r[1]}
+                snap.members[gid] = frozenset(json.loads(r[2]))
+                snap.parents[gid] = frozenset(json.loads(r[3]))
+        return snap
+
     async def find_source_user(self, ref: str) -> dict[str, Any] | None:
         """A stored PingOne user by id, username or email (case-insensitive)."""
         async with self.db.execute(

@@ -1,0 +1,275 @@
+"""Metrics and health for monitoring: `/metrics` (Prometheus text) and `/healthz`, over aiohttp.
+
+Wiring (the service does this once, after it built its Engine):
+
+    metrics = Metrics()                          # its own CollectorRegistry, never the global one
+    health = Health()
+    metrics.attach(engine); health.attach(engine)
+    engine.observers += [metrics.observe, health.observe]
+    engine.progress = metrics.progress           # (or call it from the service's own hook)
+    async with serve_http(metrics, health, config.daemon.http_listen) as url: ...
+
+What is measured, from the engine's observer events (`daemon.applier` entity events and
+`cycle.finished`) and, at scrape time, from the live clients' counters:
+
+    provisiond_operations_total{target,op,outcome}          counter   op = "user.create", ...
+    provisiond_operation_duration_seconds{target,op}        histogram from each event's duration_ms
+    provisiond_http_requests_total{target}                  counter   requests sent (incl. retries)
+    provisiond_http_429_total{target}                       counter   429 answers (source: "pingone")
+    provisiond_http_retries_total{target}                   counter
+    provisiond_queue_depth{target}                          gauge     operations left in the apply
+    provisiond_cycles_total{target,outcome}                 counter
+    provisiond_cycle_duration_seconds{target}               histogram
+    provisiond_last_success_timestamp_seconds{target}       gauge     end of the last successful cycle
+    provisiond_propagation_latency_seconds{target}          histogram PingOne updatedAt -> applied
+
+Propagation latency counts only users whose `updatedAt` is later than the moment metrics began
+(`since`): a user changed while the daemon was down, or first provisioned years after its last
+change, says nothing about how fast provisiond is.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+DEFAULT_LISTEN = "127.0.0.1:9477"
+NAMESPACE = "provisiond"
+SOURCE_LABEL = "pingone"
+OPERATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+CYCLE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+PROPAGATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 86400.0)
+# Last-cycle outcomes that make /healthz answer 503. `partial_failure` (some entities failed, the
+# target works) is reported as "degraded" with 200: one refused user must not page anyone.
+DEFAULT_UNHEALTHY_OUTCOMES = frozenset({"quarantined", "failed", "aborted"})
+CYCLE_FINISHED = "cycle.finished"
+DEFAULT_SHUTDOWN_TIMEOUT = 1.0   # seconds a scrape in progress may take to finish at stop
+_STAT_KEYS = (("requests", "http_requests"), ("429", "http_429"), ("retries", "http_retries"))
+
+
+def parse_timestamp(text: str) -> float | None:
+    """Epoch seconds of a PingOne timestamp ("2024-05-01T10:00:00.123Z"); None when unparsable."""
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class _ClientStats(Collector):
+    """Request, 429 and retry counts read from the live clients at scrape time.
+
+    A reload builds new clients whose counters start at zero: what the old ones counted is carried
+    over, so the exported counters never go down."""
+
+    def __init__(self) -> None:
+        self.engine: Any = None
+        self._carried: dict[tuple[str, str], float] = {}
+        self._seen: dict[str, tuple[int, dict[str, float]]] = {}
+
+    def _clients(self) -> Iterable[tuple[str, Any]]:
+        if self.engine is None:
+            return []
+        out: list[tuple[str, Any]] = [(SOURCE_LABEL, self.engine.source)]
+        out.extend((name, rt.client) for name, rt in self.engine.runtimes.items())
+        return out
+
+    def collect(self) -> Iterable[Metric]:
+        families = {key: CounterMetricFamily(f"{NAMESPACE}_{name}", _HELP[name], labels=["target"])
+                    for key, name in _STAT_KEYS}
+        for label, client in self._clients():
+            stats: Mapping[str, float] = getattr(client, "stats", {})
+            now = {key: float(stats.get(key, 0)) for key, _ in _STAT_KEYS}
+            seen = self._seen.get(label)
+            if seen is not None and seen[0] != id(client):
+                for key, value in seen[1].items():
+                    self._carried[(label, key)] = self._carried.get((label, key), 0.0) + value
+            self._seen[label] = (id(client), now)
+            for key, _ in _STAT_KEYS:
+                families[key].add_metric([label], self._carried.get((label, key), 0.0) + now[key])
+        return list(families.values())
+
+
+_HELP = {
+    "http_requests": "HTTP requests sent, retries included.",
+    "http_429": "HTTP 429 (rate limited) answers received.",
+    "http_retries": "HTTP requests retried after a transient failure.",
+}
+
+
+class Metrics:
+    """The daemon's metrics, in a registry of their own."""
+
+    def __init__(self, *, since: float | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.since = time.time() if since is None else since
+        r = self.registry
+        self.operations = Counter("operations", "Operations applied, failed or skipped, by target, op and outcome.",
+                                  ["target", "op", "outcome"], namespace=NAMESPACE, registry=r)
+        self.operation_seconds = Histogram("operation_duration_seconds",
+                                           "Time to apply one operation, retries included.", ["target", "op"],
+                                           namespace=NAMESPACE, registry=r, buckets=OPERATION_BUCKETS)
+        self.queue = Gauge("queue_depth", "Operations left in the apply running now.", ["target"],
+                           namespace=NAMESPACE, registry=r)
+        self.cycles = Counter("cycles", "Target cycles by outcome.", ["target", "outcome"],
+                              namespace=NAMESPACE, registry=r)
+        self.cycle_seconds = Histogram("cycle_duration_seconds", "Duration of one target's cycle.", ["target"],
+                                       namespace=NAMESPACE, registry=r, buckets=CYCLE_BUCKETS)
+        self.last_success = Gauge("last_success_timestamp_seconds", "End of the last successful cycle.",
+                                  ["target"], namespace=NAMESPACE, registry=r)
+        self.propagation = Histogram("propagation_latency_seconds",
+                                     "From a user's PingOne updatedAt to its change applied in the target.",
+                                     ["target"], namespace=NAMESPACE, registry=r, buckets=PROPAGATION_BUCKETS)
+        self._clients = _ClientStats()
+        r.register(self._clients)
+
+    def attach(self, engine: Any) -> None:
+        """Read the HTTP counters of this engine's clients at every scrape."""
+        self._clients.engine = engine
+
+    def observe(self, event: str, fields: dict[str, Any]) -> None:
+        """An engine observer: entity events and `cycle.finished`."""
+        target = str(fields.get("target", ""))
+        if event == CYCLE_FINISHED:
+            result = str(fields.get("outcome"))
+            self.cycles.labels(target, result).inc()
+            self.queue.labels(target).set(0)
+            started, finished = fields.get("started"), fields.get("finished")
+            if isinstance(started, int | float) and isinstance(finished, int | float):
+                self.cycle_seconds.labels(target).observe(max(0.0, finished - started))
+            if result == "success":
+                self.last_success.labels(target).set(finished if isinstance(finished, int | float) else time.time())
+            return
+        op = fields.get("op")
+        outcome = fields.get("outcome")
+        if op is None or outcome is None:
+            return
+        name = f"{fields.get('kind', event.split('.', 1)[0])}.{op}"
+        self.operations.labels(target, name, str(outcome)).inc()
+        duration = fields.get("duration_ms")
+        if isinstance(duration, int | float) and outcome != "skipped":
+            self.operation_seconds.labels(target, name).observe(duration / 1000.0)
+        updated = fields.get("source_updated_at")
+        if outcome == "applied" and isinstance(updated, str):
+            at = parse_timestamp(updated)
+            if at is not None and at >= self.since:
+                self.propagation.labels(target).observe(max(0.0, time.time() - at))
+
+    def progress(self, target: str, done: int, total: int) -> None:
+        """An engine progress hook: the apply's queue depth."""
+        self.queue.labels(target).set(max(0, total - done))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Health:
+    """Per target: the last cycle's outcome, and whether the engine holds it in quarantine."""
+
+    def __init__(self, *, unhealthy: frozenset[str] = DEFAULT_UNHEALTHY_OUTCOMES) -> None:
+        self.unhealthy = unhealthy
+        self.engine: Any = None
+        self.last: dict[str, dict[str, Any]] = {}
+        self.source_error: str | None = None
+
+    def attach(self, engine: Any) -> None:
+        self.engine = engine
+
+    def observe(self, event: str, fields: dict[str, Any]) -> None:
+        if event == CYCLE_FINISHED:
+            self.last[str(fields.get("target"))] = {
+                "outcome": fields.get("outcome"), "reason": fields.get("reason"), "finished": fields.get("finished")}
+
+    def record_source(self, error: str | None) -> None:
+        """The last snapshot's failure (`CycleReport.source_error`), or None once PingOne reads again."""
+        self.source_error = error
+
+    def status(self, now: float | None = None) -> tuple[bool, dict[str, Any]]:
+        """(healthy, the JSON body of /healthz)."""
+        now = time.time() if now is None else now
+        names = list(self.engine.runtimes) if self.engine is not None else sorted(self.last)
+        problems: list[str] = []
+        targets: dict[str, Any] = {}
+        for name in names:
+            last = self.last.get(name)
+            entry: dict[str, Any] = {"last_outcome": last["outcome"] if last else None,
+                                     "last_finished": last["finished"] if last else None}
+            quarantine = self.engine.runtimes[name].quarantine if self.engine is not None else None
+            if quarantine is not None and quarantine.active(now):
+                entry["quarantined"] = {"reason": quarantine.reason, "retry_in_s": round(quarantine.until - now, 1)}
+                problems.append(f"{name}: quarantined ({quarantine.reason})")
+            elif last is not None and last["outcome"] in self.unhealthy:
+                problems.append(f"{name}: last cycle {last['outcome']}"
+                                + (f" ({last['reason']})" if last.get("reason") else ""))
+            targets[name] = entry
+        if self.source_error is not None:
+            problems.append(f"source: {self.source_error}")
+        degraded = [n for n, e in targets.items() if e["last_outcome"] == "partial_failure"]
+        if problems:
+            body: dict[str, Any] = {"status": "failing", "reason": "; ".join(problems)}
+        elif not self.last:
+            body = {"status": "starting"}
+        else:
+            body = {"status": "degraded" if degraded else "ok"}
+        body["targets"] = targets
+        return not problems, body
+
+
+# -- the HTTP server --------------------------------------------------------------------------
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """"127.0.0.1:9477" -> ("127.0.0.1", 9477); "[::1]:9477" -> ("::1", 9477)."""
+    host, _, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit():
+        raise ValueError(f"{listen!r} is not host:port")
+    return host, int(port)
+
+
+def make_app(metrics: Metrics, health: Health) -> web.Application:
+    async def healthz(_request: web.Request) -> web.Response:
+        ok, body = health.status()
+        return web.Response(status=200 if ok else 503, text=json.dumps(body, default=str),
+                            content_type="application/json")
+
+    async def metrics_view(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+@asynccontextmanager
+async def serve_http(metrics: Metrics, health: Health, listen: str = DEFAULT_LISTEN) -> AsyncIterator[str]:
+    """Serve /metrics and /healthz on `listen` ("host:port"; port 0 picks one); yields the base URL."""
+    host, port = split_listen(listen)
+    runner = web.AppRunner(make_app(metrics, health), access_log=None, handle_signals=False,
+                           shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        await web.SockSite(runner, sock).start()
+        shown = f"[{host}]" if ":" in host else host
+        yield f"http://{shown}:{sock.getsockname()[1]}"
+    finally:
+        await runner.cleanup()

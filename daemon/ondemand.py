@@ -1,0 +1,317 @@
+"""`provisiond sync-user USER`: provision one user now, through the same code a cycle runs.
+
+The steps, in order:
+
+1. read the user from PingOne now (`find_user`: by id, username or email, with its direct
+   `memberOfGroupIDs`), every group (names and renames), and, when a target counts nested
+   membership, the parents of the user's groups up to the top;
+2. per target: the one-user snapshot through the target's `Rules` (scope by groups and filter,
+   mapping, skips), exactly as `desired_state` does in a cycle;
+3. plan with the pure planner against this user's stored link, the group links reduced to this
+   user (so no other member is ever removed);
+4. record a cycle whose summary says `"kind": "sync-user"` and its plan, apply the plan with the
+   `Applier` (the cycle's code path: journal, links, one log event per entity), finish the cycle;
+5. bump the meta key `links.generation.<target>` so that a running daemon re-reads its links.
+
+Running beside the daemon: there is no control socket. Both processes share the state file,
+which is SQLite in WAL mode with a busy timeout, so each write transaction waits for the other's
+instead of failing, and readers never block. The daemon keeps its links in memory between cycles
+and compares `links.generation.<target>` at the start of each cycle: a new value makes it re-read
+them, so the user provisioned here is not created a second time. A cycle of the daemon that is
+applying at the very moment may write its own (older) copy of a pushed group's members; the next
+cycle then sees this user missing from the group and adds it again (an idempotent PATCH).
+
+`--dry-run`: the target client is wrapped by `DryRunClient`, which lets reads through and answers
+every write itself, and the applier records into a scratch state file: nothing is sent, nothing
+in the real state file changes, and each step is printed as it would happen.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from daemon.applier import APPLIED, FAILED, Applier
+from daemon.config import Config, TargetConfig
+from daemon.engine import META_LINKS_GENERATION, build_runtime, source_client
+from daemon.errors import NotFound
+from daemon.explain import (
+    SYNC_USER_KIND,
+    UnknownUser,
+    direct_group_ids,
+    find_linked_id,
+    find_user,
+    group_links,
+    namesakes,
+    pins_for,
+    plan_for_user,
+    user_link,
+    user_snapshot,
+)
+from daemon.mapping import desired_state, resolve_pins
+from daemon.model import JSON
+from daemon.planner import PENDING, Actual, Op
+from daemon.source.pingone import PingOneClient
+from daemon.store import Store
+from daemon.target.scim import ScimClient
+
+DEFAULT_MAX_NESTING = 64      # parent levels followed above the user's groups (cycles are cut anyway)
+DRY_RUN_ID_PREFIX = "dry-run-"
+
+Emit = Callable[[str], None]
+
+
+# -- dry run: the guard at the write chokepoint ------------------------------------------------
+
+
+class DryRunClient(ScimClient):
+    """A ScimClient whose `request` chokepoint sends reads and answers writes itself.
+
+    Every write is kept in `writes` as (method, path, body). A POST answers the body back with a
+    made-up id, other writes answer 204, so the applier goes on exactly as if the target agreed.
+    """
+
+    def __init__(self, inner: ScimClient) -> None:
+        self.__dict__.update(vars(inner))
+        self.writes: list[tuple[str, str, Any]] = []
+
+    async def request(self, method: str, path: str, *, json: Any = None,
+                      params: Mapping[str, str] | None = None,
+                      attempts: list[int] | None = None) -> tuple[int, dict[str, Any] | None]:
+        method = method.upper()
+        if method in ("GET", "HEAD") or path.endswith("/.search"):
+            return await super().request(method, path, json=json, params=params, attempts=attempts)
+        self.writes.append((method, path, json))
+        if attempts is not None:
+            attempts.append(0)
+        if method == "POST":
+            body = dict(json) if isinstance(json, dict) else {}
+            body["id"] = f"{DRY_RUN_ID_PREFIX}{len(self.writes)}"
+            return 201, body
+        return 204, None
+
+
+# -- results ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetSync:
+    target: str
+    in_scope: bool = False
+    skipped: str | None = None
+    cycle_id: int | None = None
+    ops: list[Op] = field(default_factory=list)
+    results: dict[int, str] = field(default_factory=dict)      # seq -> applied | failed | skipped
+    events: list[dict[str, Any]] = field(default_factory=list)
+    writes: list[tuple[str, str, Any]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for status in self.results.values() if status == FAILED)
+
+
+@dataclass
+class SyncResult:
+    user_id: str
+    user_name: str | None
+    in_source: bool
+    dry_run: bool
+    targets: list[TargetSync] = field(default_factory=list)
+    took_s: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return any(t.failed for t in self.targets)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id, "user": self.user_name, "in_source": self.in_source,
+            "dry_run": self.dry_run, "took_s": round(self.took_s, 3), "failed": self.failed,
+            "targets": [{
+                "target": t.target, "in_scope": t.in_scope, "skipped": t.skipped, "cycle": t.cycle_id,
+                "operations": [{"seq": op.seq, "kind": op.kind, "op": op.op, "name": op.name, "reason": op.reason,
+                                "status": t.results.get(op.seq, op.status), "skip_reason": op.skip_reason}
+                               for op in t.ops],
+                "events": t.events,
+                "writes": [{"method": m, "path": p} for m, p, _ in t.writes],
+            } for t in self.targets],
+        }
+
+
+# -- reading PingOne --------------------------------------------------------------------------
+
+
+@dataclass
+class _SourceUser:
+    user_id: str
+    user: JSON | None                # None: deleted in PingOne
+    direct: set[str]
+    groups: dict[str, JSON]
+    parents: dict[str, frozenset[str]]
+
+
+async def _read_source(source: PingOneClient, store: Store, ref: str, *, nested: bool) -> _SourceUser:
+    user = await source.find_user(ref)
+    if user is not None:
+        user_id = str(user["id"])
+    else:
+        stored = await find_user(store, ref)
+        known = str(stored["id"]) if stored is not None else await find_linked_id(store, ref)
+        if known is None:
+            raise UnknownUser(f"no PingOne user {ref!r}, and none in the state file")
+        user_id = known
+        try:
+            user = await source.get_user(user_id)
+        except NotFound:
+            user = None
+    direct: set[str] = set()
+    if user is not None:
+        user.pop("_links", None)
+        ids = user.pop("memberOfGroupIDs", None)
+        user.pop("memberOfGroupNames", None)
+        # UNCONFIRMED (pingone.md §4.3): whether memberOfGroupIDs lists nested groups as well; taken
+        # as direct. With `membership = "direct"` a nested-only group would then count as direct.
+        direct = {str(g) for g in ids} if isinstance(ids, list) else set()
+    groups: dict[str, JSON] = {}
+    for group in await source.list_groups():
+        group.pop("_links", None)
+        groups[str(group["id"])] = group
+    parents: dict[str, frozenset[str]] = {}
+    if nested:
+        frontier = [g for g in direct if g in groups]
+        for _ in range(DEFAULT_MAX_NESTING):
+            if not frontier:
+                break
+            found: list[str] = []
+            for gid in frontier:
+                ups = frozenset(await source.group_parents(gid))
+                parents[gid] = ups
+                found.extend(p for p in ups if p not in parents and p in groups)
+            frontier = sorted(set(found))
+    return _SourceUser(user_id, user, direct, groups, parents)
+
+
+# -- one target -------------------------------------------------------------------------------
+
+
+async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, writes_to: Store,
+                       session: aiohttp.ClientSession, dry_run: bool, log: Any, emit: Emit) -> TargetSync:
+    name = cfg.name
+    out = TargetSync(name)
+    rt = build_runtime(cfg, session)
+    client: ScimClient = DryRunClient(rt.client) if dry_run else rt.client
+    users = {src.user_id: src.user} if src.user is not None else {}
+    memberships: dict[str, set[str]] = {src.user_id: src.direct}
+    snap = user_snapshot(users, src.groups, src.parents, memberships)
+    pins = resolve_pins(snap, rt.rules, await pins_for(store, name))
+    desired = desired_state(snap, rt.rules, pins)
+    want = desired.users.get(src.user_id)
+    if want is not None:
+        others = {str(o["id"]): o for o in await namesakes(store, want.user_name, src.user_id)}
+        if others:   # the stored snapshot's namesakes: a userName shared in scope is a conflict
+            extra = await direct_group_ids(store, others)
+            snap = user_snapshot({**users, **others}, src.groups, src.parents, {**memberships, **extra})
+            desired = desired_state(snap, rt.rules, pins)
+            want = desired.users.get(src.user_id)
+    skip = desired.skipped.get(src.user_id)
+    out.in_scope = want is not None or skip is not None
+    if skip is not None:
+        out.skipped = f"{skip.reason}: {skip.detail}"
+        emit(f"{name}: skipped ({out.skipped}); nothing is sent")
+        return out
+    link = await user_link(store, name, src.user_id)
+    glinks = await group_links(store, name)
+    actual = Actual({src.user_id: link} if link is not None else {}, glinks)
+    managed = await store.managed_count(name)
+    the_plan = plan_for_user(desired, actual, src.user_id, cfg, now=time.time(),
+                             max_deletes=cfg.max_deletes.limit(managed), approved=await store.approved(name))
+    out.ops = the_plan.ops
+    verdict = "in scope" if want is not None else "not in scope" if src.user is not None else "deleted in PingOne"
+    if not the_plan.ops:
+        emit(f"{name}: {verdict}; nothing to do: the target already holds what PingOne says")
+        return out
+    emit(f"{name}: {verdict}; {len(the_plan.pending())} operation(s)" + (" (dry run)" if dry_run else ""))
+    for op in the_plan.ops:
+        note = "" if op.status == PENDING else f"  [{op.status}: {op.skip_reason}]"
+        emit(f"  plan: {op.kind} {op.op} {op.name} ({op.reason}){note}")
+    pending = the_plan.pending()
+    if not pending:
+        return out
+    cycle_id = await writes_to.start_cycle(name, full_sync=False)
+    out.cycle_id = cycle_id
+    await writes_to.save_plan(cycle_id, name, the_plan.ops)
+
+    def observe(event: str, fields: dict[str, Any]) -> None:
+        out.events.append({"event": event, **{k: v for k, v in fields.items() if k != "target"}})
+        detail = ""
+        if fields.get("http_status"):
+            detail += f" HTTP {fields['http_status']}"
+        if fields.get("scim_type"):
+            detail += f" {fields['scim_type']}"
+        if fields.get("error"):
+            detail += f": {fields['error']}"
+        who = fields.get("user") or fields.get("group")
+        prefix = "would be " if dry_run else ""
+        emit(f"  {prefix}{event} {who} -> target id {fields.get('target_id')} "
+             f"({fields.get('reason')}, {fields.get('outcome')}){detail}")
+
+    source_updated = {sid: w.updated_at for sid, w in desired.users.items()}
+    applier = Applier(
+        target=name, cycle_id=cycle_id, client=client, store=writes_to, log=log.bind(target=name, cycle=cycle_id),
+        limiter=rt.limiter, users=dict(actual.users), groups=dict(glinks), paths=rt.rules.paths,
+        can_create=cfg.actions.create, active_false_deletes=cfg.active_false_deletes,
+        observer=observe, source_updated=source_updated)
+    result = await applier.apply(the_plan.ops)
+    out.results = {seq: o.status for seq, o in result.outcomes.items()}
+    if isinstance(client, DryRunClient):
+        out.writes = list(client.writes)
+    counts = result.counts()
+    outcome = "success" if not counts.get(FAILED) else "partial_failure"
+    await writes_to.finish_cycle(cycle_id, outcome, {
+        "kind": SYNC_USER_KIND, "user": src.user_id, "operations": counts,
+        "dry_run": dry_run})
+    if counts.get(APPLIED) and not dry_run:
+        await store.set_meta(f"{META_LINKS_GENERATION}.{name}", uuid.uuid4().hex)
+    return out
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+async def sync_user(config: Config, store: Store, session: aiohttp.ClientSession, ref: str, *,
+                    target: str | None = None, dry_run: bool = False, log: Any,
+                    emit: Emit = print) -> SyncResult:
+    """Fetch one user from PingOne and provision it in every target (or `target`) now.
+
+    Raises UnknownUser, KeyError (no such target), the source's RemoteError (PingOne unreadable)
+    and AmbiguousUser (several PingOne users share the username or email)."""
+    started = time.perf_counter()
+    targets = [config.target(target)] if target is not None else list(config.targets)
+    source = source_client(config, session)
+    src = await _read_source(source, store, ref, nested=any(t.membership == "transitive" for t in targets))
+    name = src.user.get("username") if src.user is not None else None
+    result = SyncResult(src.user_id, name if isinstance(name, str) else None, src.user is not None, dry_run)
+    emit(f"user {result.user_name or src.user_id} ({src.user_id}): "
+         + ("read from PingOne" if src.user is not None else "not in PingOne (deleted)"))
+    if dry_run:
+        with tempfile.TemporaryDirectory(prefix="provisiond-dry-run-") as scratch:
+            writes_to = await Store.open(Path(scratch) / "dry-run.db")
+            try:
+                for cfg in targets:
+                    result.targets.append(await _sync_target(cfg, src, store=store, writes_to=writes_to,
+                                                             session=session, dry_run=True, log=log, emit=emit))
+            finally:
+                await writes_to.close()
+    else:
+        for cfg in targets:
+            result.targets.append(await _sync_target(cfg, src, store=store, writes_to=store, session=session,
+                                                     dry_run=False, log=log, emit=emit))
+    result.took_s = time.perf_counter() - started
+    return result
