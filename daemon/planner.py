@@ -219,7 +219,10 @@ def _plan_user_removals(b: _Builder, desired: Desired, actual: Actual, policy: P
         action = policy.remove_action
         if action == "delete":
             b.add(PHASE_DELETE, "user", "delete", sid, link.target_id, link.user_name, reason, {}, allowed)
-        elif link.active:
+        elif link.active or (action == "disable_then_delete"
+                             and link.disabled_reason not in (LEFT_SCOPE, DELETED_IN_SOURCE)):
+            # Inactive already, but because PingOne disabled it: the grace period starts now,
+            # with a (harmless) disable that records why, not from the earlier disable.
             b.add(PHASE_DISABLE, "user", "disable", sid, link.target_id, link.user_name, reason,
                   {"attrs": dict(link.attrs)}, allowed)
         elif (action == "disable_then_delete" and policy.delete_after is not None

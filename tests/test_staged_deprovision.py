@@ -125,9 +125,6 @@ async def test_a_user_returning_after_the_grace_period_is_created_again(tmp_path
         assert again["id"] != first_id and again["active"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="planner: the grace period of disable_then_delete counts from "
-                   "UserLink.disabled_at, which a disable for `disabled_in_source` also sets; a user disabled "
-                   "in PingOne long ago is deleted at once when it later leaves scope")
 async def test_the_grace_period_starts_when_the_user_leaves_scope_not_when_pingone_disabled_it(
         tmp_path: Path) -> None:
     async with world(tmp_path, prepare=nobody, zia={**STAGED, "delete_after": 0.5}) as w:
