@@ -133,11 +133,7 @@ async def pins_for(store: Store, target: str) -> dict[str, str]:
 
 async def last_daemon_cycle(store: Store, target: str) -> int | None:
     """The newest cycle of a target that the daemon ran (not a `sync-user` one)."""
-    async with store.db.execute(
-        "SELECT max(id) FROM cycle WHERE target=? AND coalesce(json_extract(summary, '$.kind'), '') != ?",
-        (target, SYNC_USER_KIND)) as cur:
-        row = await cur.fetchone()
-    return int(row[0]) if row and row[0] is not None else None
+    return await store.last_cycle_id(target)
 
 
 # -- pure helpers shared with sync-user --------------------------------------------------------

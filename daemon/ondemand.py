@@ -244,7 +244,7 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
     pending = the_plan.pending()
     if not pending:
         return out
-    cycle_id = await writes_to.start_cycle(name, full_sync=False)
+    cycle_id = await writes_to.start_cycle(name, full_sync=False, kind=SYNC_USER_KIND)
     out.cycle_id = cycle_id
     await writes_to.save_plan(cycle_id, name, the_plan.ops)
 

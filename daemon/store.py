@@ -33,7 +33,8 @@ from daemon.mapping import content_hash
 from daemon.model import Snapshot
 from daemon.planner import Actual, GroupLink, Op, UserLink
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+CYCLE_KIND = "cycle"          # cycle.kind of the daemon's own cycles (sync-user writes its own)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -142,6 +143,16 @@ class Store:
             raise StoreError(f"schema version {version} is newer than this provisiond ({SCHEMA_VERSION})")
         if version < 1:
             await self.db.executescript(_SCHEMA)
+        if version < 2:
+            # v2: cycles say who ran them, so that `status` and the gates read the daemon's own.
+            async with self.db.execute("PRAGMA table_info(cycle)") as cur:
+                columns = {str(r[1]) async for r in cur}
+            if "kind" not in columns:
+                await self.db.execute(f"ALTER TABLE cycle ADD COLUMN kind TEXT NOT NULL DEFAULT '{CYCLE_KIND}'")
+            await self.db.execute(
+                "UPDATE cycle SET kind=json_extract(summary, '$.kind') WHERE json_extract(summary, '$.kind') "
+                "IS NOT NULL")
+            await self.db.execute("CREATE INDEX IF NOT EXISTS cycle_kind ON cycle(target, kind, id)")
         await self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @asynccontextmanager
@@ -316,9 +327,10 @@ class Store:
 
     # -- cycles -------------------------------------------------------------------------------
 
-    async def start_cycle(self, target: str, *, full_sync: bool) -> int:
+    async def start_cycle(self, target: str, *, full_sync: bool, kind: str = CYCLE_KIND) -> int:
         cur = await self._write(
-            "INSERT INTO cycle(target, started, full_sync) VALUES (?, ?, ?)", (target, time.time(), int(full_sync)))
+            "INSERT INTO cycle(target, started, full_sync, kind) VALUES (?, ?, ?, ?)",
+            (target, time.time(), int(full_sync), kind))
         assert cur.lastrowid is not None
         return int(cur.lastrowid)
 
@@ -327,17 +339,24 @@ class Store:
             "UPDATE cycle SET finished=?, outcome=?, summary=? WHERE id=?",
             (time.time(), outcome, _dumps(summary), cycle_id))
 
+    async def last_cycle_id(self, target: str) -> int | None:
+        """The newest cycle the daemon (not sync-user) ran for a target."""
+        async with self.db.execute(
+            "SELECT max(id) FROM cycle WHERE target=? AND kind='cycle'", (target,)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
     async def last_full_sync(self, target: str) -> float | None:
         async with self.db.execute(
-            "SELECT max(started) FROM cycle WHERE target=? AND full_sync=1 AND outcome NOT IN "
-            "('running', 'aborted', 'quarantined', 'failed')", (target,)) as cur:
+            "SELECT max(started) FROM cycle WHERE target=? AND full_sync=1 AND kind='cycle' AND outcome NOT IN "
+            "('running', 'aborted', 'quarantined', 'failed', 'interrupted')", (target,)) as cur:
             row = await cur.fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
     async def latest_cycles(self) -> list[dict[str, Any]]:
         async with self.db.execute(
             "SELECT c.id, c.target, c.started, c.finished, c.full_sync, c.outcome, c.summary FROM cycle c "
-            "JOIN (SELECT target, max(id) AS id FROM cycle GROUP BY target) m ON m.id = c.id "
+            "JOIN (SELECT target, max(id) AS id FROM cycle WHERE kind='cycle' GROUP BY target) m ON m.id = c.id "
             "ORDER BY c.target") as cur:
             return [
                 {"cycle": r[0], "target": r[1], "started": r[2], "finished": r[3], "full_sync": bool(r[4]),
@@ -397,7 +416,8 @@ class Store:
                 (target,))
             await db.execute(
                 "UPDATE cycle SET outcome='interrupted', finished=coalesce(finished, ?) "
-                "WHERE target=? AND outcome='running' AND id < (SELECT max(id) FROM cycle WHERE target=?)",
+                "WHERE target=? AND outcome='running' AND kind='cycle' "
+                "AND id < (SELECT max(id) FROM cycle WHERE target=? AND kind='cycle')",
                 (time.time(), target, target))
             return cur.rowcount
 
@@ -430,7 +450,7 @@ class Store:
     async def held_count(self, target: str) -> int:
         async with self.db.execute(
             "SELECT count(*) FROM operation WHERE target=? AND status='held' AND cycle_id="
-            "(SELECT max(id) FROM cycle WHERE target=?)", (target, target)) as cur:
+            "(SELECT max(id) FROM cycle WHERE target=? AND kind='cycle')", (target, target)) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 

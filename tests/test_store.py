@@ -195,3 +195,29 @@ async def test_the_snapshot_is_stored_incrementally_and_gone_users_dropped_only_
     assert await store.find_source_user("u2") is None
     assert (await store.find_source_user("u0"))["id"] == "u0"  # type: ignore[index]
 
+
+
+async def test_a_version_1_state_file_is_migrated_forward_keeping_its_cycles(tmp_path: Path) -> None:
+    import sqlite3
+
+    from daemon.store import _SCHEMA
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA)
+    db.execute("INSERT INTO cycle(target, started, outcome, summary) VALUES ('zpa', 1.0, 'success', '{}')")
+    db.execute("INSERT INTO cycle(target, started, outcome, summary) "
+               "VALUES ('zpa', 2.0, 'success', '{\"kind\": \"sync-user\"}')")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    store = await Store.open(path)
+    try:
+        async with store.db.execute("PRAGMA user_version") as cur:
+            assert (await cur.fetchone())[0] == SCHEMA_VERSION == 2
+        async with store.db.execute("SELECT id, kind FROM cycle ORDER BY id") as cur:
+            assert [tuple(r) async for r in cur] == [(1, "cycle"), (2, "sync-user")]
+        assert await store.last_cycle_id("zpa") == 1          # sync-user runs are not "the last cycle"
+        assert [c["cycle"] for c in await store.latest_cycles()] == [1]
+    finally:
+        await store.close()
