@@ -324,14 +324,17 @@ class PingOneClient:
 
     # -- collections ---------------------------------------------------------------------------
 
-    async def pages(self, path: str, key: str, params: Mapping[str, str] | None = None,
-                    ) -> AsyncIterator[Page]:
-        """Yield `_embedded[key]` of each page, following `_links.next.href` as given."""
-        async for page in self._pages(path, (key,), params):
+    async def pages(self, path: str, key: str, params: Mapping[str, str] | None = None, *,
+                    rejected: list[str] | None = None) -> AsyncIterator[Page]:
+        """Yield `_embedded[key]` of each page, following `_links.next.href` as given.
+
+        An item that is not an object with a non-empty string `id` fails the page, unless a
+        `rejected` list is given: then the item is dropped and described there."""
+        async for page in self._pages(path, (key,), params, rejected):
             yield page
 
     async def _pages(self, path: str, keys: tuple[str, ...], params: Mapping[str, str] | None,
-                     ) -> AsyncIterator[Page]:
+                     rejected: list[str] | None = None) -> AsyncIterator[Page]:
         query = {"limit": str(self._page_size), **(params or {})}
         target: str | None = path
         first = True
@@ -339,7 +342,7 @@ class PingOneClient:
         while target is not None:
             body = await self.get(target, query if first else None)
             where = target if first else URL(target, encoded=True).path
-            items = _embedded(body, keys, where)
+            items = _embedded(body, keys, where, rejected)
             target = _next_href(body, where)
             del body  # only the items live on
             if target is not None:
@@ -351,9 +354,11 @@ class PingOneClient:
             self.stats["pages"] += 1
             yield items
 
-    async def iter_users(self, filter: str | None = None) -> AsyncIterator[Page]:
-        """All users (optionally filtered), page by page."""
-        async for page in self.pages("users", "users", {"filter": filter} if filter else None):
+    async def iter_users(self, filter: str | None = None, *, rejected: list[str] | None = None,
+                         ) -> AsyncIterator[Page]:
+        """All users (optionally filtered), page by page; `rejected` as for `pages`."""
+        async for page in self.pages("users", "users", {"filter": filter} if filter else None,
+                                     rejected=rejected):
             yield page
 
     async def list_groups(self, filter: str | None = None) -> list[dict[str, Any]]:
@@ -371,15 +376,15 @@ class PingOneClient:
             out.extend(item["id"] for item in page)
         return out
 
-    async def group_member_ids(self, group_id: str) -> list[str]:
-        """Ids of the users in the group, by ``memberOfGroups[id eq "G"]``.
+    async def group_member_ids(self, group_id: str, *, rejected: list[str] | None = None) -> list[str]:
+        """Ids of the users in the group, by ``memberOfGroups[id eq "G"]``; `rejected` as for `pages`.
 
         Taken as the DIRECT members. Whether PingOne also returns nested or dynamic members
         here is UNCONFIRMED (pingone.md §4.3); the snapshot flattens nesting itself either way.
         """
         out: list[str] = []
         flt = f"memberOfGroups[id eq {_quoted(group_id)}]"
-        async for page in self.pages("users", "users", {"filter": flt}):
+        async for page in self.pages("users", "users", {"filter": flt}, rejected=rejected):
             out.extend(item["id"] for item in page)
         return out
 
@@ -422,8 +427,12 @@ def _loads(raw: bytes) -> Any:
         return None
 
 
-def _embedded(body: dict[str, Any], keys: tuple[str, ...], where: str) -> Page:
-    """`_embedded[key]` checked: a list of objects each with a non-empty string `id`."""
+def _embedded(body: dict[str, Any], keys: tuple[str, ...], where: str,
+              rejected: list[str] | None = None) -> Page:
+    """`_embedded[key]` checked: a list of objects each with a non-empty string `id`.
+
+    A bad item raises, or with `rejected` is dropped and described there (never its content:
+    it may be huge or carry anything)."""
     embedded = body.get("_embedded")
     if embedded is None and body.get("count") == 0:
         return []  # an explicit empty result that leaves the envelope out
@@ -436,10 +445,28 @@ def _embedded(body: dict[str, Any], keys: tuple[str, ...], where: str) -> Page:
             break
     if not isinstance(items, list):
         raise MalformedResponse(f"page has no _embedded.{keys[0]} list", method="GET", path=where)
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"]:
-            raise MalformedResponse("page item without a string id", method="GET", path=where)
-    return items
+    bad = [i for i, item in enumerate(items)
+           if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"]]
+    if not bad:
+        return items
+    if rejected is None:
+        raise MalformedResponse("page item without a string id", method="GET", path=where)
+    for i in bad:
+        rejected.append(f"item {i + 1} of {len(items)} dropped: {_item_problem(items[i])}")
+    skip = set(bad)
+    return [item for i, item in enumerate(items) if i not in skip]
+
+
+def _item_problem(item: Any) -> str:
+    """Why a page item is unusable, in words that never quote its content."""
+    if not isinstance(item, dict):
+        return f"JSON {type(item).__name__}, not an object"
+    if "id" not in item:
+        return "no id"
+    ident = item["id"]
+    if isinstance(ident, str):
+        return "empty id"
+    return f"id is JSON {type(ident).__name__}, not a string"
 
 
 def _next_href(body: dict[str, Any], where: str) -> str | None:

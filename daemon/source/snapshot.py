@@ -10,7 +10,8 @@ The steps, in order:
 
 A refusal (401/403) is fatal for the cycle and propagates. Any other failure, after the client's
 retries, marks the snapshot incomplete, adds a line to `problems` and the snapshot goes on with
-what it has: removals are then not planned from it (the engine's gate).
+what it has: removals are then not planned from it (the engine's gate). One unusable item in a
+page (not an object, no string id) is dropped the same way: a problem, not a failed page.
 
 Memory: over 100,000 users the JSON dominates. Values that repeat across users (a flat object
 such as `environment`, `population`, `account`, or a short string such as `title`) are shared
@@ -51,9 +52,11 @@ async def take_snapshot(
     share = _Sharer()
 
     page_no = 0
+    rejected: list[str] = []
     try:
-        async for page in client.iter_users():
+        async for page in client.iter_users(rejected=rejected):
             page_no += 1
+            _rejections(snap, f"users page {page_no}", rejected)
             users = snap.users
             for user in page:
                 user.pop("_links", None)
@@ -69,8 +72,9 @@ async def take_snapshot(
 
     page_no = 0
     try:
-        async for page in client.pages("groups", "groups"):
+        async for page in client.pages("groups", "groups", rejected=rejected):
             page_no += 1
+            _rejections(snap, f"groups page {page_no}", rejected)
             for group in page:
                 group.pop("_links", None)
                 snap.groups[group["id"]] = group
@@ -103,7 +107,9 @@ async def take_snapshot(
     members: dict[str, frozenset[str]] = {}
 
     async def read_members(gid: str) -> None:
-        members[gid] = frozenset(await client.group_member_ids(gid))
+        dropped: list[str] = []
+        members[gid] = frozenset(await client.group_member_ids(gid, rejected=dropped))
+        _rejections(snap, f"group {gid} members", dropped)
 
     await _fan_out(snap, limiter, sorted(wanted), read_members, "members")
     snap.members = members
@@ -147,6 +153,13 @@ async def _fan_out(
 def _problem(snap: Snapshot, text: str) -> None:
     snap.complete = False
     snap.problems.append(text)
+
+
+def _rejections(snap: Snapshot, where: str, rejected: list[str]) -> None:
+    """Items a page dropped (not an object, no string id) are problems: the snapshot is incomplete."""
+    for text in rejected:
+        _problem(snap, f"{where}: {text}")
+    rejected.clear()
 
 
 class _Sharer:

@@ -1,0 +1,94 @@
+"""A bad snapshot never removes anything: a page failing, malformed JSON, 0 users, half the users."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from daemon.sandbox.directory import Directory
+from tests.safety import TARGETS, Harness, assert_converged, fast_source, harness, removal_requests
+
+pytestmark = pytest.mark.timeout(60)
+
+PAGE_SIZE = 10     # 60 users: 6 pages
+
+
+def fail_users_page(kind: str) -> Callable[[Harness], None]:
+    """The 3rd users page fails on every attempt (the cached token makes it request 3 and 4)."""
+    def go(h: Harness) -> None:
+        faults = h.sb.pingone.faults
+        faults.request_count = 0
+        faults.fail_nth = {3: kind, 4: kind}
+    return go
+
+
+def delete_users(fraction: float) -> Callable[[Harness], None]:
+    def go(h: Harness) -> None:
+        d: Directory = h.directory
+        ids = sorted(d.users)
+        for uid in ids[: round(len(ids) * fraction)]:
+            d.delete_user(uid)
+    return go
+
+
+@pytest.mark.parametrize(("break_source", "event"), [
+    pytest.param(fail_users_page("503"), "snapshot.incomplete", id="page-3-answers-503"),
+    pytest.param(fail_users_page("malformed"), "snapshot.incomplete", id="page-3-malformed-json"),
+    pytest.param(fail_users_page("truncated"), "snapshot.incomplete", id="page-3-truncated-json"),
+    pytest.param(delete_users(1.0), "snapshot.shrunk", id="zero-users"),
+    pytest.param(delete_users(0.5), "snapshot.shrunk", id="half-the-users"),
+])
+async def test_a_bad_source_snapshot_sends_zero_removal_requests_and_logs_why(
+        tmp_path: Path, break_source: Callable[[Harness], None], event: str) -> None:
+    async with harness(tmp_path) as h:
+        fast_source(h, page_size=PAGE_SIZE)
+        report = await h.cycle()
+        assert not report.failed, report
+        for target in TARGETS:
+            assert_converged(h.directory, h.emulator(target), target)
+        before = {t: len(h.emulator(t).users) for t in TARGETS}
+
+        break_source(h)
+        report = await h.cycle()
+
+        for target in TARGETS:
+            assert removal_requests(h.emulator(target)) == [], target
+            assert len(h.emulator(target).users) == before[target]
+        assert report.snapshot_complete is False
+        (logged,) = h.events(event)
+        if event == "snapshot.incomplete":
+            assert logged["problem_count"] >= 1
+            assert "users page 3" in logged["problems"][0]
+            assert logged["users"] == 20          # pages 1 and 2 arrived
+        else:
+            assert logged["last_good_users"] == 60
+            assert logged["users"] < 60 * 0.9
+            assert logged["shrink_pct"] > 10
+        assert h.events("plan.removals_deferred"), "the removals it did not plan are reported"
+
+
+async def test_one_unusable_user_in_a_page_is_dropped_as_a_problem_and_the_rest_is_provisioned(
+        tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        fast_source(h, page_size=PAGE_SIZE)
+        assert not (await h.cycle()).failed
+        d = h.directory
+        zpa = d.group_by_name("ZPA Users")["id"]
+        newcomer = d.add_user("new.person@example.com", email="new.person@example.com", given="New",
+                              family="Person")
+        d.add_member(zpa, newcomer["id"])
+        odd = d.add_user("no.id@example.com", given="No", family="Id")
+        odd_id = odd["id"]
+        d.add_member(zpa, odd_id)
+        odd["id"] = 12345                         # served as a number: not a usable id
+        d._changed(odd_id)                        # the emulator re-renders it
+
+        await h.cycle()
+
+        (logged,) = h.events("snapshot.incomplete")
+        assert any("id is JSON int, not a string" in p for p in logged["problems"])
+        assert h.emulator("zpa").user_by_username("new.person@example.com") is not None
+        for target in TARGETS:
+            assert removal_requests(h.emulator(target)) == [], target
