@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Final
@@ -38,6 +39,7 @@ from daemon.config import Config, ConfigError, diff_configs, load_config
 from daemon.durations import format_duration
 from daemon.engine import META_RELOAD_APPROVED, CycleReport, Engine
 from daemon.lock import StateLock, StateLocked
+from daemon.metrics import Health, Metrics, serve_http
 from daemon.notify import Heartbeat, Notifier, NotifyAddressError, watchdog, watchdog_timeout
 from daemon.store import Store, StoreError
 
@@ -186,6 +188,8 @@ class Service:
         self._status_at = 0.0
         self._last_line = "no cycle yet"
         self.staged: Config | None = None      # a reload held by its impact preview
+        self.metrics = Metrics()
+        self.health = Health()
 
     @property
     def engine(self) -> Engine:
@@ -198,9 +202,16 @@ class Service:
         with anyio.open_signal_receiver(signal.SIGHUP, *STOP_SIGNALS) as signals:
             store = await Store.open(self.config.daemon.state_path)
             try:
-                async with http_session(gate) as session:
-                    self._engine = Engine(self.config, store, session, log=self.log)
-                    self._engine.progress = self._on_progress
+                async with http_session(gate) as session, AsyncExitStack() as stack:
+                    self._engine = engine = Engine(self.config, store, session, log=self.log)
+                    engine.progress = self._on_progress
+                    self.metrics.attach(engine)
+                    self.health.attach(engine)
+                    engine.observers += [self.metrics.observe, self.health.observe]
+                    listen = self.config.daemon.http_listen
+                    if listen:   # /metrics and /healthz (a change needs a restart)
+                        url = await stack.enter_async_context(serve_http(self.metrics, self.health, listen))
+                        self.log.info("http.listening", url=url, paths=["/metrics", "/healthz"])
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._handle_signals, signals, tg)
                         if self.watchdog_timeout is not None:
@@ -261,6 +272,7 @@ class Service:
             self._cycle_scope = scope
             try:
                 report = await self.engine.cycle()
+                self.health.record_source(report.source_error)
             except Exception as exc:   # a defect or a broken state file: log it, try again next interval
                 self.log.error("cycle.crashed", cycle_number=number, error=f"{type(exc).__name__}: {exc}",
                                exc_info=True)
@@ -412,6 +424,7 @@ class Service:
 
     def _on_progress(self, target: str, done: int, total: int) -> None:
         self.heartbeat.beat()
+        self.metrics.progress(target, done, total)
         now = anyio.current_time()
         entry = self._progress.get(target)
         if entry is None or entry.total != total or done < entry.done:

@@ -1,0 +1,79 @@
+"""The operator tools inside `provisiond run`: reload impact preview, /metrics and /healthz."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.test_service import daemon_running, ready, run_command, stop, until, world, write_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_reload_that_would_remove_too_much_is_held_until_approved(tmp_path: Path) -> None:
+    async with world(tmp_path) as w:
+        write_config(w.sb, w.config, interval="1s")
+        async with daemon_running(w.config, w.notify, w.tg) as d:
+            await ready(w, d)
+            await until(lambda: d.named("cycle.summary"), "first cycle", explain=d.describe)
+            provisioned = {u["userName"] for u in w.sb.zpa.users.values()}
+            assert len(provisioned) > 10
+            # narrowing the scope to the nested contractors group would deprovision most users
+            text = w.config.read_text()
+            w.config.write_text(text.replace('scope = { groups = ["ZPA Users"] }',
+                                             'scope = { groups = ["ZPA Contractors"] }'))
+            w.sb.zpa.reset_counters()
+            d.signal(1)   # SIGHUP
+            (held,) = await until(lambda: d.named("config.reload_held"), "config.reload_held",
+                                  explain=d.describe)
+            assert held["targets"]["zpa"]["held"] is True
+            assert held["targets"]["zpa"]["removals"] > held["targets"]["zpa"]["limit"]
+            mark = len(d.named("cycle.summary"))
+            await until(lambda: len(d.named("cycle.summary")) >= mark + 2, "two cycles on the old config",
+                        explain=d.describe)
+            # nothing changed in the target: the old config is still the one running
+            assert {u["userName"] for u in w.sb.zpa.users.values()} == provisioned
+            assert w.sb.zpa.writes() == 0
+            assert not d.named("config.reloaded")
+
+            result = await run_command("approve", "-c", str(w.config), "--reload")
+            assert result.returncode == 0, result.stderr
+            await until(lambda: d.named("config.reload_approved"), "config.reload_approved",
+                        explain=d.describe)
+            (reloaded,) = await until(lambda: d.named("config.reloaded"), "config.reloaded", explain=d.describe)
+            assert any(key.startswith("target.zpa.scope") for key in reloaded["changed"]), reloaded
+            # the removals themselves still meet max_deletes in the cycle, as any other plan
+            await until(lambda: d.named("plan.removals_held"), "plan.removals_held", explain=d.describe)
+            code = await stop(d)
+    assert code == 0, d.describe()
+
+
+async def test_metrics_and_healthz_are_served_on_http_listen(tmp_path: Path) -> None:
+    port = free_port()
+    async with world(tmp_path) as w:
+        write_config(w.sb, w.config, interval="1s", daemon_extra=f'http_listen = "127.0.0.1:{port}"\n')
+        async with daemon_running(w.config, w.notify, w.tg) as d:
+            await ready(w, d)
+            await until(lambda: len(d.named("cycle.summary")) >= 2, "two cycles", explain=d.describe)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    assert resp.status == 200, await resp.text()
+                    health = await resp.json()
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    assert resp.status == 200
+                    text = await resp.text()
+            code = await stop(d)
+    assert code == 0, d.describe()
+    assert health["status"] == "ok", health
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    created = sum(s.value for s in samples
+                  if s.name == "provisiond_operations_total" and s.labels.get("op") == "user.create"
+                  and s.labels.get("outcome") == "applied" and s.labels.get("target") == "zpa")
+    assert created == w.sb.zpa.counters["POST /Users"] > 0
