@@ -25,6 +25,7 @@ from daemon.errors import (
     RequestTimeout,
     error_for_status,
 )
+from daemon.responses import read_body
 
 DEFAULT_TOKEN_TIMEOUT = 30.0
 DEFAULT_RENEW_BEFORE = 60.0     # renew a cached OAuth token this many seconds before it expires
@@ -160,7 +161,7 @@ class OAuthClientCredentials:
                 self.token_url, data=form, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as resp:
-                raw = await resp.content.read(MAX_TOKEN_BODY)
+                raw = await read_body(resp, MAX_TOKEN_BODY)
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         except TimeoutError as exc:

@@ -34,6 +34,7 @@ from daemon.errors import (
     error_for_status,
 )
 from daemon.ratelimit import RateGovernor
+from daemon.responses import read_body
 from daemon.target.auth import TargetAuth
 from daemon.target.profiles import TargetProfile
 from daemon.target.resource import (
@@ -154,7 +155,7 @@ class ScimClient:
             ) as resp:
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                raw = await resp.content.read(MAX_BODY_BYTES + 1)
+                raw = await read_body(resp, MAX_BODY_BYTES)
         except TimeoutError as exc:
             raise RequestTimeout(f"no answer within {self.timeout:g}s", method=method, path=url_path) from exc
         except aiohttp.InvalidURL as exc:

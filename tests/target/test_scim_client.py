@@ -494,3 +494,15 @@ async def test_oauth_client_credentials_fetches_caches_renews_and_invalidates(
             await make_client(base + "/v2", bad).request("GET", "/Users")
         assert "wrong-secret" not in str(info.value) and "wrong-secret" not in repr(bad)
     assert len(emu.users) == 2
+
+
+async def test_a_page_larger_than_one_network_chunk_is_read_whole(
+        emulator: tuple[ScimEmulator, str], make_client: MakeClient) -> None:
+    emu, base = emulator
+    big = "x" * 20_000
+    for i in range(60):   # one page of ~1.2 MB: many chunks on the wire
+        emu.put_user({"userName": f"wide{i}@example.com", "displayName": f"{big}{i}"})
+    client = make_client(base, "sandbox-scim-token", page_size=100)
+    seen = [u async for u in client.iter_users()]
+    assert len(seen) == 60
+    assert {u["displayName"] for u in seen} == {f"{big}{i}" for i in range(60)}
