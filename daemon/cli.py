@@ -28,6 +28,7 @@ from daemon.store import Store, StoreError
 EX_OK = 0
 EX_FAIL = 1
 EX_CONFIG = 78
+SUMMARY_ORDER = ("impacted", "success", "unsynced", "partial", "failed", "skipped")   # PingOne's order
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -202,7 +203,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for kind in ("users", "groups"):
             if kind in s:
                 row = s[kind]
-                print(f"  {kind:<7} " + "  ".join(f"{k} {v}" for k, v in row.items()))
+                print(f"  {kind:<7} " + "  ".join(f"{k} {row[k]}" for k in SUMMARY_ORDER if k in row))
         print(f"  managed: {t['managed_users']} users, {t['managed_groups']} groups; "
               f"unmanaged users in target: {s.get('unmanaged_users', '-')}")
         if t["held"]:
