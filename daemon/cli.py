@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -11,7 +12,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,24 @@ def _config_error(exc: ConfigError) -> int:
     return EX_CONFIG
 
 
+def configured(command: Callable[[argparse.Namespace, Config], int]) -> Callable[[argparse.Namespace], int]:
+    """A command that needs the config: 78 when it is invalid, 1 when the state file is unusable."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            cfg = _load(args)
+        except ConfigError as exc:
+            return _config_error(exc)
+        try:
+            return command(args, cfg)
+        except StoreError as exc:
+            print(f"provisiond: state: {exc}", file=sys.stderr)
+            return EX_FAIL
+
+    return run
+
+
 def _setup_logging(cfg: Config, *, to_stderr: bool = False, level: str | None = None) -> None:
     logs.configure(fmt=cfg.daemon.log_format, level=level or cfg.daemon.log_level, secrets=cfg.secrets(),
                    stream=sys.stderr if to_stderr else sys.stdout)
@@ -65,11 +84,8 @@ async def _once(cfg: Config) -> CycleReport:
         await store.close()
 
 
-def cmd_once(args: argparse.Namespace) -> int:
-    try:
-        cfg = _load(args)
-    except ConfigError as exc:
-        return _config_error(exc)
+@configured
+def cmd_once(args: argparse.Namespace, cfg: Config) -> int:
     _setup_logging(cfg)
     lock = StateLock(cfg.daemon.state_path)
     try:
@@ -79,9 +95,6 @@ def cmd_once(args: argparse.Namespace) -> int:
         return EX_FAIL
     try:
         report = anyio.run(_once, cfg)
-    except StoreError as exc:
-        print(f"provisiond: state: {exc}", file=sys.stderr)
-        return EX_FAIL
     finally:
         lock.release()
     return EX_FAIL if report.failed else EX_OK
@@ -126,17 +139,10 @@ def describe_op(op: Op) -> str:
     return "\n".join(lines)
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    try:
-        cfg = _load(args)
-    except ConfigError as exc:
-        return _config_error(exc)
+@configured
+def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
     _setup_logging(cfg, to_stderr=True, level="warning")
-    try:
-        plans, complete = anyio.run(_plan, cfg)
-    except StoreError as exc:
-        print(f"provisiond: state: {exc}", file=sys.stderr)
-        return EX_FAIL
+    plans, complete = anyio.run(_plan, cfg)
     if args.json:
         out = {name: {"counts": p.counts(), "held": p.removals_held, "deferred_removals": p.removals_deferred,
                       "snapshot_complete": complete,
@@ -180,16 +186,9 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        cfg = _load(args)
-    except ConfigError as exc:
-        return _config_error(exc)
-    try:
-        data = anyio.run(_status, cfg)
-    except StoreError as exc:
-        print(f"provisiond: state: {exc}", file=sys.stderr)
-        return EX_FAIL
+@configured
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    data = anyio.run(_status, cfg)
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str))
         return EX_OK
@@ -221,11 +220,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 # -- check-config / test-connection / approve -------------------------------------------------
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    try:
-        cfg = _load(args)
-    except ConfigError as exc:
-        return _config_error(exc)
+@configured
+def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
     print(json.dumps(cfg.masked(), ensure_ascii=False, indent=2, default=str))
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -262,11 +258,8 @@ async def _test_connection(cfg: Config) -> bool:
     return ok
 
 
-def cmd_test_connection(args: argparse.Namespace) -> int:
-    try:
-        cfg = _load(args)
-    except ConfigError as exc:
-        return _config_error(exc)
+@configured
+def cmd_test_connection(args: argparse.Namespace, cfg: Config) -> int:
     _setup_logging(cfg, to_stderr=True, level="warning")
     return EX_OK if anyio.run(_test_connection, cfg) else EX_FAIL
 
@@ -318,18 +311,12 @@ async def _why(cfg: Config, ref: str, target: str | None) -> dict[str, Any]:
         await store.close()
 
 
-def cmd_why(args: argparse.Namespace) -> int:
+@configured
+def cmd_why(args: argparse.Namespace, cfg: Config) -> int:
     from daemon.explain import UnknownUser, render_explanation
 
     try:
-        cfg = _load(args)
-    except ConfigError as exc:
-        return _config_error(exc)
-    try:
         data = anyio.run(_why, cfg, args.user, args.target)
-    except StoreError as exc:
-        print(f"provisiond: state: {exc}", file=sys.stderr)
-        return EX_FAIL
     except UnknownUser as exc:
         print(f"provisiond: {exc}", file=sys.stderr)
         return EX_FAIL
@@ -356,20 +343,14 @@ async def _sync_user(cfg: Config, args: argparse.Namespace) -> Any:
         await store.close()
 
 
-def cmd_sync_user(args: argparse.Namespace) -> int:
+@configured
+def cmd_sync_user(args: argparse.Namespace, cfg: Config) -> int:
     from daemon.errors import ProvisiondError
     from daemon.explain import UnknownUser
 
-    try:
-        cfg = _load(args)
-    except ConfigError as exc:
-        return _config_error(exc)
     _setup_logging(cfg, to_stderr=True, level="warning")
     try:
         result = anyio.run(_sync_user, cfg, args)
-    except StoreError as exc:
-        print(f"provisiond: state: {exc}", file=sys.stderr)
-        return EX_FAIL
     except UnknownUser as exc:
         print(f"provisiond: {exc}", file=sys.stderr)
         return EX_FAIL
