@@ -12,7 +12,8 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +75,20 @@ def http_session(*, limit: int = 100,
 # -- once -------------------------------------------------------------------------------------
 
 
-async def _once(cfg: Config) -> CycleReport:
+@asynccontextmanager
+async def opened_engine(cfg: Config) -> AsyncIterator[Engine]:
+    """An Engine over the config's state file and one HTTP session, closed on the way out."""
     store = await Store.open(cfg.daemon.state_path)
     try:
         async with http_session() as session:
-            engine = Engine(cfg, store, session, log=logs.get_logger())
-            return await engine.cycle()
+            yield Engine(cfg, store, session, log=logs.get_logger())
     finally:
         await store.close()
+
+
+async def _once(cfg: Config) -> CycleReport:
+    async with opened_engine(cfg) as engine:
+        return await engine.cycle()
 
 
 @configured
@@ -104,13 +111,8 @@ def cmd_once(args: argparse.Namespace, cfg: Config) -> int:
 
 
 async def _plan(cfg: Config) -> tuple[dict[str, Plan], bool]:
-    store = await Store.open(cfg.daemon.state_path)
-    try:
-        async with http_session() as session:
-            engine = Engine(cfg, store, session, log=logs.get_logger())
-            return await engine.preview()
-    finally:
-        await store.close()
+    async with opened_engine(cfg) as engine:
+        return await engine.preview()
 
 
 def _fmt(value: Any) -> str:
