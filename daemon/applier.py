@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -132,9 +132,12 @@ class Applier:
             for phase in sorted(phases):
                 batch = phases[phase]
                 await self.store.mark_in_flight(self.cycle_id, [op.seq for op in batch])
+                # A pool of workers pulls from one queue: 100,000 creates are not 100,000 tasks.
+                queue = iter(batch)
+                workers = max(1, min(len(batch), int(self.limiter.total_tokens)))
                 async with anyio.create_task_group() as tg:
-                    for op in batch:
-                        tg.start_soon(self._run, op)
+                    for _ in range(workers):
+                        tg.start_soon(self._worker, queue)
                 await self._flush()
         finally:
             # Stopped midway (SIGTERM, grace expired): what finished is recorded with its links,
@@ -143,6 +146,10 @@ class Applier:
                 await self._flush()
         self.result.stopped = self.health.stopped
         return self.result
+
+    async def _worker(self, queue: Iterator[Op]) -> None:
+        for op in queue:
+            await self._run(op)
 
     # -- bookkeeping ----------------------------------------------------------------------
 

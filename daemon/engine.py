@@ -45,7 +45,7 @@ from daemon.planner import HELD, PENDING, Actual, GroupLink, Plan, Policy, UserL
 from daemon.ratelimit import RateGovernor
 from daemon.source.pingone import PingOneClient
 from daemon.source.snapshot import take_snapshot
-from daemon.store import Store
+from daemon.store import Store, StoreError
 from daemon.target.auth import auth_from
 from daemon.target.profiles import profile_for
 from daemon.target.resource import read_active, read_user
@@ -349,6 +349,17 @@ class Engine:
             self._notify("cycle.finished", {"target": name, "outcome": "quarantined", "reason": reason,
                                             "started": now, "finished": time.time()})
             return TargetReport(name, cycle_id, "quarantined", full)
+        except StoreError:
+            raise                  # the state file is fatal for every target
+        except Exception as exc:   # a malformed answer or a defect: this target's cycle fails, not the others'
+            reason = exc.reason if isinstance(exc, RemoteError) else "internal_error"
+            error = str(exc) if isinstance(exc, RemoteError) else f"{type(exc).__name__}: {exc}"
+            await self.store.finish_cycle(cycle_id, "failed", {"reason": reason, "error": error[:500]})
+            log.error("cycle.finished", outcome="failed", reason=reason, error=error,
+                      exc_info=not isinstance(exc, RemoteError))
+            self._notify("cycle.finished", {"target": name, "outcome": "failed", "reason": reason,
+                                            "started": now, "finished": time.time()})
+            return TargetReport(name, cycle_id, "failed", full)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.store.finish_cycle(cycle_id, "aborted", {})

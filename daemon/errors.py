@@ -122,7 +122,9 @@ class UnexpectedStatus(RemoteError):
 
 
 class MalformedResponse(RemoteError):
-    pass
+    @property
+    def reason(self) -> str:
+        return "malformed_response"    # whatever the status: the body is the problem
 
 
 _BY_STATUS: dict[int, type[RemoteError]] = {

@@ -940,3 +940,20 @@ async def test_no_secret_reaches_the_logs_or_the_state_file(tmp_path: Path) -> N
         for secret in (ZPA_TOKEN, ZIA_TOKEN, DEFAULT_CLIENT_SECRET):
             assert secret not in text
             assert secret.encode() not in raw
+
+
+async def test_a_malformed_answer_while_reading_one_target_fails_that_target_only(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        h.sb.zpa.faults.request_count = 0
+        h.sb.zpa.faults.fail_nth = {1: "malformed"}      # the full sync's first GET /Users
+        report = await h.cycle()
+        zpa, zia = h.target_report("zpa"), h.target_report("zia")
+        assert zpa.outcome == "failed" and report.failed
+        (finished,) = h.events("cycle.finished", target="zpa")
+        assert finished["reason"] == "malformed_response" and "not JSON" in finished["error"]
+        assert zia.outcome == "success"
+        assert_in_sync(h, "zia")
+        h.sb.zpa.faults.fail_nth = {}
+        await h.cycle()
+        assert h.target_report("zpa").outcome == "success"
+        assert_in_sync(h, "zpa")

@@ -11,6 +11,7 @@ A flat path is one of (RFC 7644 §3.10, the subset provisiond maps to):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class ScimPath:
         return self.key is not None
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_path(path: str) -> ScimPath:
     """Split a flat path into its parts; ResourceError when it is outside the supported subset."""
     schema: str | None = None
