@@ -196,6 +196,8 @@ class Engine:
         self.progress: ProgressHook | None = None
         # Called with every entity event of an apply and with `cycle.finished` (metrics, health).
         self.observers: list[Observer] = []
+        # Called after every HTTP attempt to a target: (target, method, status or None, seconds).
+        self.request_observers: list[Callable[[str, str, int | None, float], None]] = []
         self.quarantine_base = QUARANTINE_BASE
         self.reconfigure(config)
 
@@ -209,6 +211,7 @@ class Engine:
                 self.runtimes[target.name] = previous
                 continue
             runtime = build_runtime(target, self.session)
+            runtime.client.on_request = self._request_hook(target.name)
             if previous is not None:
                 runtime.quarantine = previous.quarantine
             self.runtimes[target.name] = runtime
@@ -368,6 +371,12 @@ class Engine:
             log.info("target.recovered", after_reason=rt.quarantine.reason)
             rt.quarantine = Quarantine()
         return report
+
+    def _request_hook(self, target: str) -> Callable[[str, int | None, float], None]:
+        def hook(method: str, status: int | None, seconds: float) -> None:
+            for observer in self.request_observers:
+                observer(target, method, status, seconds)
+        return hook
 
     def _notify(self, event: str, fields: dict[str, Any]) -> None:
         for observer in self.observers:

@@ -130,6 +130,10 @@ class Metrics:
         self.propagation = Histogram("propagation_latency_seconds",
                                      "From a user's PingOne updatedAt to its change applied in the target.",
                                      ["target"], namespace=NAMESPACE, registry=r, buckets=PROPAGATION_BUCKETS)
+        self.request_seconds = Histogram("http_request_duration_seconds",
+                                         "One HTTP attempt to a target, from send to the body read.",
+                                         ["target", "method", "status"], namespace=NAMESPACE, registry=r,
+                                         buckets=OPERATION_BUCKETS)
         self._clients = _ClientStats()
         r.register(self._clients)
 
@@ -164,6 +168,10 @@ class Metrics:
             at = parse_timestamp(updated)
             if at is not None and at >= self.since:
                 self.propagation.labels(target).observe(max(0.0, time.time() - at))
+
+    def observe_request(self, target: str, method: str, status: int | None, seconds: float) -> None:
+        """An engine request observer: the request latency histogram (status "none": no answer)."""
+        self.request_seconds.labels(target, method, str(status) if status is not None else "none").observe(seconds)
 
     def progress(self, target: str, done: int, total: int) -> None:
         """An engine progress hook: the apply's queue depth."""

@@ -208,6 +208,7 @@ class Service:
                     self.metrics.attach(engine)
                     self.health.attach(engine)
                     engine.observers += [self.metrics.observe, self.health.observe]
+                    engine.request_observers.append(self.metrics.observe_request)
                     listen = self.config.daemon.http_listen
                     if listen:   # /metrics and /healthz (a change needs a restart)
                         url = await stack.enter_async_context(serve_http(self.metrics, self.health, listen))

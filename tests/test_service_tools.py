@@ -77,3 +77,7 @@ async def test_metrics_and_healthz_are_served_on_http_listen(tmp_path: Path) -> 
                   if s.name == "provisiond_operations_total" and s.labels.get("op") == "user.create"
                   and s.labels.get("outcome") == "applied" and s.labels.get("target") == "zpa")
     assert created == w.sb.zpa.counters["POST /Users"] > 0
+    posts = sum(s.value for s in samples
+                if s.name == "provisiond_http_request_duration_seconds_count" and s.labels.get("method") == "POST"
+                and s.labels.get("status") == "201" and s.labels.get("target") == "zpa")
+    assert posts == w.sb.zpa.counters["POST /Users"] + w.sb.zpa.counters["POST /Groups"]

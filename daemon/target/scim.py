@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import collections
 import json as jsonlib
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -94,6 +95,8 @@ class ScimClient:
         self.membership_batch = membership_batch or profile.membership_batch
         self.update_method = update_method
         self.stats: collections.Counter[str] = collections.Counter()
+        # Called after every HTTP attempt with (method, status or None, seconds): metrics.
+        self.on_request: Callable[[str, int | None, float], None] | None = None
 
     def __repr__(self) -> str:
         return f"ScimClient({self.base_url!r}, profile={self.profile.name!r})"
@@ -116,7 +119,19 @@ class ScimClient:
         async def once() -> tuple[int, dict[str, Any] | None]:
             nonlocal used
             used += 1
-            return await self._attempt(method, path, json, params)
+            if self.on_request is None:
+                return await self._attempt(method, path, json, params)
+            started = time.perf_counter()
+            status: int | None = None
+            try:
+                result = await self._attempt(method, path, json, params)
+                status = result[0]
+                return result
+            except RemoteError as exc:
+                status = exc.status
+                raise
+            finally:
+                self.on_request(method, status, time.perf_counter() - started)
 
         def on_retry(attempt: int, exc: TransientError, wait: float) -> None:
             self.stats["retries"] += 1
