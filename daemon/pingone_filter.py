@@ -200,6 +200,11 @@ class CompiledFilter:
         """True when *obj* satisfies the filter; *members* maps a group id to its member ids."""
         return self.root.test(obj, members)
 
+    @property
+    def only_member_of(self) -> str | None:
+        """The group id when the filter is `memberOfGroups[id eq "G"]` and nothing else."""
+        return self.root.group_id if isinstance(self.root, _MemberOf) else None
+
 
 def compile_filter(text: str, dialect: FilterDialect) -> CompiledFilter:
     """Parse *text* with scim2-filter-parser and check it against *dialect*."""
