@@ -300,6 +300,20 @@ def _same_item(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def _copy_two_levels(resource: dict[str, Any]) -> dict[str, Any]:
+    """A copy that a PATCH may change without touching the original: attributes, their lists and
+    the flat objects in them (a group's members). Far cheaper than a deep copy of 20,000 members."""
+    out: dict[str, Any] = {}
+    for key, value in resource.items():
+        if isinstance(value, list):
+            out[key] = [dict(item) if isinstance(item, dict) else item for item in value]
+        elif isinstance(value, dict):
+            out[key] = copy.deepcopy(value)
+        else:
+            out[key] = value
+    return out
+
+
 def _add_attr(container: dict[str, Any], name: str, value: Any) -> None:
     if value is None:
         return
@@ -1244,7 +1258,7 @@ class ScimEmulator:
         operations = get_value(body, "Operations")
         if self.profile.reject_empty_members:
             self._check_member_values(operations)
-        candidate = copy.deepcopy({k: v for k, v in existing.items() if k not in ("id", "meta", "schemas")})
+        candidate = _copy_two_levels({k: v for k, v in existing.items() if k not in ("id", "meta", "schemas")})
         apply_patch(candidate, operations, clears_all=self.profile.remove_members_value_list_clears_all)
         group = self._commit_group(self._clean_group(candidate, existing["id"]), existing)
         if self.profile.group_patch_returns_body:
