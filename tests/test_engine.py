@@ -957,3 +957,14 @@ async def test_a_malformed_answer_while_reading_one_target_fails_that_target_onl
         await h.cycle()
         assert h.target_report("zpa").outcome == "success"
         assert_in_sync(h, "zpa")
+
+
+async def test_the_snapshot_holds_only_the_user_keys_the_rules_read(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        await h.cycle()
+        (uid,) = pick(h, in_groups=["ZPA Users"], n=1)
+        stored = await h.store.find_source_user(uid)
+        assert stored is not None
+        assert "username" in stored and "enabled" in stored and "name" in stored
+        assert "mobilePhone" not in stored and "lifecycle" not in stored     # read by no rule
+        assert set(stored) < set(h.directory.users[uid])

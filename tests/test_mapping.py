@@ -389,3 +389,22 @@ def test_present_users_and_groups_list_everything_in_the_snapshot() -> None:
     assert set(desired.present_users) == {"u1", "u2", "u3", "u4"}
     assert set(desired.present_groups) == {"g-parent", "g-child", "g-other"}
     assert set(desired.users) == {"u3"}
+
+
+# -- the keys a rule reads (snapshot projection) -----------------------------------------------------
+
+def test_source_keys_cover_every_field_the_mapping_and_the_filter_read() -> None:
+    rules = Rules.compile(
+        {"userName": "username", "displayName": "name.formatted || join(' ', [name.given, name.family][?@])",
+         "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:department": "department",
+         'emails[type eq "work"].value': "email"},
+        scope_filter='population.id eq "p" and title sw "Eng"')
+    keys = rules.source_keys()
+    assert keys is not None
+    assert {"username", "name", "department", "email", "population", "title", "enabled", "id"} <= keys
+    assert "mobilePhone" not in keys
+
+
+@pytest.mark.parametrize("expression", ["@", "*", "values(@)[0]", "keys(@)", "to_string(@)"])
+def test_an_expression_that_can_read_the_whole_user_keeps_every_key(expression: str) -> None:
+    assert Rules.compile({"userName": "username", "x": expression}).source_keys() is None

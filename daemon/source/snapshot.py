@@ -46,8 +46,12 @@ async def take_snapshot(
     transitive: bool = True,
     concurrency: int = DEFAULT_CONCURRENCY,
     log: structlog.typing.FilteringBoundLogger | None = None,
+    keep: Collection[str] | None = None,
 ) -> Snapshot:
-    """Read PingOne into a `Snapshot`; `complete` is False if anything could not be read."""
+    """Read PingOne into a `Snapshot`; `complete` is False if anything could not be read.
+
+    `keep`: the only user keys to hold (what the targets' rules read); None keeps every key.
+    """
     snap = Snapshot(started_at=time.time())
     share = _Sharer()
 
@@ -59,7 +63,10 @@ async def take_snapshot(
             _rejections(snap, f"users page {page_no}", rejected)
             users = snap.users
             for user in page:
-                user.pop("_links", None)
+                if keep is not None:
+                    user = {k: v for k, v in user.items() if k in keep}
+                else:
+                    user.pop("_links", None)
                 share(user)
                 users[user["id"]] = user
             if log is not None:
