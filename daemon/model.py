@@ -33,6 +33,7 @@ class Snapshot:
     started_at: float = 0.0
     finished_at: float = 0.0
     hashes: dict[str, str] = field(default_factory=dict)   # user id -> content hash (set by the engine)
+    wanted: int = 0                                        # groups whose members were read
 
     def children(self) -> dict[str, set[str]]:
         """parent group id -> ids of the groups nested directly in it."""

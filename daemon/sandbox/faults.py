@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,11 @@ class Faults:
     hang_rate: float = 0.0             # fraction that never answer (until the client gives up)
     fail_nth: dict[int, str] = field(default_factory=dict)  # request number (1-based) -> kind
     # kinds for fail_nth: "429", "500", "503", "malformed", "truncated", "drop", "hang"
+    # With nth_only (a regex over the path and query), fail_nth counts only the requests it
+    # matches (in `matched_count`): "the 3rd users page" stays the 3rd when other reads run
+    # concurrently with the listing.
+    nth_only: str | None = None
+    matched_count: int = 0
     seed: int | None = None
     request_count: int = 0
     _rng: random.Random = field(default_factory=random.Random, repr=False)
@@ -99,12 +105,18 @@ def fault_middleware(
         if request.path.startswith(exclude_prefixes):
             return await handler(request)
         faults.request_count += 1
-        n = faults.request_count
+        n: int | None = faults.request_count
+        if faults.nth_only is not None:
+            if re.search(faults.nth_only, request.path_qs):
+                faults.matched_count += 1
+                n = faults.matched_count
+            else:
+                n = None
         rng = faults._rng
         delay = faults.latency_ms + (rng.uniform(0, faults.jitter_ms) if faults.jitter_ms else 0.0)
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
-        kind = faults.fail_nth.get(n)
+        kind = faults.fail_nth.get(n) if n is not None else None
         if kind is None:
             if faults.hang_rate and rng.random() < faults.hang_rate:
                 kind = "hang"

@@ -54,76 +54,95 @@ async def take_snapshot(
     """
     snap = Snapshot(started_at=time.time())
     share = _Sharer()
-
-    page_no = 0
-    rejected: list[str] = []
-    try:
-        async for page in client.iter_users(rejected=rejected):
-            page_no += 1
-            _rejections(snap, f"users page {page_no}", rejected)
-            users = snap.users
-            for user in page:
-                if keep is not None:
-                    user = {k: v for k, v in user.items() if k in keep}
-                else:
-                    user.pop("_links", None)
-                share(user)
-                users[user["id"]] = user
-            if log is not None:
-                log.debug("snapshot.page", kind="users", page=page_no, size=len(page),
-                          total=len(users))
-    except _FATAL:
-        raise
-    except RemoteError as exc:
-        _problem(snap, f"users page {page_no + 1}: {exc}")
-
-    page_no = 0
-    try:
-        async for page in client.pages("groups", "groups", rejected=rejected):
-            page_no += 1
-            _rejections(snap, f"groups page {page_no}", rejected)
-            for group in page:
-                group.pop("_links", None)
-                snap.groups[group["id"]] = group
-            if log is not None:
-                log.debug("snapshot.page", kind="groups", page=page_no, size=len(page),
-                          total=len(snap.groups))
-    except _FATAL:
-        raise
-    except RemoteError as exc:
-        _problem(snap, f"groups page {page_no + 1}: {exc}")
-
-    names = set(group_names)
-    wanted = {gid for gid in group_ids if gid in snap.groups}
-    wanted.update(gid for gid, group in snap.groups.items()
-                  if isinstance(group.get("name"), str) and group["name"] in names)
-
     limiter = anyio.CapacityLimiter(max(1, concurrency))
-    if transitive and snap.groups:
-        parents: dict[str, frozenset[str]] = {}
 
-        async def read_parents(gid: str) -> None:
-            parents[gid] = frozenset(await client.group_parents(gid))
+    async def read_users() -> None:
+        page_no = 0
+        rejected: list[str] = []
+        try:
+            async for page in client.iter_users(rejected=rejected):
+                page_no += 1
+                _rejections(snap, f"users page {page_no}", rejected)
+                users = snap.users
+                for user in page:
+                    if keep is not None:
+                        user = {k: v for k, v in user.items() if k in keep}
+                    else:
+                        user.pop("_links", None)
+                    share(user)
+                    users[user["id"]] = user
+                if log is not None:
+                    log.debug("snapshot.page", kind="users", page=page_no, size=len(page), total=len(users))
+        except _FATAL:
+            raise
+        except RemoteError as exc:
+            _problem(snap, f"users page {page_no + 1}: {exc}")
 
-        await _fan_out(snap, limiter, list(snap.groups), read_parents, "parents")
-        snap.parents = parents
-        children = snap.children()
-        for gid in list(wanted):
-            wanted |= snap.descendants(gid, children)
+    async def read_groups() -> None:
+        page_no = 0
+        rejected: list[str] = []
+        try:
+            async for page in client.pages("groups", "groups", rejected=rejected):
+                page_no += 1
+                _rejections(snap, f"groups page {page_no}", rejected)
+                for group in page:
+                    group.pop("_links", None)
+                    snap.groups[group["id"]] = group
+                if log is not None:
+                    log.debug("snapshot.page", kind="groups", page=page_no, size=len(page),
+                              total=len(snap.groups))
+        except _FATAL:
+            raise
+        except RemoteError as exc:
+            _problem(snap, f"groups page {page_no + 1}: {exc}")
 
-    members: dict[str, frozenset[str]] = {}
+        names = set(group_names)
+        wanted = {gid for gid in group_ids if gid in snap.groups}
+        wanted.update(gid for gid, group in snap.groups.items()
+                      if isinstance(group.get("name"), str) and group["name"] in names)
+        if transitive and snap.groups:
+            parents: dict[str, frozenset[str]] = {}
 
-    async def read_members(gid: str) -> None:
-        dropped: list[str] = []
-        members[gid] = frozenset(await client.group_member_ids(gid, rejected=dropped))
-        _rejections(snap, f"group {gid} members", dropped)
+            async def read_parents(gid: str) -> None:
+                parents[gid] = frozenset(await client.group_parents(gid))
 
-    await _fan_out(snap, limiter, sorted(wanted), read_members, "members")
-    snap.members = members
+            await _fan_out(snap, limiter, list(snap.groups), read_parents, "parents")
+            snap.parents = parents
+            children = snap.children()
+            for gid in list(wanted):
+                wanted |= snap.descendants(gid, children)
+
+        members: dict[str, frozenset[str]] = {}
+
+        async def read_members(gid: str) -> None:
+            dropped: list[str] = []
+            members[gid] = frozenset(await client.group_member_ids(gid, rejected=dropped))
+            _rejections(snap, f"group {gid} members", dropped)
+
+        await _fan_out(snap, limiter, sorted(wanted), read_members, "members")
+        snap.members = members
+        snap.wanted = len(wanted)
+
+    # The users listing and the group reads (groups -> nesting -> members) go on side by side:
+    # a cycle with nothing to do is then as long as the longer of the two, not their sum.
+    fatal: list[BaseException] = []
+
+    async def guarded(read: Callable[[], Awaitable[None]], scope: anyio.CancelScope) -> None:
+        try:
+            await read()
+        except _FATAL as exc:
+            fatal.append(exc)
+            scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(guarded, read_users, tg.cancel_scope)
+        tg.start_soon(guarded, read_groups, tg.cancel_scope)
+    if fatal:
+        raise fatal[0]
     snap.finished_at = time.time()
     if log is not None:
         log.debug("snapshot.taken", users=len(snap.users), groups=len(snap.groups),
-                         wanted_groups=len(wanted), complete=snap.complete,
+                         wanted_groups=snap.wanted, complete=snap.complete,
                          problems=len(snap.problems),
                          duration_ms=round((snap.finished_at - snap.started_at) * 1000))
     return snap

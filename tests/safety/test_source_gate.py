@@ -15,11 +15,15 @@ pytestmark = pytest.mark.timeout(60)
 PAGE_SIZE = 10     # 60 users: 6 pages
 
 
+USERS_LISTING = r"/users(\?(?!.*filter=)[^/]*)?$"    # the users listing, not a member listing
+
+
 def fail_users_page(kind: str) -> Callable[[Harness], None]:
-    """The 3rd users page fails on every attempt (the cached token makes it request 3 and 4)."""
+    """The 3rd users page fails on every attempt (the 3rd and 4th users-listing requests)."""
     def go(h: Harness) -> None:
         faults = h.sb.pingone.faults
-        faults.request_count = 0
+        faults.nth_only = USERS_LISTING
+        faults.matched_count = 0
         faults.fail_nth = {3: kind, 4: kind}
     return go
 

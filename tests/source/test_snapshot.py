@@ -25,6 +25,11 @@ pytestmark = pytest.mark.timeout(30)
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, max_elapsed=10.0)
 
+# Requests to fail, by kind (Faults.nth_only): the users listing and the group reads run side by side.
+USERS_LISTING = r"/users(\?(?!.*filter=)[^/]*)?$"
+MEMBER_LISTING = r"/users\?.*filter="
+NESTING_READ = r"/groups/[^/?]+/memberOfGroups"
+
 
 @asynccontextmanager
 async def running(directory: Directory, **emulator_kwargs: Any,
@@ -116,9 +121,10 @@ async def test_a_users_page_that_stays_malformed_leaves_an_incomplete_snapshot_w
     directory = generate(200, 6, seed=2)
     faults = Faults()
     async with running(directory, users_page_cap=30, faults=faults) as (_emulator, client):
-        await client.token()  # request 1
-        # requests 2 and 3 are users pages 1 and 2; page 3 fails on every attempt
-        faults.fail_nth = {4 + i: "truncated" for i in range(FAST.max_attempts)}
+        await client.token()
+        # users pages 1 and 2 pass; page 3 fails on every attempt (the group reads run beside them)
+        faults.nth_only = USERS_LISTING
+        faults.fail_nth = {3 + i: "truncated" for i in range(FAST.max_attempts)}
         snap = await take_snapshot(client, group_names=["All Staff"])
     assert not snap.complete
     assert len(snap.users) == 60
@@ -136,10 +142,11 @@ async def test_a_member_listing_that_fails_is_a_problem_and_that_group_is_left_o
     zia = directory.group_by_name("ZIA Users")["id"]
     faults = Faults()
     async with running(directory, faults=faults) as (_emulator, client):
-        await client.token()  # request 1; then users (2), groups (3)
+        await client.token()
         first, second = sorted([zpa, zia])
-        # members of `first` fail on every attempt (requests 4..), `second` then succeeds
-        faults.fail_nth = {4 + i: "503" for i in range(FAST.max_attempts)}
+        # members of `first` fail on every attempt (its member listings), `second` then succeeds
+        faults.nth_only = MEMBER_LISTING
+        faults.fail_nth = {1 + i: "503" for i in range(FAST.max_attempts)}
         snap = await take_snapshot(client, group_ids=[zpa, zia], transitive=False, concurrency=1)
     assert not snap.complete
     assert snap.problems == [snap.problems[0]]
@@ -155,7 +162,8 @@ async def test_a_refusal_during_the_fan_out_is_raised_as_itself() -> None:
     faults = Faults()
     async with running(directory, faults=faults) as (_emulator, client):
         await client.token()
-        faults.fail_nth = {5: "403"}  # one of the nesting reads
+        faults.nth_only = NESTING_READ
+        faults.fail_nth = {2: "403"}  # one of the nesting reads
         with pytest.raises(Forbidden):
             await take_snapshot(client, group_names=["ZPA Users"])
 
@@ -173,8 +181,10 @@ async def test_snapshot_logs_pages_at_debug_and_nothing_per_user() -> None:
         with capture_logs() as logs:
             await take_snapshot(client, group_names=["ZPA Users"], log=structlog.get_logger())
     pages = [entry for entry in logs if entry["event"] == "snapshot.page"]
-    assert [(p["kind"], p["page"]) for p in pages] == [("users", 1), ("users", 2), ("users", 3),
-                                                       ("groups", 1)]
+    # users pages and group pages interleave (the two reads run side by side); each kind in order
+    assert [p["page"] for p in pages if p["kind"] == "users"] == [1, 2, 3]
+    assert [p["page"] for p in pages if p["kind"] == "groups"] == [1]
+    assert len(pages) == 4
     assert all(entry["log_level"] == "debug" for entry in logs)
     assert len(logs) == len(pages) + 1  # plus one snapshot.taken
 
