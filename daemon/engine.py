@@ -16,10 +16,12 @@ growing back-off; the other targets carry on.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -179,6 +181,32 @@ def snapshot_needs(targets: Sequence[TargetConfig]) -> tuple[set[str], set[str],
     return names, ids, transitive
 
 
+_gc_pauses = 0
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a cycle builds 100,000s of acyclic dicts.
+
+    Each collection would traverse every object the snapshot and the caches hold (a quarter of
+    a no-op cycle's CPU at 20,000 users); what is built here is freed by reference counting.
+    Nested and concurrent pauses (targets plan side by side) are counted; the collector comes
+    back when the last one ends. Applies run with it on.
+    """
+    global _gc_pauses
+    if _gc_pauses == 0 and not gc.isenabled():
+        yield                      # someone else turned it off: leave it alone
+        return
+    _gc_pauses += 1
+    gc.disable()
+    try:
+        yield
+    finally:
+        _gc_pauses -= 1
+        if _gc_pauses == 0:
+            gc.enable()
+
+
 def user_hashes(snapshot: Snapshot) -> dict[str, str]:
     return {uid: content_hash(user) for uid, user in snapshot.users.items()}
 
@@ -268,14 +296,15 @@ class Engine:
         report = CycleReport(started=time.time())
         self.log.info("cycle.started", targets=[t for t in self.runtimes if targets is None or t in targets])
         try:
-            snapshot = await self.snapshot()
+            with gc_paused():
+                snapshot = await self.snapshot()
+                snapshot.hashes = user_hashes(snapshot)
         except SourceUnavailable as exc:
             report.source_error = str(exc)
             report.finished = time.time()
             self.log.error("snapshot.failed", error=str(exc))
             return report
         complete = await self.gate(snapshot)
-        snapshot.hashes = user_hashes(snapshot)
         await self.store.save_snapshot(snapshot, snapshot.hashes)
         report.snapshot_users = len(snapshot.users)
         report.snapshot_complete = complete
@@ -411,7 +440,8 @@ class Engine:
         pins = resolve_pins(snapshot, rt.rules, old_pins)
         if pins != old_pins:
             await self.store.set_meta(f"group_pins.{name}", json.dumps(pins, sort_keys=True))
-        desired = desired_state(snapshot, rt.rules, pins, hashes=snapshot.hashes, cache=rt.mapped)
+        with gc_paused():
+            desired = desired_state(snapshot, rt.rules, pins, hashes=snapshot.hashes, cache=rt.mapped)
         generation = await self.store.get_meta(f"{META_LINKS_GENERATION}.{name}")
         cached = rt.links if rt.links is not None and generation == rt.links_generation else None
         actual = cached if cached is not None else await self.store.load_links(name)
@@ -419,7 +449,8 @@ class Engine:
         rt.links_generation = generation
         if full:
             actual = await self.refresh_actual(rt, actual, desired, log)
-        the_plan = await self.make_plan(rt, desired, actual, complete)
+        with gc_paused():
+            the_plan = await self.make_plan(rt, desired, actual, complete)
         await self.store.save_plan(cycle_id, name, the_plan.ops)
         # A skip is logged at info when it starts (or its reason changes), at debug while it lasts:
         # the journal says why once, not every cycle.

@@ -206,8 +206,10 @@ def content_hash(obj: Any) -> str:
     return hashlib.blake2b(repr(obj).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-MappedUser = tuple[str, dict[str, Any]] | Skipped
-MappingCache = dict[str, tuple[str, MappedUser]]   # source id -> (content hash, mapped or skipped)
+MappedUser = DesiredUser | Skipped
+# source id -> (content hash, the user as this rule maps it, its userName key): everything derived
+# from the user's JSON alone, so reusable while the JSON (hash) is the same.
+MappingCache = dict[str, tuple[str, MappedUser, str | None]]
 
 
 def normalise(value: Any) -> Any:
@@ -289,6 +291,19 @@ def resolve_pins(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str]) -> d
     return out
 
 
+def _map(user_id: str, user: JSON, rules: Rules) -> tuple[MappedUser, str | None]:
+    """One user as this rule maps it (or why it is skipped), and its userName key."""
+    try:
+        user_name, attrs = map_user(user, rules)
+    except _MappingFailure as failure:
+        name = user.get("username")
+        return Skipped(user_id, name if isinstance(name, str) else None, failure.reason, failure.detail), None
+    active = user.get("enabled", True) is not False
+    updated = user.get("updatedAt")
+    return (DesiredUser(user_id, user_name, attrs, active, updated if isinstance(updated, str) else None),
+            username_key(user_name))
+
+
 def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | None = None, *,
                   hashes: Mapping[str, str] | None = None, cache: MappingCache | None = None) -> Desired:
     """The users and groups one target should hold, given the snapshot.
@@ -309,7 +324,7 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
         return member_cache[group_id]
 
     by_name: dict[str, list[str]] = {}
-    mapped: dict[str, tuple[str, dict[str, Any], JSON]] = {}
+    mapped: dict[str, DesiredUser] = {}
     candidates = snapshot.users.keys() if admitted is None else admitted
     for user_id in candidates:
         user = snapshot.users.get(user_id)
@@ -323,38 +338,27 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
         desired.in_scope += 1
         digest = hashes.get(user_id) if hashes is not None else None
         hit = cache.get(user_id) if cache is not None and digest is not None else None
-        result: MappedUser
         if hit is not None and hit[0] == digest:
-            result = hit[1]
+            result, key = hit[1], hit[2]
         else:
-            try:
-                result = map_user(user, rules)
-            except _MappingFailure as failure:
-                name = user.get("username")
-                result = Skipped(user_id, name if isinstance(name, str) else None, failure.reason, failure.detail)
+            result, key = _map(user_id, user, rules)
             if cache is not None and digest is not None:
-                cache[user_id] = (digest, result)
+                cache[user_id] = (digest, result, key)
         if isinstance(result, Skipped):
             desired.skipped[user_id] = result
             continue
-        user_name, attrs = result
-        mapped[user_id] = (user_name, attrs, user)
-        by_name.setdefault(username_key(user_name), []).append(user_id)
+        mapped[user_id] = result
+        by_name.setdefault(key or username_key(result.user_name), []).append(user_id)
 
     for ids in by_name.values():
         if len(ids) > 1:
             for user_id in ids:
-                user_name = mapped[user_id][0]
+                user_name = mapped[user_id].user_name
                 others = ", ".join(sorted(i for i in ids if i != user_id))
                 desired.skipped[user_id] = Skipped(
                     user_id, user_name, CONFLICT, f"userName {user_name!r} is also mapped from {others}")
                 del mapped[user_id]
-
-    for user_id, (user_name, attrs, user) in mapped.items():
-        active = user.get("enabled", True) is not False
-        updated = user.get("updatedAt")
-        desired.users[user_id] = DesiredUser(
-            user_id, user_name, attrs, active, updated if isinstance(updated, str) else None)
+    desired.users = mapped
 
     provisioned = desired.users.keys()
     for selector in rules.groups:
