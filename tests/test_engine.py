@@ -7,89 +7,34 @@ computed here independently of provisiond's own mapping code.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-import structlog
-from structlog.testing import capture_logs
-from structlog.typing import EventDict
 
-from daemon.config import Actions, Config, GroupRef, Scope, TargetConfig, load_config
-from daemon.engine import CycleReport, Engine, TargetReport
+from daemon.config import Actions, GroupRef, Scope
 from daemon.sandbox.directory import Directory
 from daemon.sandbox.pingone import DEFAULT_CLIENT_SECRET
-from daemon.sandbox.runner import ZIA_TOKEN, ZPA_TOKEN, Sandbox, build_sandbox, running, write_config
+from daemon.sandbox.runner import ZIA_TOKEN, ZPA_TOKEN
 from daemon.sandbox.scim import ScimEmulator
-from daemon.store import Store
+from tests.harness import TARGETS, Harness
+from tests.harness import harness as shared_harness
 
 pytestmark = pytest.mark.timeout(60)
 
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
-FAST_RPS = 5000.0          # both targets: tests are bounded by the loopback, not by a rate
 USERS = 200
 GROUPS = 10
 SEED = 11
-TARGETS = ("zpa", "zia")
 # The keys every per-entity event carries (DESIGN.md "Logs").
 ENTITY_KEYS = frozenset({"event", "target", "cycle", "source_id", "target_id", "op", "outcome", "reason",
                          "attempts", "duration_ms"})
 
 
 # -- the harness -----------------------------------------------------------------------------------
-
-@dataclass
-class Harness:
-    sb: Sandbox
-    config: Config
-    store: Store
-    engine: Engine
-    state_path: Path
-    logs: list[EventDict] = field(default_factory=list)
-    last_logs: list[EventDict] = field(default_factory=list)
-    report: CycleReport | None = None
-
-    @property
-    def directory(self) -> Directory:
-        return self.sb.directory
-
-    def emulator(self, target: str) -> ScimEmulator:
-        return self.sb.zpa if target == "zpa" else self.sb.zia
-
-    async def cycle(self) -> CycleReport:
-        for em in (self.sb.zpa, self.sb.zia):
-            em.reset_counters()
-        with capture_logs() as captured:
-            report = await self.engine.cycle()
-        self.last_logs = captured
-        self.logs.extend(captured)
-        self.report = report
-        assert report.source_error is None, report.source_error
-        return report
-
-    def target_report(self, target: str) -> TargetReport:
-        assert self.report is not None
-        return next(t for t in self.report.targets if t.target == target)
-
-    def retarget(self, target: str, **changes: Any) -> None:
-        """Change one target's config and hand it to the engine (applies from the next cycle)."""
-        self.config = dataclasses.replace(self.config, targets=tuple(
-            dataclasses.replace(t, **changes) if t.name == target else t for t in self.config.targets))
-        self.engine.reconfigure(self.config)
-
-    def events(self, name: str, **match: Any) -> list[EventDict]:
-        return [e for e in self.last_logs if e["event"] == name and all(e.get(k) == v for k, v in match.items())]
-
-
-def fast(target: TargetConfig) -> TargetConfig:
-    return dataclasses.replace(target, requests_per_second=FAST_RPS, burst=FAST_RPS, concurrency=8)
-
 
 @asynccontextmanager
 async def harness(
@@ -100,27 +45,13 @@ async def harness(
     prepare: Callable[[Directory], None] | None = None,
     **overrides: dict[str, Any],
 ) -> AsyncIterator[Harness]:
-    """Emulators with a generated directory, a config for them, a state file and an Engine.
-
-    `prepare` edits the directory before the first cycle; `overrides` maps a target name to the
-    TargetConfig fields to replace."""
-    sb = build_sandbox(users=users, groups=groups, seed=SEED, zia_rps=FAST_RPS)
-    sb.zpa.faults.rate_limit_rps = None   # the ZPA emulator's own 50/s bucket: not what is tested here
-    if prepare is not None:
-        prepare(sb.directory)
-    state_path = tmp_path / "state.db"
-    async with running(sb, port=0):
-        config_path = write_config(sb, tmp_path / "provisiond.toml", state_path=str(state_path), zia_rps=FAST_RPS)
-        config = load_config(config_path)
-        config = dataclasses.replace(config, targets=tuple(
-            dataclasses.replace(fast(t), **overrides.get(t.name, {})) for t in config.targets))
-        store = await Store.open(state_path)
-        try:
-            async with aiohttp.ClientSession() as session:
-                engine = Engine(config, store, session, log=structlog.get_logger())
-                yield Harness(sb, config, store, engine, state_path)
-        finally:
-            await store.close()
+    """The shared harness (tests/harness.py) over this file's directory, with every cycle
+    required to read PingOne. `prepare` edits the directory before the first cycle; `overrides`
+    maps a target name to the TargetConfig fields to replace."""
+    edit = (lambda sb: prepare(sb.directory)) if prepare is not None else None
+    async with shared_harness(tmp_path, users=users, groups=groups, seed=SEED, prepare=edit, **overrides) as h:
+        h.strict = True
+        yield h
 
 
 @asynccontextmanager
