@@ -181,30 +181,29 @@ def snapshot_needs(targets: Sequence[TargetConfig]) -> tuple[set[str], set[str],
     return names, ids, transitive
 
 
-_gc_pauses = 0
+_gc_holds = 0
 
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a cycle builds 100,000s of acyclic dicts.
+    """Keep the cyclic collector off the long-lived heap while a cycle builds 100,000s of dicts.
 
-    Each collection would traverse every object the snapshot and the caches hold (a quarter of
-    a no-op cycle's CPU at 20,000 users); what is built here is freed by reference counting.
-    Nested and concurrent pauses (targets plan side by side) are counted; the collector comes
-    back when the last one ends. Applies run with it on.
+    `gc.freeze()` sets aside what already lives (the links, the mapping cache): collections
+    during the snapshot and the planning then traverse only what is new, instead of the whole
+    heap again and again (a quarter of a no-op cycle's CPU at 20,000 users). The collector stays
+    on, so the cyclic garbage of ~2,000 HTTP requests is still freed as it goes. Nested and
+    concurrent holds (targets plan side by side) are counted; the last one unfreezes.
     """
-    global _gc_pauses
-    if _gc_pauses == 0 and not gc.isenabled():
-        yield                      # someone else turned it off: leave it alone
-        return
-    _gc_pauses += 1
-    gc.disable()
+    global _gc_holds
+    if _gc_holds == 0:
+        gc.freeze()
+    _gc_holds += 1
     try:
         yield
     finally:
-        _gc_pauses -= 1
-        if _gc_pauses == 0:
-            gc.enable()
+        _gc_holds -= 1
+        if _gc_holds == 0:
+            gc.unfreeze()
 
 
 def user_hashes(snapshot: Snapshot) -> dict[str, str]:
