@@ -38,6 +38,7 @@ from daemon.errors import (
     Unauthorized,
     error_for_status,
 )
+from daemon.responses import read_body
 
 T = TypeVar("T")
 
@@ -45,6 +46,7 @@ DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 1000  # the spec's maximum `limit` for users and groups (pingone.md §2.2)
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONCURRENCY = 4
+MAX_BODY_BYTES = 256 << 20   # a larger answer is refused (MalformedResponse)
 DEFAULT_POLICY = RetryPolicy()
 DEFAULT_CLIENT_AUTH = "basic"
 CLIENT_AUTH_METHODS = ("basic", "post")
@@ -285,7 +287,9 @@ class PingOneClient:
                 method, url, params=params, headers=headers, data=data,
                 timeout=self._timeout, allow_redirects=False,
             ) as resp:
-                raw = await resp.read()
+                # Not resp.read(): it keeps the body on the response object, which reference
+                # cycles can hold well after the page is parsed (~100 KB per page).
+                raw = await read_body(resp, MAX_BODY_BYTES)
                 status = resp.status
                 retry_after_header = resp.headers.get("Retry-After")
         except TimeoutError as exc:
@@ -298,6 +302,10 @@ class PingOneClient:
             # Connection refused/reset/dropped, payload cut short, unparsable HTTP.
             self.stats["connection_errors"] += 1
             raise ConnectionFailed(type(exc).__name__, method=method, path=path) from exc
+        if len(raw) > MAX_BODY_BYTES:
+            self.stats["malformed"] += 1
+            raise MalformedResponse(f"response larger than {MAX_BODY_BYTES} bytes", status=status,
+                                    method=method, path=path)
         if status >= 300:
             body: Any = _loads(raw)
             if body is None:
