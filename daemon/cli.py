@@ -208,8 +208,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         print(f"  managed: {t['managed_users']} users, {t['managed_groups']} groups; "
               f"unmanaged users in target: {s.get('unmanaged_users', '-')}")
         if t["held"]:
-            print(f"  HELD: {t['held']} removal(s) above max_deletes; release with "
-                  f"`provisiond approve --target {t['target']}`")
+            print(f"  HELD: {t['held']} operation(s) (removals above max_deletes and the member removals "
+                  f"they imply); release with `provisiond approve --target {t['target']}`")
         if s.get("deferred_removals"):
             print(f"  deferred: {s['deferred_removals']} removal(s) not planned (snapshot incomplete or shrunk)")
         for f in t["recent_failures"]:

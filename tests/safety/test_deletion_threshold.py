@@ -48,7 +48,7 @@ async def test_a_scope_change_removing_30_percent_is_held_shown_in_status_and_re
         text = status.stdout.decode()
         held_ops = await h.store.held_count("zpa")        # the user removals and the member removal
         assert held_ops >= len(leaving)
-        assert f"HELD: {held_ops} removal(s) above max_deletes" in text
+        assert f"HELD: {held_ops} operation(s) (removals above max_deletes" in text
         assert "provisiond approve --target zpa" in text
 
         await h.cycle()                       # held again at the next cycle: not a one-off
