@@ -21,6 +21,9 @@ import aiohttp
 
 from daemon.sandbox.scim import DEFAULT_TOKEN
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from emulators import proc_cpu_seconds
+
 DEFAULT_REQUESTS = 20_000
 DEFAULT_CONCURRENCY = 32
 DEFAULT_SEED_USERS = 200
@@ -39,16 +42,6 @@ def start_emulator() -> tuple[subprocess.Popen[str], str]:
         proc.kill()
         raise SystemExit(f"emulator did not start (got {url!r})")
     return proc, url
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process *pid* (Linux /proc), to show the server's cost per request."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _run(n: int, concurrency: int, call: object) -> float:
@@ -89,9 +82,9 @@ async def bench(url: str, n: int, concurrency: int, pid: int) -> dict[str, tuple
         await _run(min(n, 1000), concurrency, get)  # warm-up
         results = {}
         for name, call, count in (("GET /Users/{id}", get, n), ("POST /Users", post, n // 2)):
-            cpu = cpu_seconds(pid)
+            cpu = proc_cpu_seconds(pid)
             rps = await _run(count, concurrency, call)
-            results[name] = (rps, (cpu_seconds(pid) - cpu) / count * 1e6)
+            results[name] = (rps, (proc_cpu_seconds(pid) - cpu) / count * 1e6)
         return results
 
 
