@@ -1,7 +1,7 @@
 """The emulators in child processes, for the benchmarks: their CPU is not counted as provisiond's.
 
     python bench/emulators.py pingone --users 100000 --groups 1000 [--seed 1] [--latency-ms 0]
-    python bench/emulators.py scim --profile generic [--latency-ms 20] [--rps 5] [--burst 5]
+    python bench/emulators.py scim --profile generic [--latency-ms 20] [--latency-mode deadline] [--rps 5] [--burst 5]
 
 Each prints ONE JSON line on stdout once it listens on 127.0.0.1 (`url`, plus for PingOne the
 `env_id`, the ids of named groups and the generation time), then serves until SIGTERM/SIGINT.
@@ -140,11 +140,15 @@ def start_pingone(users: int, groups: int, *, seed: int = 1, latency_ms: float =
 
 
 def start_scim(profile: str = "generic", *, latency_ms: float = 0.0, rps: float | None = None,
-               burst: float | None = None, timeout: float = DEFAULT_READY_TIMEOUT,
+               burst: float | None = None, latency_mode: str = "deadline", timeout: float = DEFAULT_READY_TIMEOUT,
                log_path: Path | None = None) -> EmulatorProcess:
     """A SCIM emulator of *profile* with a fixed *latency_ms* per request and, with *rps*, the
-    profile's 429 token bucket set to that rate (None keeps the profile's own: zia 5/s, zpa 50/s)."""
-    args = ["--profile", profile, "--latency-ms", str(latency_ms)]
+    profile's 429 token bucket set to that rate (None keeps the profile's own: zia 5/s, zpa 50/s).
+
+    `latency_mode` "deadline" (the default here): each answer leaves *latency_ms* after its request
+    arrived, the emulator's own processing included, so that L is the target's response time and
+    the emulator's single-threaded work does not queue on top of it (`daemon.sandbox.faults`)."""
+    args = ["--profile", profile, "--latency-ms", str(latency_ms), "--latency-mode", latency_mode]
     if rps is not None:
         args += ["--rps", str(rps)]
     if burst is not None:
@@ -223,7 +227,8 @@ def _run_scim(args: argparse.Namespace) -> None:
     from daemon.sandbox.faults import Faults
     from daemon.sandbox.scim import DEFAULT_TOKEN, ScimEmulator
 
-    faults = Faults(latency_ms=args.latency_ms, rate_limit_rps=args.rps, rate_limit_burst=args.burst)
+    faults = Faults(latency_ms=args.latency_ms, latency_mode=args.latency_mode, rate_limit_rps=args.rps,
+                    rate_limit_burst=args.burst)
     emulator = ScimEmulator(args.profile, token=DEFAULT_TOKEN, prefix="/v2", faults=faults)
     app = emulator.app()
     pending: dict[str, list[dict[str, str]]] = {}
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     scim = sub.add_parser("scim")
     scim.add_argument("--profile", default="generic")
     scim.add_argument("--latency-ms", type=float, default=0.0)
+    scim.add_argument("--latency-mode", choices=("before", "deadline"), default="deadline")
     scim.add_argument("--rps", type=float, default=None)
     scim.add_argument("--burst", type=float, default=None)
     args = parser.parse_args(argv)

@@ -1,24 +1,42 @@
-"""Apply a plan to one target: phases in order, bounded concurrency within a phase.
+"""Apply a plan to one target: stages in order, bounded concurrency within a stage.
+
+The first stage runs the planner's phases 1-3 together: user creates/enables/updates and group
+creates/renames share one worker pool (group operations first, they are few), and each group's
+member add is pipelined into it: it starts once its group exists and sends its members chunk by
+chunk, each chunk once every member in it whose user operation is in this plan has finished.
+A waiting member add holds no concurrency slot; every request still goes through the one
+limiter, and one group never has two PATCHes in flight. Phases 4, 5 and 6 (member removals,
+disables, deletes) then run one after another, each after the previous has finished.
 
 Each operation is journaled `in_flight` before its request and its outcome written after it
-(in batches); links change only on success. A failure is contained to its entity: it is
-recorded, logged with who, what and why, and the others go on. Only a target that refuses
-our credentials (401/403), or whose recent requests mostly fail transiently, stops the apply
-early: the rest is recorded `skipped` with the reason, and the engine quarantines it.
+(in batches, by a flush that runs beside the workers); links change only on success. A failure
+is contained to its entity: it is recorded, logged with who, what and why, and the others go on.
+Only a target that refuses our credentials (401/403), or whose recent requests mostly fail
+transiently, stops the apply early: the rest is recorded `skipped` with the reason, and the
+engine quarantines it.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from daemon.errors import Conflict, Forbidden, NotFound, RemoteError, TransientError, Unauthorized
-from daemon.planner import PENDING, GroupLink, Op, UserLink
+from daemon.planner import (
+    PENDING,
+    PHASE_GROUPS,
+    PHASE_MEMBER_ADD,
+    PHASE_USERS,
+    GroupLink,
+    Op,
+    UserLink,
+)
 from daemon.store import Outcome, Store
 from daemon.target.resource import read_active, read_user
 from daemon.target.scim import ScimClient
@@ -39,6 +57,12 @@ PAST = {
 
 Progress = Callable[[int, int], None]
 Observer = Callable[[str, dict[str, Any]], None]   # (event name, event fields incl. target)
+Handled = tuple[str, str | None, dict[str, Any]]    # (status, target id, event fields)
+Handler = Callable[[Op, list[int]], Awaitable[Handled]]
+
+# The phases whose operations a member add may depend on: they run in the first stage, with
+# the member adds pipelined into them.
+PREREQUISITE_PHASES = (PHASE_USERS, PHASE_GROUPS)
 
 
 class TargetUnhealthy(Exception):
@@ -74,6 +98,46 @@ class _Health:
                 and sum(self.recent) >= UNHEALTHY_RATIO * UNHEALTHY_WINDOW):
             self.stopped = TargetUnhealthy(
                 "mostly_failing", f"{sum(self.recent)} of the last {UNHEALTHY_WINDOW} operations failed transiently")
+
+
+class _NotStarted(Exception):
+    """The apply stopped before an operation sent anything: it is skipped like the others."""
+
+
+class _StoppedMidway(Exception):
+    """The apply stopped (target unhealthy) while an operation had sent part of its requests."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"apply stopped midway: target {reason}")
+        self.reason = reason
+
+
+def _is_member_add(op: Op) -> bool:
+    return op.phase == PHASE_MEMBER_ADD and op.kind == "group" and op.op == "add_members"
+
+
+def _stages(pending: list[Op]) -> list[list[Op]]:
+    """Phases 1-3 as one stage (group operations first, then users, then member adds), then
+    every later phase on its own, in order."""
+    first = ([op for op in pending if op.phase == PHASE_GROUPS]
+             + [op for op in pending if op.phase == PHASE_USERS]
+             + [op for op in pending if _is_member_add(op)])
+    rest: dict[int, list[Op]] = {}
+    for op in pending:
+        if op.phase not in PREREQUISITE_PHASES and not _is_member_add(op):
+            rest.setdefault(op.phase, []).append(op)
+    return ([first] if first else []) + [rest[phase] for phase in sorted(rest)]
+
+
+def _member_order(queued: list[Op], adds: list[Op]) -> list[tuple[Op, list[str]]]:
+    """Each member add with its members in the order their user operations are queued (those
+    without one first): its first chunks are complete while the later users are created."""
+    position: dict[str, int] = {}
+    for i, op in enumerate(queued):
+        if op.kind == "user" and op.phase == PHASE_USERS:
+            position[op.source_id] = i
+    return [(op, sorted((str(s) for s in op.payload["source_ids"]), key=lambda s: position.get(s, -1)))
+            for op in adds]
 
 
 class Applier:
@@ -121,23 +185,20 @@ class Applier:
         self._lock = anyio.Lock()
         self._done = 0
         self._total = 0
+        # The stage running now: its task group (flushes run in it, beside the workers), and
+        # for each user/group with operations of phases 1-2 in it, how many have not finished.
+        self._stage: TaskGroup | None = None
+        self._flushing = False
+        self._unfinished: dict[str, dict[str, int]] = {"user": {}, "group": {}}
+        self._waiters: dict[tuple[str, str], list[anyio.Event]] = {}
 
     async def apply(self, ops: Iterable[Op]) -> ApplyResult:
         pending = [op for op in ops if op.status == PENDING]
         self._total = len(pending)
-        phases: dict[int, list[Op]] = {}
-        for op in pending:
-            phases.setdefault(op.phase, []).append(op)
         try:
-            for phase in sorted(phases):
-                batch = phases[phase]
-                await self.store.mark_in_flight(self.cycle_id, [op.seq for op in batch])
-                # A pool of workers pulls from one queue: 100,000 creates are not 100,000 tasks.
-                queue = iter(batch)
-                workers = max(1, min(len(batch), int(self.limiter.total_tokens)))
-                async with anyio.create_task_group() as tg:
-                    for _ in range(workers):
-                        tg.start_soon(self._worker, queue)
+            for stage in _stages(pending):
+                await self.store.mark_in_flight(self.cycle_id, [op.seq for op in stage])
+                await self._run_stage(stage)
                 await self._flush()
         finally:
             # Stopped midway (SIGTERM, grace expired): what finished is recorded with its links,
@@ -147,11 +208,47 @@ class Applier:
         self.result.stopped = self.health.stopped
         return self.result
 
+    async def _run_stage(self, stage: list[Op]) -> None:
+        queued = [op for op in stage if not _is_member_add(op)]
+        adds = [op for op in stage if _is_member_add(op)]
+        for op in queued:
+            if op.phase in PREREQUISITE_PHASES:
+                counts = self._unfinished.setdefault(op.kind, {})
+                counts[op.source_id] = counts.get(op.source_id, 0) + 1
+        ordered = _member_order(queued, adds)
+        # A pool of workers pulls from one queue: 100,000 creates are not 100,000 tasks. A member
+        # add is one task per group, waiting without a concurrency slot.
+        queue = iter(queued)
+        workers = max(1, min(len(queued), int(self.limiter.total_tokens))) if queued else 0
+        try:
+            async with anyio.create_task_group() as tg:
+                self._stage = tg
+                for _ in range(workers):
+                    tg.start_soon(self._worker, queue)
+                for op, members in ordered:
+                    tg.start_soon(self._run_member_add, op, members)
+        finally:
+            self._stage = None
+
     async def _worker(self, queue: Iterator[Op]) -> None:
         for op in queue:
             await self._run(op)
 
     # -- bookkeeping ----------------------------------------------------------------------
+
+    def _request_flush(self) -> None:
+        """Enough outcomes buffered: flush them beside the workers, one flush at a time."""
+        if len(self._buffer) < FLUSH_EVERY or self._flushing or self._stage is None:
+            return
+        self._flushing = True
+        self._stage.start_soon(self._flush_aside)
+
+    async def _flush_aside(self) -> None:
+        try:
+            while len(self._buffer) >= FLUSH_EVERY:
+                await self._flush()
+        finally:
+            self._flushing = False
 
     async def _flush(self) -> None:
         async with self._lock:
@@ -193,40 +290,95 @@ class Applier:
 
     async def _run(self, op: Op) -> None:
         started = time.time()
+        done: tuple[Outcome, dict[str, Any]] | None = None
+        if self.health.stopped is None:
+            async with self.limiter:
+                if self.health.stopped is None:   # again: it may have stopped while this waited
+                    done = await self._attempt(op, started, self._dispatch)
+        if done is None:
+            self._skip_stopped(op, started)
+            return
+        self._finish(op, *done)
+        self._request_flush()
+
+    async def _run_member_add(self, op: Op, members: list[str]) -> None:
+        """One group's member add, pipelined: it takes a concurrency slot only to send a chunk."""
+        await self._finished("group", op.source_id)   # its create or rename in this plan
+        started = time.time()
+        if self.health.stopped is not None:
+            self._skip_stopped(op, started)
+            return
+
+        async def handler(op: Op, attempts: list[int]) -> Handled:
+            return await self._group_add_members(op, attempts, members)
+
+        outcome, extra = await self._attempt(op, started, handler)
+        self._finish(op, outcome, extra)
+        self._request_flush()
+
+    def _skip_stopped(self, op: Op, started: float) -> None:
+        assert self.health.stopped is not None
+        outcome = Outcome(op.seq, SKIPPED, skip_reason=f"target_{self.health.stopped.reason}",
+                          started=started, finished=time.time())
+        self._finish(op, outcome, {"reason": outcome.skip_reason})
+        self._request_flush()
+
+    async def _attempt(self, op: Op, started: float, handler: Handler) -> tuple[Outcome, dict[str, Any]]:
+        """Run the operation's handler; its outcome, whatever happened (a failure is contained)."""
         attempts: list[int] = []
         extra: dict[str, Any] = {}
-        if self.health.stopped is not None:
-            outcome = Outcome(op.seq, SKIPPED, skip_reason=f"target_{self.health.stopped.reason}",
+        try:
+            status, target_id, extra = await handler(op, attempts)
+            outcome = Outcome(op.seq, status, attempts=sum(attempts) or 1, target_id=target_id,
+                              started=started, finished=time.time(), skip_reason=extra.pop("skip_reason", None))
+            self.health.record(False)
+        except RemoteError as exc:
+            transient = isinstance(exc, TransientError)
+            self.health.record(transient)
+            if isinstance(exc, Unauthorized | Forbidden) and self.health.stopped is None:
+                self.health.stopped = TargetUnhealthy("auth_failed", str(exc))
+            outcome = Outcome(op.seq, FAILED, attempts=sum(attempts) or 1, http_status=exc.status,
+                              error=str(exc), scim_type=exc.scim_type, started=started, finished=time.time())
+            extra["reason"] = exc.reason
+        except _StoppedMidway as exc:
+            outcome = Outcome(op.seq, FAILED, attempts=sum(attempts) or 1, error=str(exc),
                               started=started, finished=time.time())
-            self._finish(op, outcome, {"reason": outcome.skip_reason})
+            extra["reason"] = f"target_{exc.reason}"
+        except Exception as exc:  # a defect or a hostile answer: contained to this entity
+            self.health.record(False)
+            outcome = Outcome(op.seq, FAILED, attempts=sum(attempts) or 1,
+                              error=f"{type(exc).__name__}: {exc}"[:500], started=started, finished=time.time())
+            extra["reason"] = "internal_error"
+        return outcome, extra
+
+    # -- dependencies within the first stage -------------------------------------------------
+
+    async def _finished(self, kind: str, source_id: str) -> None:
+        """Return once every phase 1-2 operation of this user/group in the stage has finished."""
+        unfinished = self._unfinished.get(kind, {})
+        while source_id in unfinished:
+            event = anyio.Event()
+            self._waiters.setdefault((kind, source_id), []).append(event)
+            await event.wait()
+
+    def _prerequisite_done(self, op: Op) -> None:
+        unfinished = self._unfinished.get(op.kind, {})
+        left = unfinished.get(op.source_id)
+        if left is None:
             return
-        async with self.limiter:
-            try:
-                status, target_id, extra = await self._dispatch(op, attempts)
-                outcome = Outcome(op.seq, status, attempts=sum(attempts) or 1, target_id=target_id,
-                                  started=started, finished=time.time(), skip_reason=extra.pop("skip_reason", None))
-                self.health.record(False)
-            except RemoteError as exc:
-                transient = isinstance(exc, TransientError)
-                self.health.record(transient)
-                if isinstance(exc, Unauthorized | Forbidden) and self.health.stopped is None:
-                    self.health.stopped = TargetUnhealthy("auth_failed", str(exc))
-                outcome = Outcome(op.seq, FAILED, attempts=sum(attempts) or 1, http_status=exc.status,
-                                  error=str(exc), scim_type=exc.scim_type, started=started, finished=time.time())
-                extra["reason"] = exc.reason
-            except Exception as exc:  # a defect or a hostile answer: contained to this entity
-                self.health.record(False)
-                outcome = Outcome(op.seq, FAILED, attempts=sum(attempts) or 1,
-                                  error=f"{type(exc).__name__}: {exc}"[:500], started=started, finished=time.time())
-                extra["reason"] = "internal_error"
-        self._finish(op, outcome, extra)
-        if len(self._buffer) >= FLUSH_EVERY:
-            await self._flush()
+        if left > 1:
+            unfinished[op.source_id] = left - 1
+            return
+        del unfinished[op.source_id]
+        for event in self._waiters.pop((op.kind, op.source_id), ()):
+            event.set()
 
     def _finish(self, op: Op, outcome: Outcome, extra: dict[str, Any]) -> None:
         self.result.outcomes[op.seq] = outcome
         self._buffer.append(outcome)
         self._done += 1
+        if op.phase in PREREQUISITE_PHASES:
+            self._prerequisite_done(op)   # a member add waiting on it may go on
         if self.progress is not None:
             self.progress(self._done, self._total)
         if outcome.status == APPLIED:
@@ -263,9 +415,9 @@ class Applier:
         if self.observer is not None:
             self.observer(event, {"target": self.target, "kind": op.kind, **fields})
 
-    async def _dispatch(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
+    async def _dispatch(self, op: Op, attempts: list[int]) -> Handled:
         handler = getattr(self, f"_{op.kind}_{op.op}")
-        result: tuple[str, str | None, dict[str, Any]] = await handler(op, attempts)
+        result: Handled = await handler(op, attempts)
         return result
 
     # -- users ----------------------------------------------------------------------------
@@ -392,23 +544,72 @@ class Applier:
             self._link_group(replace(link, display_name=name))
         return APPLIED, op.target_id, {"before": op.payload.get("before")}
 
-    async def _group_add_members(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
+    async def _group_add_members(self, op: Op, attempts: list[int], members: list[str] | None = None
+                                 ) -> Handled:
+        """Add the op's members chunk by chunk (at most `membership_batch` each, as the client
+        would), a chunk once every member in it has finished its user operations of this stage;
+        `members` is the op's `source_ids` in the order to send them. Chunks go one after
+        another: never two PATCHes on one group at once."""
         link = self.groups.get(op.source_id)
         if link is None:
             return SKIPPED, None, {"skip_reason": "dependency_failed", "reason": "group_not_created"}
-        wanted = [str(s) for s in op.payload["source_ids"]]
-        resolved = [(sid, self.users[sid].target_id) for sid in wanted if sid in self.users]
-        if not resolved:
-            return SKIPPED, link.target_id, {"skip_reason": "dependency_failed", "reason": "members_not_created",
-                                             "members": 0}
+        wanted = members if members is not None else [str(s) for s in op.payload["source_ids"]]
+        batch = max(1, int(self.client.membership_batch))
+        group_id = link.target_id
+        resolved = 0                  # wanted members that exist in the target
+        requests = 0
+        added: list[str] = []         # source ids really added (sent in a chunk that succeeded)
+        chunk: list[str] = []         # source ids resolved, not yet sent
+        chunk_ids: list[str] = []     # their target ids, without repeats
+        seen: set[str] = set()
+
+        async def send(sids: list[str], ids: list[str]) -> None:
+            nonlocal requests
+            async with self.limiter:
+                if self.health.stopped is not None:   # nothing more is sent to a stopped target
+                    if not requests:
+                        raise _NotStarted
+                    raise _StoppedMidway(self.health.stopped.reason)
+                try:
+                    requests += await self.client.add_members(group_id, ids, attempts=attempts)
+                except NotFound:
+                    self._drop_group(op.source_id)
+                    raise
+            added.extend(sids)
+
         try:
-            requests = await self.client.add_members(link.target_id, [t for _, t in resolved], attempts=attempts)
-        except NotFound:
-            self._drop_group(op.source_id)
-            raise
-        self._link_group(replace(link, members=link.members | {s for s, _ in resolved}))
-        return APPLIED, link.target_id, {"members": len(resolved), "requests": requests,
-                                         "unresolved": len(wanted) - len(resolved)}
+            for start in range(0, len(wanted), batch):
+                window = wanted[start:start + batch]
+                # The last one queued first: when it has finished, the others mostly have too.
+                for sid in reversed(window):
+                    await self._finished("user", sid)
+                for sid in window:
+                    user = self.users.get(sid)
+                    if user is None:
+                        continue      # not created (failed, skipped, never provisionable)
+                    resolved += 1
+                    chunk.append(sid)
+                    if user.target_id not in seen:
+                        seen.add(user.target_id)
+                        chunk_ids.append(user.target_id)
+                    if len(chunk_ids) == batch:
+                        await send(chunk, chunk_ids)
+                        chunk, chunk_ids = [], []
+            if chunk_ids:
+                await send(chunk, chunk_ids)
+        except _NotStarted:
+            assert self.health.stopped is not None
+            reason = f"target_{self.health.stopped.reason}"
+            return SKIPPED, None, {"skip_reason": reason, "reason": reason}
+        finally:
+            current = self.groups.get(op.source_id)
+            if added and current is not None:
+                self._link_group(replace(current, members=current.members | set(added)))
+        if not resolved:
+            return SKIPPED, group_id, {"skip_reason": "dependency_failed", "reason": "members_not_created",
+                                       "members": 0}
+        return APPLIED, group_id, {"members": resolved, "requests": requests,
+                                   "unresolved": len(wanted) - resolved}
 
     async def _group_remove_members(self, op: Op, attempts: list[int]
                                     ) -> tuple[str, str | None, dict[str, Any]]:

@@ -37,16 +37,16 @@ from daemon.mapping import (
     GroupSelector,
     MappingCache,
     Rules,
-    content_hash,
+    cache_user,
     desired_state,
     resolve_pins,
     username_key,
 )
-from daemon.model import Snapshot
+from daemon.model import JSON, Snapshot
 from daemon.planner import HELD, PENDING, Actual, GroupLink, Plan, Policy, UserLink, plan
 from daemon.ratelimit import RateGovernor
 from daemon.source.pingone import PingOneClient
-from daemon.source.snapshot import take_snapshot
+from daemon.source.snapshot import UserHook, take_snapshot
 from daemon.store import Store, StoreError
 from daemon.target.auth import auth_from
 from daemon.target.profiles import profile_for
@@ -209,10 +209,6 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def user_hashes(snapshot: Snapshot) -> dict[str, str]:
-    return {uid: content_hash(user) for uid, user in snapshot.users.items()}
-
-
 class Engine:
     """Runs cycles for every configured target against one state file."""
 
@@ -251,7 +247,7 @@ class Engine:
 
     # -- the cycle ------------------------------------------------------------------------
 
-    async def snapshot(self) -> Snapshot:
+    async def snapshot(self, on_user: UserHook | None = None) -> Snapshot:
         names, ids, transitive = snapshot_needs(self.config.targets)
         # Groups already resolved are fetched by id too: one renamed in PingOne no longer answers
         # to its configured name, and its members must still be read (else everyone would
@@ -264,9 +260,25 @@ class Engine:
             keep = None if keys is None or keep is None else keep | keys
         try:
             return await take_snapshot(self.source, group_names=names, group_ids=ids, transitive=transitive,
-                                       log=self.log, keep=keep)
+                                       log=self.log, keep=keep, on_user=on_user)
         except RemoteError as exc:
             raise SourceUnavailable(str(exc)) from exc
+
+    async def _streaming_hook(self) -> UserHook:
+        """Map every user into every target's cache as its page arrives, and let the snapshot
+        drop the JSON of a user that the state file already holds as it is (`UNCHANGED`): a
+        no-op cycle then holds no user JSON at all, only hashes and the mapped attributes."""
+        stored = await self.store.source_hashes()
+        caches = [(rt.mapped, rt.rules) for rt in self.runtimes.values()]
+
+        def on_user(user_id: str, user: JSON, digest: int) -> bool:
+            droppable = stored.get(user_id) == digest
+            for cache, rules in caches:
+                if not cache_user(cache, rules, user_id, user, digest):
+                    droppable = False
+            return droppable
+
+        return on_user
 
     async def pins(self, target: str) -> dict[str, str]:
         stored = await self.store.get_meta(f"group_pins.{target}")
@@ -299,8 +311,7 @@ class Engine:
         self.log.info("cycle.started", targets=[t for t in self.runtimes if targets is None or t in targets])
         try:
             with gc_paused():
-                snapshot = await self.snapshot()
-                snapshot.hashes = user_hashes(snapshot)
+                snapshot = await self.snapshot(await self._streaming_hook())
         except SourceUnavailable as exc:
             report.source_error = str(exc)
             report.finished = time.time()
@@ -494,7 +505,8 @@ class Engine:
             active_false_deletes=rt.config.active_false_deletes,
             progress=(lambda done, total: hook(name, done, total)) if hook is not None else None,
             observer=self._notify if self.observers else None,
-            source_updated={sid: want.updated_at for sid, want in desired.users.items()})
+            source_updated={op.source_id: want.updated_at for op in pending if op.kind == "user"
+                            and (want := desired.users.get(op.source_id)) is not None and want.updated_at})
         result = await applier.apply(the_plan.ops)
         # Links kept for the next cycle share the mapped attributes' dicts where equal: at 100k
         # users a second copy of every user's attributes is ~70 MB.

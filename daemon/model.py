@@ -13,6 +13,22 @@ from typing import Any
 JSON = dict[str, Any]
 
 
+class _Unchanged(dict[str, Any]):
+    """The placeholder type of `UNCHANGED`: empty, and refuses to be filled."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        raise TypeError("UNCHANGED is a placeholder")
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+# Held in `Snapshot.users` instead of a user's JSON when that JSON is unchanged since it was last
+# stored and every target has already mapped it (`mapping.cache_user`): at 1,000,000 users the
+# JSON is most of a cycle's memory. Compare with `is`.
+UNCHANGED: JSON = _Unchanged()
+
+
 @dataclass(slots=True)
 class Snapshot:
     """What PingOne looked like during one cycle.
@@ -21,7 +37,7 @@ class Snapshot:
     target needs, and their nested children when transitive membership is configured);
     `parents` maps a child group id to the ids of the groups it is nested in.
     `complete` is True only when every page arrived and parsed: removals are planned only
-    from a complete snapshot.
+    from a complete snapshot. A user's JSON may be the placeholder `UNCHANGED` (see there).
     """
 
     users: dict[str, JSON] = field(default_factory=dict)
@@ -32,7 +48,7 @@ class Snapshot:
     problems: list[str] = field(default_factory=list)
     started_at: float = 0.0
     finished_at: float = 0.0
-    hashes: dict[str, str] = field(default_factory=dict)   # user id -> content hash (set by the engine)
+    hashes: dict[str, int] = field(default_factory=dict)   # user id -> `mapping.content_hash` of its JSON
     wanted: int = 0                                        # groups whose members were read
 
     def children(self) -> dict[str, set[str]]:

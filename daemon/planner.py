@@ -6,8 +6,9 @@ so that drift stays visible. Removals (deprovisioning and group deletion, member
 planned only from a complete snapshot; removals of users above the deletion threshold are
 `held`.
 
-Phases run in order, each one after the previous has finished, which is what makes
-dependencies hold: a member add runs after the user and group creates it needs.
+Phases say what depends on what. The applier runs phases 1-3 as one stage (a member add waits
+for its group, and each chunk of members for those members' user operations, see
+`daemon.applier`), then 4, 5 and 6 each after the previous has finished: removals come last.
 
     1 users: create, enable, update      2 groups: create, rename
     3 members: add                       4 members: remove

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import aiosqlite
 import anyio
 
 from daemon.mapping import content_hash
-from daemon.model import Snapshot
+from daemon.model import UNCHANGED, Snapshot
 from daemon.planner import Actual, GroupLink, Op, UserLink
 
 SCHEMA_VERSION = 2
@@ -95,6 +96,24 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
+# A content hash: `mapping.content_hash` gives 64-bit ints (held in memory per user, written as 16
+# hex digits); any other string written before is kept as it is (and simply never matches again).
+Digest = int | str
+
+
+def _hash_text(digest: Digest) -> str:
+    return format(digest, "016x") if isinstance(digest, int) else digest
+
+
+def _hash_value(text: str) -> Digest:
+    if len(text) == 16:
+        try:
+            return int(text, 16)
+        except ValueError:
+            pass
+    return text
+
+
 class Store:
     def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self.db = db
@@ -102,8 +121,8 @@ class Store:
         # One connection serves every target's tasks: writes take turns, so that one
         # target's transaction never swallows (or rolls back) another's statements.
         self._write_lock = anyio.Lock()
-        self._user_hashes: dict[str, str] | None = None    # source_user hashes as written
-        self._group_hashes: dict[str, str] | None = None
+        self._user_hashes: dict[str, Digest] | None = None    # source_user hashes as written
+        self._group_hashes: dict[str, Digest] | None = None
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str]) -> Store:
@@ -184,32 +203,38 @@ class Store:
 
     # -- source snapshot ----------------------------------------------------------------------
 
-    async def save_snapshot(self, snapshot: Snapshot, hashes: dict[str, str]) -> int:
-        """Write the users and groups whose hash changed (and, when complete, drop those gone).
-
-        The hashes last written are kept in memory, so a cycle with nothing new reads nothing
-        back and writes nothing. Returns the number of user rows written or deleted.
-        """
+    async def source_hashes(self) -> dict[str, Digest]:
+        """The content hash of every user as last written to `source_user` (kept in memory, read
+        once). A user whose snapshot hash equals this needs no write, and no JSON kept for it."""
         if self._user_hashes is None:
             self._user_hashes = await self._read_hashes("source_user")
             self._group_hashes = await self._read_hashes("source_group")
-        old = self._user_hashes
+        return self._user_hashes
+
+    async def save_snapshot(self, snapshot: Snapshot, hashes: Mapping[str, Digest]) -> int:
+        """Write the users and groups whose hash changed (and, when complete, drop those gone).
+
+        The hashes last written are kept in memory, so a cycle with nothing new reads nothing
+        back and writes nothing. Returns the number of user rows written or deleted. A user held
+        as `UNCHANGED` has, by construction, the hash last written.
+        """
+        old = await self.source_hashes()
         old_groups = self._group_hashes or {}
         rows = [
-            (uid, user.get("username"), hashes[uid], user.get("updatedAt"), _dumps(user))
+            (uid, user.get("username"), _hash_text(hashes[uid]), user.get("updatedAt"), _dumps(user))
             for uid, user in snapshot.users.items()
-            if old.get(uid) != hashes[uid]
+            if old.get(uid) != hashes[uid] and user is not UNCHANGED
         ]
         gone = [uid for uid in old if uid not in snapshot.users] if snapshot.complete else []
         groups = []
-        group_hashes: dict[str, str] = {}
+        group_hashes: dict[str, Digest] = {}
         for gid, g in snapshot.groups.items():
             members = _dumps(sorted(snapshot.members.get(gid, ())))
             parents = _dumps(sorted(snapshot.parents.get(gid, ())))
             digest = content_hash((g.get("name"), members, parents))
             group_hashes[gid] = digest
             if old_groups.get(gid) != digest:
-                groups.append((gid, g.get("name"), digest, members, parents))
+                groups.append((gid, g.get("name"), _hash_text(digest), members, parents))
         groups_gone = [gid for gid in old_groups if gid not in snapshot.groups] if snapshot.complete else []
         if rows or gone or groups or groups_gone:
             async with self.transaction() as db:
@@ -222,8 +247,8 @@ class Store:
                     "INSERT OR REPLACE INTO source_group(id, name, hash, members, parents) VALUES (?, ?, ?, ?, ?)",
                     groups)
                 await db.executemany("DELETE FROM source_group WHERE id=?", [(g,) for g in groups_gone])
-        for uid, _, digest, _, _ in rows:
-            old[uid] = digest
+        for row in rows:
+            old[row[0]] = hashes[row[0]]
         for uid in gone:
             old.pop(uid, None)
         if snapshot.complete:
@@ -233,9 +258,9 @@ class Store:
             self._group_hashes = old_groups
         return len(rows) + len(gone)
 
-    async def _read_hashes(self, table: str) -> dict[str, str]:
+    async def _read_hashes(self, table: str) -> dict[str, Digest]:
         async with self.db.execute(f"SELECT id, hash FROM {table}") as cur:
-            return {str(r[0]): str(r[1]) async for r in cur}
+            return {sys.intern(str(r[0])): _hash_value(str(r[1])) async for r in cur}
 
     async def load_snapshot(self) -> Snapshot:
         """The last snapshot as stored (for a reload's impact preview): users, groups, membership."""
@@ -264,15 +289,17 @@ class Store:
     async def load_links(self, target: str) -> Actual:
         users: dict[str, UserLink] = {}
         groups: dict[str, GroupLink] = {}
+        intern = sys.intern    # one string per source id, shared with the snapshot and the caches
         async with self.db.execute(
             "SELECT kind, source_id, target_id, name, attrs, active, members, foreign_members, origin, "
             "disabled_reason, disabled_at FROM target_object WHERE target=?", (target,)) as cur:
             async for r in cur:
+                sid = intern(r[1])
                 if r[0] == "user":
-                    users[r[1]] = UserLink(r[1], r[2], r[3], json.loads(r[4]), bool(r[5]), r[8], r[9], r[10])
+                    users[sid] = UserLink(sid, r[2], r[3], json.loads(r[4]), bool(r[5]), r[8], r[9], r[10])
                 else:
-                    groups[r[1]] = GroupLink(r[1], r[2], r[3], frozenset(json.loads(r[6])),
-                                             frozenset(json.loads(r[7])), r[8])
+                    groups[sid] = GroupLink(sid, r[2], r[3], frozenset(map(intern, json.loads(r[6]))),
+                                            frozenset(json.loads(r[7])), r[8])
         return Actual(users=users, groups=groups)
 
     async def write_links(

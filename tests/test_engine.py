@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from daemon.config import Actions, GroupRef, Scope
+from daemon.model import UNCHANGED
 from daemon.sandbox.directory import Directory
 from daemon.sandbox.pingone import DEFAULT_CLIENT_SECRET
 from daemon.sandbox.runner import ZIA_TOKEN, ZPA_TOKEN
@@ -283,6 +284,44 @@ async def test_the_cycle_after_a_successful_one_plans_nothing_and_sends_nothing(
             (finished,) = h.events("cycle.finished", target=target)
             assert (finished["applied"], finished["failed"]) == (0, 0)
         assert not report.failed
+
+
+async def test_a_no_op_cycle_holds_no_user_json_and_a_changed_user_is_mapped_again(tmp_path: Path) -> None:
+    """The snapshot drops the JSON of every user the state file holds as it is and every target has
+    mapped (memory at 1,000,000 users); a user changed in PingOne keeps its JSON, is written to the
+    state file and reaches the targets."""
+    async with synced(tmp_path) as h:
+        snap = await h.engine.snapshot(await h.engine._streaming_hook())
+        assert snap.users and all(user is UNCHANGED for user in snap.users.values())
+        assert set(snap.hashes) == set(snap.users)
+        (uid,) = pick(h, in_groups=["ZPA Users", "ZIA Users"])
+        h.directory.update_user(uid, name={"given": "Yvonne"})
+        snap = await h.engine.snapshot(await h.engine._streaming_hook())
+        assert [u for u, user in snap.users.items() if user is not UNCHANGED] == [uid]
+        await h.cycle()
+        for target in TARGETS:
+            assert_in_sync(h, target)
+            assert tuser(h.emulator(target), username(h, uid))["name"]["givenName"] == "Yvonne"
+        stored = await h.store.load_snapshot()
+        assert stored.users[uid]["name"]["given"] == "Yvonne"
+        snap = await h.engine.snapshot(await h.engine._streaming_hook())
+        assert all(user is UNCHANGED for user in snap.users.values())
+
+
+async def test_a_scope_filter_on_group_membership_keeps_the_json_it_needs(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        staff = group_id(h, "All Staff")
+        h.retarget("zia", scope=Scope(groups=(), filter=f'memberOfGroups[id eq "{staff}"] and enabled eq true'))
+        assert not (await h.cycle()).failed
+        snap = await h.engine.snapshot(await h.engine._streaming_hook())
+        assert UNCHANGED not in snap.users.values()        # zia's filter reads membership every cycle
+        report = await h.cycle()
+        assert not report.failed and h.target_report("zia").plan_counts == {}
+        h.retarget("zia", scope=Scope(groups=(), filter="enabled eq true"))
+        await h.cycle()
+        await h.cycle()
+        snap = await h.engine.snapshot(await h.engine._streaming_hook())
+        assert all(user is UNCHANGED for user in snap.users.values())
 
 
 # -- each change reaches the target in the next cycle -------------------------------------------------

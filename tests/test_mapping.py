@@ -16,6 +16,7 @@ from daemon.mapping import (
     GroupSelector,
     MappingCache,
     Rules,
+    cache_user,
     canonical_hash,
     content_hash,
     desired_state,
@@ -23,7 +24,7 @@ from daemon.mapping import (
     map_user,
     resolve_pins,
 )
-from daemon.model import JSON, Snapshot
+from daemon.model import JSON, UNCHANGED, Snapshot
 
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 POP_A = "pop-a"
@@ -333,6 +334,28 @@ def test_the_mapping_cache_maps_a_changed_user_again_and_an_unchanged_one_the_sa
     assert set(second.users) == {"u1", "u2"} and second.skipped == {}
     third = desired_state(snap, r, hashes={u["id"]: content_hash(u) for u in changed}, cache=cache)
     assert third.users == second.users
+
+
+def test_a_user_held_as_unchanged_is_taken_from_the_cache_filter_result_included() -> None:
+    r = rules(scope_filter='department eq "Engineering"')
+    cache: MappingCache = {}
+    inside, outside = user("u1", department="Engineering"), user("u2", department="Sales")
+    for u in (inside, outside):
+        assert cache_user(cache, r, u["id"], u, content_hash(u))     # JSON no longer needed
+    snap = snapshot([inside, outside])
+    snap.users = {uid: UNCHANGED for uid in snap.users}
+    desired = desired_state(snap, r, cache=cache)
+    assert set(desired.users) == {"u1"} and desired.in_scope == 1
+    assert desired.users["u1"] is cache["u1"][1]
+    with pytest.raises(RuntimeError, match="u1"):
+        desired_state(snap, r, cache={})
+
+
+def test_a_membership_filter_is_not_cached_and_keeps_the_json() -> None:
+    r = rules(scope_filter='memberOfGroups[id eq "g1"]')
+    cache: MappingCache = {}
+    assert not cache_user(cache, r, "u1", user("u1"), 1)
+    assert cache["u1"][3] is True       # decided on the JSON every cycle instead
 
 
 # -- groups ---------------------------------------------------------------------------------------

@@ -50,6 +50,12 @@ class Faults:
 
     latency_ms: float = 0.0            # fixed delay added to every request
     jitter_ms: float = 0.0             # plus uniform(0, jitter_ms)
+    # "before": the delay is slept before the request is handled, so the emulator's own work (and
+    # its queue, when many requests arrive at once) comes on top of it. "deadline": the request is
+    # handled at once and answered when the delay has passed since it arrived, i.e. the delay IS
+    # the response time, as for a server farm whose processing is part of its latency (the
+    # benchmarks' `L`). A request still being processed at the deadline is answered when done.
+    latency_mode: str = "before"
     error_rate: float = 0.0            # fraction answered with a 5xx from `error_statuses`
     error_statuses: tuple[int, ...] = (500, 503)
     rate_limit_429: float = 0.0        # fraction answered 429 at random
@@ -114,8 +120,20 @@ def fault_middleware(
                 n = None
         rng = faults._rng
         delay = faults.latency_ms + (rng.uniform(0, faults.jitter_ms) if faults.jitter_ms else 0.0)
+        if delay > 0 and faults.latency_mode == "deadline":
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + delay / 1000.0
+            response = await _answer(request, handler, faults, n, rng)
+            remaining = deadline - loop.time()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+            return response
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
+        return await _answer(request, handler, faults, n, rng)
+
+    async def _answer(request: web.Request, handler: Handler, faults: Faults, n: int | None,
+                      rng: random.Random) -> web.StreamResponse:
         kind = faults.fail_nth.get(n) if n is not None else None
         if kind is None:
             if faults.hang_rate and rng.random() < faults.hang_rate:

@@ -13,29 +13,30 @@ retries, marks the snapshot incomplete, adds a line to `problems` and the snapsh
 what it has: removals are then not planned from it (the engine's gate). One unusable item in a
 page (not an object, no string id) is dropped the same way: a problem, not a failed page.
 
-Memory: over 100,000 users the JSON dominates. Values that repeat across users (a flat object
-such as `environment`, `population`, `account`, or a short string such as `title`) are shared
-between the user dicts rather than held once per user. Treat the snapshot's JSON as read-only.
+Memory: over 100,000 users the JSON dominates. Each user is projected to the keys the targets
+read (`keep`) and hashed as its page arrives (`Snapshot.hashes`); `on_user` may then let the
+snapshot hold `UNCHANGED` instead of the JSON (the engine does once every target has mapped the
+user and the state file holds that same JSON). Ids are interned, so that the snapshot, the
+membership sets, the caches and the links share one string per user. Treat the JSON as read-only.
 """
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Awaitable, Callable, Collection, Hashable
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection
 
 import anyio
 import structlog
 
 from daemon.errors import Forbidden, RemoteError, Unauthorized
-from daemon.model import Snapshot
+from daemon.mapping import content_hash
+from daemon.model import JSON, UNCHANGED, Snapshot
 from daemon.source.pingone import DEFAULT_CONCURRENCY, PingOneClient
 
 _FATAL = (Unauthorized, Forbidden)
-# A top-level user key whose values are shared until it shows this many distinct values; past it
-# the key is taken to be per-user (names, timestamps, ids) and left alone.
-DEFAULT_SHARE_CARDINALITY = 256
-SHARED_STRING_MAX = 128
+# (user id, its projected JSON, its content hash) -> True when the snapshot need not keep the JSON.
+UserHook = Callable[[str, JSON, int], bool]
 
 
 async def take_snapshot(
@@ -47,13 +48,16 @@ async def take_snapshot(
     concurrency: int = DEFAULT_CONCURRENCY,
     log: structlog.typing.FilteringBoundLogger | None = None,
     keep: Collection[str] | None = None,
+    on_user: UserHook | None = None,
 ) -> Snapshot:
     """Read PingOne into a `Snapshot`; `complete` is False if anything could not be read.
 
     `keep`: the only user keys to hold (what the targets' rules read); None keeps every key.
+    `on_user`: called for every user as its page arrives; True stores `UNCHANGED` for it.
     """
     snap = Snapshot(started_at=time.time())
-    share = _Sharer()
+    # A fixed key order, so that the same user hashes the same in every process.
+    kept = None if keep is None else tuple(sorted(keep))
     limiter = anyio.CapacityLimiter(max(1, concurrency))
 
     async def read_users() -> None:
@@ -64,13 +68,16 @@ async def take_snapshot(
                 page_no += 1
                 _rejections(snap, f"users page {page_no}", rejected)
                 users = snap.users
+                hashes = snap.hashes
+                intern = sys.intern
                 for user in page:
-                    if keep is not None:
-                        user = {k: v for k, v in user.items() if k in keep}
+                    uid = intern(user["id"])
+                    if kept is not None:
+                        user = {k: user[k] for k in kept if k in user}
                     else:
                         user.pop("_links", None)
-                    share(user)
-                    users[user["id"]] = user
+                    digest = hashes[uid] = content_hash(user)
+                    users[uid] = UNCHANGED if on_user is not None and on_user(uid, user, digest) else user
                 if log is not None:
                     log.debug("snapshot.page", kind="users", page=page_no, size=len(page), total=len(users))
         except _FATAL:
@@ -116,7 +123,7 @@ async def take_snapshot(
 
         async def read_members(gid: str) -> None:
             dropped: list[str] = []
-            members[gid] = frozenset(await client.group_member_ids(gid, rejected=dropped))
+            members[gid] = frozenset(map(sys.intern, await client.group_member_ids(gid, rejected=dropped)))
             _rejections(snap, f"group {gid} members", dropped)
 
         await _fan_out(snap, limiter, sorted(wanted), read_members, "members")
@@ -186,47 +193,3 @@ def _rejections(snap: Snapshot, where: str, rejected: list[str]) -> None:
     for text in rejected:
         _problem(snap, f"{where}: {text}")
     rejected.clear()
-
-
-class _Sharer:
-    """Replace repeated top-level values (short strings, flat objects) by one shared instance."""
-
-    __slots__ = ("_by_key", "_limit", "_unique")
-
-    def __init__(self, limit: int = DEFAULT_SHARE_CARDINALITY) -> None:
-        self._limit = limit
-        self._by_key: dict[str, dict[Hashable, Any]] = {}
-        self._unique: set[str] = {"id", "username", "email", "createdAt", "updatedAt"}
-
-    def __call__(self, user: dict[str, Any]) -> None:
-        by_key = self._by_key
-        unique = self._unique
-        for key, value in user.items():
-            if key in unique:
-                continue
-            marker: Hashable
-            if isinstance(value, str):
-                if len(value) > SHARED_STRING_MAX:
-                    continue
-                marker = value
-            elif isinstance(value, dict):
-                try:
-                    # the type is part of the marker: True == 1 == 1.0 must not be merged
-                    marker = tuple((k, v.__class__, v) for k, v in value.items())
-                    hash(marker)
-                except TypeError:  # nested structure: not flat, not shared
-                    continue
-            else:
-                continue
-            seen = by_key.get(key)
-            if seen is None:
-                seen = by_key[key] = {}
-            shared = seen.get(marker)
-            if shared is None:
-                if len(seen) >= self._limit:
-                    unique.add(key)
-                    del by_key[key]
-                    continue
-                seen[marker] = value
-            elif shared is not value:
-                user[key] = shared

@@ -13,13 +13,14 @@ from structlog.testing import capture_logs
 
 from daemon.backoff import RetryPolicy
 from daemon.errors import Forbidden, Unauthorized
-from daemon.model import Snapshot
+from daemon.mapping import content_hash
+from daemon.model import UNCHANGED, Snapshot
 from daemon.sandbox.directory import Directory, generate
 from daemon.sandbox.faults import Faults
 from daemon.sandbox.pingone import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, PingOneEmulator
 from daemon.sandbox.server import serve
 from daemon.source.pingone import PingOneClient
-from daemon.source.snapshot import _Sharer, take_snapshot
+from daemon.source.snapshot import take_snapshot
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -189,31 +190,39 @@ async def test_snapshot_logs_pages_at_debug_and_nothing_per_user() -> None:
     assert len(logs) == len(pages) + 1  # plus one snapshot.taken
 
 
-async def test_repeated_values_are_shared_between_users_without_changing_them() -> None:
+async def test_every_user_is_hashed_and_the_hook_lets_the_snapshot_drop_its_json() -> None:
     directory = generate(120, 4, seed=9)
+    seen: dict[str, int] = {}
+
+    def on_user(user_id: str, user: dict[str, Any], digest: int) -> bool:
+        assert user == directory.users[user_id] and digest == content_hash(user)
+        seen[user_id] = digest
+        return user_id.endswith(("0", "2", "4", "6", "8", "a", "c", "e"))   # about half
+
     async with running(directory) as (_emulator, client):
-        snap = await take_snapshot(client)
-    assert snap.users == directory.users
-    users = list(snap.users.values())
-    assert all(user["environment"] is users[0]["environment"] for user in users)
+        snap = await take_snapshot(client, group_names=["All Staff"], on_user=on_user)
+        plain = await take_snapshot(client, group_names=["All Staff"])
+    assert snap.complete and seen == snap.hashes and set(snap.users) == set(directory.users)
+    dropped = [uid for uid, user in snap.users.items() if user is UNCHANGED]
+    assert dropped and len(dropped) < len(snap.users)
+    assert all(snap.users[uid] == directory.users[uid] for uid in snap.users if uid not in dropped)
+    assert plain.hashes == snap.hashes and UNCHANGED not in plain.users.values()
+    # one string per id: the member sets reuse the users' keys
+    keys = {uid: uid for uid in snap.users}
+    for members in snap.members.values():
+        assert all(keys[m] is m for m in members)
 
 
-def test_sharing_keeps_types_and_order_apart() -> None:
-    share = _Sharer()
-    first = {"id": "a", "flags": {"x": True}, "order": {"p": 1, "q": 2}}
-    second = {"id": "b", "flags": {"x": 1}, "order": {"q": 2, "p": 1}}
-    third = {"id": "c", "flags": {"x": True}, "order": {"p": 1, "q": 2}}
-    for user in (first, second, third):
-        share(user)
-    assert second["flags"]["x"] is not True and second["flags"] == {"x": 1}
-    assert list(second["order"]) == ["q", "p"]
-    assert third["flags"] is first["flags"] and third["order"] is first["order"]
+async def test_a_projection_hashes_the_same_whatever_order_the_keys_come_in() -> None:
+    directory = generate(30, 2, seed=4)
+    async with running(directory) as (_emulator, client):
+        first = await take_snapshot(client, keep={"id", "username", "name", "enabled"})
+        second = await take_snapshot(client, keep=["enabled", "name", "username", "id"])
+    assert first.hashes == second.hashes
+    assert all(list(user) == sorted(user) for user in first.users.values())
 
 
-def test_sharing_gives_up_on_a_key_with_many_distinct_values() -> None:
-    share = _Sharer(limit=3)
-    users = [{"id": str(i), "title": f"t{i}", "type": "Employee"} for i in range(10)]
-    for user in users:
-        share(user)
-    assert [user["title"] for user in users] == [f"t{i}" for i in range(10)]
-    assert all(user["type"] == "Employee" for user in users)
+def test_the_placeholder_cannot_be_filled() -> None:
+    with pytest.raises(TypeError):
+        UNCHANGED["id"] = "x"
+    assert not UNCHANGED and repr(UNCHANGED) == "UNCHANGED"
