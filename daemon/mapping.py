@@ -23,6 +23,7 @@ from typing import Any
 
 import jmespath
 import jmespath.exceptions
+import jmespath.visitor
 
 from daemon.model import JSON, UNCHANGED, Snapshot
 from daemon.pingone_filter import SCOPE_DIALECT, CompiledFilter, compile_filter
@@ -265,12 +266,21 @@ class _MappingFailure(Exception):
         self.detail = detail
 
 
+# One interpreter for every expression: `ParsedResult.search` builds a new one per call, and
+# each is a reference cycle (its method cache holds bound methods of itself) that only the cyclic
+# collector frees. With the collector paused while a cycle maps 100,000 users, that was ~3 KB of
+# garbage per user and expression, and most of the mapping's CPU. The interpreter keeps no state
+# between visits.
+_INTERPRETER = jmespath.visitor.TreeInterpreter()
+
+
 def map_user(user: JSON, rules: Rules) -> tuple[str, dict[str, Any]]:
     """Map one PingOne user to (userName, flat SCIM attributes). Raises _MappingFailure."""
     attrs: dict[str, Any] = {}
+    visit = _INTERPRETER.visit
     for path, expr in rules.mapping:
         try:
-            value = expr.search(user)
+            value = visit(expr.parsed, user)
         except (jmespath.exceptions.JMESPathError, TypeError, ValueError) as exc:
             raise _MappingFailure(MAPPING_ERROR, f"{path}: {exc}") from exc
         if isinstance(value, dict | list):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import unicodedata
 from typing import Any
 
@@ -356,6 +357,22 @@ def test_a_membership_filter_is_not_cached_and_keeps_the_json() -> None:
     cache: MappingCache = {}
     assert not cache_user(cache, r, "u1", user("u1"), 1)
     assert cache["u1"][3] is True       # decided on the JSON every cycle instead
+
+
+def test_mapping_users_leaves_no_garbage_for_the_cyclic_collector() -> None:
+    """The engine pauses the collector while it maps 100,000s of users: what mapping allocates must
+    be freed by reference counting alone (jmespath's `search` left a cycle per call)."""
+    r = rules(scope_filter='department eq "Engineering"')
+    users = [user(f"u{i}", department="Engineering") for i in range(50)]
+    gc.collect()
+    gc.disable()
+    try:
+        for u in users:
+            map_user(u, r)
+            cache_user({}, r, u["id"], u, content_hash(u))
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 # -- groups ---------------------------------------------------------------------------------------
