@@ -42,8 +42,8 @@ from daemon.mapping import (
     resolve_pins,
     username_key,
 )
-from daemon.model import JSON, Snapshot
-from daemon.planner import HELD, PENDING, Actual, GroupLink, Plan, Policy, UserLink, plan
+from daemon.model import JSON, UNCHANGED, Snapshot
+from daemon.planner import HELD, PENDING, Actual, GroupLink, Op, Plan, Policy, UserLink, plan
 from daemon.ratelimit import RateGovernor
 from daemon.source.pingone import PingOneClient
 from daemon.source.snapshot import UserHook, take_snapshot
@@ -207,6 +207,19 @@ def gc_paused() -> Iterator[None]:
         _gc_pauses -= 1
         if _gc_pauses == 0:
             gc.enable()
+
+
+def source_updated(snapshot: Snapshot, ops: Sequence[Op]) -> dict[str, str]:
+    """PingOne's `updatedAt` of the users these operations touch (for the propagation latency in
+    their events), where the snapshot holds their JSON: an unchanged user's was not held, and
+    its record did not change."""
+    out: dict[str, str] = {}
+    for op in ops:
+        if op.kind == "user":
+            value = snapshot.users.get(op.source_id, UNCHANGED).get("updatedAt")
+            if isinstance(value, str):
+                out[op.source_id] = value
+    return out
 
 
 class Engine:
@@ -457,7 +470,7 @@ class Engine:
             desired = desired_state(snapshot, rt.rules, pins, hashes=snapshot.hashes, cache=rt.mapped)
         generation = await self.store.get_meta(f"{META_LINKS_GENERATION}.{name}")
         cached = rt.links if rt.links is not None and generation == rt.links_generation else None
-        actual = cached if cached is not None else await self.store.load_links(name)
+        actual = cached if cached is not None else await self.store.load_links(name, share=desired.users)
         rt.links = None   # until this cycle ends well, the store is the only truth
         rt.links_generation = generation
         if full:
@@ -505,8 +518,7 @@ class Engine:
             active_false_deletes=rt.config.active_false_deletes,
             progress=(lambda done, total: hook(name, done, total)) if hook is not None else None,
             observer=self._notify if self.observers else None,
-            source_updated={op.source_id: want.updated_at for op in pending if op.kind == "user"
-                            and (want := desired.users.get(op.source_id)) is not None and want.updated_at})
+            source_updated=source_updated(snapshot, pending))
         result = await applier.apply(the_plan.ops)
         # Links kept for the next cycle share the mapped attributes' dicts where equal: at 100k
         # users a second copy of every user's attributes is ~70 MB.

@@ -47,7 +47,6 @@ class DesiredUser:
     user_name: str
     attrs: Mapping[str, Any]     # flat SCIM path -> value (None = absent)
     active: bool
-    updated_at: str | None = None
 
     @property
     def hash(self) -> str:
@@ -277,6 +276,7 @@ _INTERPRETER = jmespath.visitor.TreeInterpreter()
 def map_user(user: JSON, rules: Rules) -> tuple[str, dict[str, Any]]:
     """Map one PingOne user to (userName, flat SCIM attributes). Raises _MappingFailure."""
     attrs: dict[str, Any] = {}
+    seen: dict[str, str] = {}
     visit = _INTERPRETER.visit
     for path, expr in rules.mapping:
         try:
@@ -291,6 +291,8 @@ def map_user(user: JSON, rules: Rules) -> tuple[str, dict[str, Any]]:
             value = unicodedata.normalize("NFC", value)
             if value == "":
                 value = None
+            else:
+                value = seen.setdefault(value, value)   # userName and email are often one string
         attrs[path] = value
     user_name = attrs.get(USERNAME_PATH)
     if not isinstance(user_name, str) or not user_name:
@@ -335,10 +337,8 @@ def _map(user_id: str, user: JSON, rules: Rules) -> tuple[MappedUser, str | None
         name = user.get("username")
         return Skipped(user_id, name if isinstance(name, str) else None, failure.reason, failure.detail), None
     active = user.get("enabled", True) is not False
-    updated = user.get("updatedAt")
     key = username_key(user_name)
-    return (DesiredUser(user_id, user_name, attrs, active, updated if isinstance(updated, str) else None),
-            user_name if key == user_name else key)   # one string, not two, when already folded
+    return DesiredUser(user_id, user_name, attrs, active), user_name if key == user_name else key
 
 
 def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | None = None, *,

@@ -262,7 +262,7 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
         emit(f"  {prefix}{event} {who} -> target id {fields.get('target_id')} "
              f"({fields.get('reason')}, {fields.get('outcome')}){detail}")
 
-    source_updated = {sid: w.updated_at for sid, w in desired.users.items()}
+    source_updated = {sid: u["updatedAt"] for sid, u in snap.users.items() if isinstance(u.get("updatedAt"), str)}
     applier = Applier(
         target=name, cycle_id=cycle_id, client=client, store=writes_to, log=log.bind(target=name, cycle=cycle_id),
         limiter=rt.limiter, users=dict(actual.users), groups=dict(glinks), paths=rt.rules.paths,

@@ -30,7 +30,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from daemon.mapping import content_hash
+from daemon.mapping import DesiredUser, content_hash
 from daemon.model import UNCHANGED, Snapshot
 from daemon.planner import Actual, GroupLink, Op, UserLink
 
@@ -286,17 +286,29 @@ class Store:
 
     # -- links --------------------------------------------------------------------------------
 
-    async def load_links(self, target: str) -> Actual:
+    async def load_links(self, target: str, share: Mapping[str, DesiredUser] | None = None) -> Actual:
+        """Every link of *target*. With *share* (the desired users of this cycle), a link whose
+        applied attributes and userName equal the desired ones holds the desired objects instead
+        of parsed copies: at 100,000 users a second copy of everyone's attributes is ~70 MB."""
         users: dict[str, UserLink] = {}
         groups: dict[str, GroupLink] = {}
         intern = sys.intern    # one string per source id, shared with the snapshot and the caches
+        wanted = share or {}
         async with self.db.execute(
             "SELECT kind, source_id, target_id, name, attrs, active, members, foreign_members, origin, "
             "disabled_reason, disabled_at FROM target_object WHERE target=?", (target,)) as cur:
             async for r in cur:
                 sid = intern(r[1])
                 if r[0] == "user":
-                    users[sid] = UserLink(sid, r[2], r[3], json.loads(r[4]), bool(r[5]), r[8], r[9], r[10])
+                    attrs = json.loads(r[4])
+                    name = r[3]
+                    want = wanted.get(sid)
+                    if want is not None:
+                        if attrs == want.attrs:
+                            attrs = want.attrs
+                        if name == want.user_name:
+                            name = want.user_name
+                    users[sid] = UserLink(sid, r[2], name, attrs, bool(r[5]), r[8], r[9], r[10])
                 else:
                     groups[sid] = GroupLink(sid, r[2], r[3], frozenset(map(intern, json.loads(r[6]))),
                                             frozenset(json.loads(r[7])), r[8])

@@ -57,7 +57,7 @@ def attrs_of(sid: str, **over: Any) -> dict[str, Any]:
 
 def want(sid: str, *, active: bool = True, **over: Any) -> DesiredUser:
     attrs = attrs_of(sid, **over)
-    return DesiredUser(sid, attrs["userName"], attrs, active, canonical_hash([attrs, active]))
+    return DesiredUser(sid, attrs["userName"], attrs, active)
 
 
 def link(sid: str, *, active: bool = True, disabled_reason: str | None = None, disabled_at: float | None = None,
