@@ -50,7 +50,7 @@ DEFAULT_LATENCY_MS = 20.0
 DEFAULT_CONCURRENCY = 16
 DEFAULT_APPLY_RPS = 1000.0        # above L/C's 800 req/s: the latency bound is the binding one
 DEFAULT_SOURCE_PAGE_SIZE = 1000   # PingOne's maximum `limit`; the floor pages the same way
-DEFAULT_TARGET_PAGE_SIZE = 100    # the config default; larger pages hit a body-read bug (see README)
+DEFAULT_TARGET_PAGE_SIZE = 1000   # the generic emulator's maximum `count`: a full sync of 1M users reads 1,000 pages
 DEFAULT_MEMBERSHIP_BATCH = 100
 DEFAULT_SEED_CONCURRENCY = 32
 DEFAULT_SEED_RPS = 100_000.0
@@ -468,8 +468,16 @@ def scenario_apply(plan: Plan, work: Path, profile_dir: Path | None) -> dict[str
     requests = cycle["scim"].get("writes", 0)
     bound = max(requests * plan.latency_ms / 1000 / plan.concurrency, requests / plan.apply_rps)
     apply_wall = cycle["apply"]["wall_s"]
+    # The same number of POSTs by a bare aiohttp loop (C workers, nothing else), against a fresh
+    # emulator with the same latency: what any Python client gets on this machine.
+    with emulators.start_scim("generic", latency_ms=plan.latency_ms) as bare_scim:
+        bare = asyncio.run(bare_posts(bare_scim, requests, plan.concurrency))
+    bare_ratio = bare / bound if bound else None
     return {
         "apply_ratio": round(apply_wall / bound, 3) if bound else None,
+        "apply_bare_wall_s": round(bare, 3),
+        "apply_bare_ratio": round(bare_ratio, 3) if bare_ratio else None,
+        "apply_overhead_vs_bare": round(apply_wall / bare, 3) if bare else None,
         "apply_users": plan.apply_users, "apply_groups": plan.apply_groups,
         "apply_latency_ms": plan.latency_ms, "apply_concurrency": plan.concurrency, "apply_rps": plan.apply_rps,
         "apply_requests": requests, "apply_requests_seen_by_target": writes(counters),
@@ -478,6 +486,27 @@ def scenario_apply(plan: Plan, work: Path, profile_dir: Path | None) -> dict[str
         "apply_cycle_ratio": round(cycle["wall_s"] / bound, 3) if bound else None,
         "apply_cpu_s": round(cycle["cpu_s"], 3), "apply_plan": cycle["targets"][0]["plan_counts"],
     }
+
+
+async def bare_posts(scim: emulators.EmulatorProcess, requests: int, concurrency: int) -> float:
+    """Seconds for *requests* POST /Users by *concurrency* workers of a bare aiohttp loop."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {scim.info['token']}", "Content-Type": "application/scim+json"}
+    numbers = iter(range(requests))
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async def worker() -> None:
+            for n in numbers:
+                body = {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": f"bare{n}@example.com",
+                        "active": True, "name": {"givenName": "Bare", "familyName": f"User {n}"}}
+                async with session.post(scim.url + "/Users", data=json.dumps(body)) as response:
+                    await response.read()
+                    if response.status != 201:
+                        raise RuntimeError(f"bare POST: HTTP {response.status}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - started
 
 
 def scenario_zia(plan: Plan, work: Path) -> dict[str, Any]:

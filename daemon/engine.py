@@ -209,6 +209,16 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def share_member_sets(desired: Desired, actual: Actual) -> None:
+    """A desired group whose members equal its link's takes the link's set: the links live from
+    cycle to cycle, so an unchanged group is then one set in memory, not a new copy per cycle."""
+    for gid, want in desired.groups.items():
+        link = actual.groups.get(gid)
+        if (link is not None and link.members is not want.members and len(link.members) == len(want.members)
+                and link.members == want.members):
+            desired.groups[gid] = replace(want, members=link.members)
+
+
 def source_updated(snapshot: Snapshot, ops: Sequence[Op]) -> dict[str, str]:
     """PingOne's `updatedAt` of the users these operations touch (for the propagation latency in
     their events), where the snapshot holds their JSON: an unchanged user's was not held, and
@@ -238,6 +248,7 @@ class Engine:
         # Called after every HTTP attempt to a target: (target, method, status or None, seconds).
         self.request_observers: list[Callable[[str, str, int | None, float], None]] = []
         self.quarantine_base = QUARANTINE_BASE
+        self._last_members: dict[str, frozenset[str]] = {}    # the last cycle's snapshot.members
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -260,7 +271,8 @@ class Engine:
 
     # -- the cycle ------------------------------------------------------------------------
 
-    async def snapshot(self, on_user: UserHook | None = None) -> Snapshot:
+    async def snapshot(self, on_user: UserHook | None = None,
+                       previous_members: dict[str, frozenset[str]] | None = None) -> Snapshot:
         names, ids, transitive = snapshot_needs(self.config.targets)
         # Groups already resolved are fetched by id too: one renamed in PingOne no longer answers
         # to its configured name, and its members must still be read (else everyone would
@@ -273,7 +285,8 @@ class Engine:
             keep = None if keys is None or keep is None else keep | keys
         try:
             return await take_snapshot(self.source, group_names=names, group_ids=ids, transitive=transitive,
-                                       log=self.log, keep=keep, on_user=on_user)
+                                       log=self.log, keep=keep, on_user=on_user,
+                                       previous_members=previous_members)
         except RemoteError as exc:
             raise SourceUnavailable(str(exc)) from exc
 
@@ -324,7 +337,8 @@ class Engine:
         self.log.info("cycle.started", targets=[t for t in self.runtimes if targets is None or t in targets])
         try:
             with gc_paused():
-                snapshot = await self.snapshot(await self._streaming_hook())
+                snapshot = await self.snapshot(await self._streaming_hook(), self._last_members)
+                self._last_members = snapshot.members
         except SourceUnavailable as exc:
             report.source_error = str(exc)
             report.finished = time.time()
@@ -470,7 +484,8 @@ class Engine:
             desired = desired_state(snapshot, rt.rules, pins, hashes=snapshot.hashes, cache=rt.mapped)
         generation = await self.store.get_meta(f"{META_LINKS_GENERATION}.{name}")
         cached = rt.links if rt.links is not None and generation == rt.links_generation else None
-        actual = cached if cached is not None else await self.store.load_links(name, share=desired.users)
+        actual = cached if cached is not None else await self.store.load_links(name, share=desired)
+        share_member_sets(desired, actual)
         rt.links = None   # until this cycle ends well, the store is the only truth
         rt.links_generation = generation
         if full:
@@ -520,12 +535,16 @@ class Engine:
             observer=self._notify if self.observers else None,
             source_updated=source_updated(snapshot, pending))
         result = await applier.apply(the_plan.ops)
-        # Links kept for the next cycle share the mapped attributes' dicts where equal: at 100k
-        # users a second copy of every user's attributes is ~70 MB.
+        # Links kept for the next cycle share the mapped attributes' dicts and the member sets
+        # where equal: at 100k users a second copy of every user's attributes is ~70 MB.
         for sid, link in users.items():
             want = desired.users.get(sid)
             if want is not None and link.attrs is not want.attrs and link.attrs == want.attrs:
                 users[sid] = replace(link, attrs=want.attrs)
+        for gid, glink in groups.items():
+            wanted = desired.groups.get(gid)
+            if wanted is not None and glink.members is not wanted.members and glink.members == wanted.members:
+                groups[gid] = replace(glink, members=wanted.members)
         rt.links = Actual(users, groups)
         if await self.store.approved(name):
             await self.store.consume_approval(name)   # an approval releases held removals once

@@ -420,6 +420,9 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
         if not isinstance(name, str) or not name:
             continue
         members = frozenset(members_of(group_id) & provisioned)
+        direct = snapshot.members.get(group_id)
+        if direct is not None and len(direct) == len(members) and direct == members:
+            members = direct      # one set shared by the snapshot, the desired state and the links
         display = unicodedata.normalize("NFC", name)
         desired.groups[group_id] = DesiredGroup(
             group_id, display, members, canonical_hash([display, sorted(members)]))

@@ -30,7 +30,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from daemon.mapping import DesiredUser, content_hash
+from daemon.mapping import Desired, DesiredGroup, DesiredUser, content_hash
 from daemon.model import UNCHANGED, Snapshot
 from daemon.planner import Actual, GroupLink, Op, UserLink
 
@@ -286,14 +286,15 @@ class Store:
 
     # -- links --------------------------------------------------------------------------------
 
-    async def load_links(self, target: str, share: Mapping[str, DesiredUser] | None = None) -> Actual:
-        """Every link of *target*. With *share* (the desired users of this cycle), a link whose
-        applied attributes and userName equal the desired ones holds the desired objects instead
-        of parsed copies: at 100,000 users a second copy of everyone's attributes is ~70 MB."""
+    async def load_links(self, target: str, share: Desired | None = None) -> Actual:
+        """Every link of *target*. With *share* (the desired state of this cycle), a link whose
+        applied attributes, userName or members equal the desired ones holds the desired objects
+        instead of parsed copies: at 100,000 users a second copy of everyone's attributes is ~70 MB."""
         users: dict[str, UserLink] = {}
         groups: dict[str, GroupLink] = {}
         intern = sys.intern    # one string per source id, shared with the snapshot and the caches
-        wanted = share or {}
+        wanted: Mapping[str, DesiredUser] = share.users if share is not None else {}
+        wanted_groups: Mapping[str, DesiredGroup] = share.groups if share is not None else {}
         async with self.db.execute(
             "SELECT kind, source_id, target_id, name, attrs, active, members, foreign_members, origin, "
             "disabled_reason, disabled_at FROM target_object WHERE target=?", (target,)) as cur:
@@ -310,8 +311,11 @@ class Store:
                             name = want.user_name
                     users[sid] = UserLink(sid, r[2], name, attrs, bool(r[5]), r[8], r[9], r[10])
                 else:
-                    groups[sid] = GroupLink(sid, r[2], r[3], frozenset(map(intern, json.loads(r[6]))),
-                                            frozenset(json.loads(r[7])), r[8])
+                    members = frozenset(map(intern, json.loads(r[6])))
+                    group = wanted_groups.get(sid)
+                    if group is not None and group.members == members:
+                        members = group.members
+                    groups[sid] = GroupLink(sid, r[2], r[3], members, frozenset(json.loads(r[7])), r[8])
         return Actual(users=users, groups=groups)
 
     async def write_links(

@@ -308,6 +308,23 @@ async def test_a_no_op_cycle_holds_no_user_json_and_a_changed_user_is_mapped_aga
         assert all(user is UNCHANGED for user in snap.users.values())
 
 
+async def test_unchanged_member_sets_are_one_object_across_cycles_snapshot_and_links(tmp_path: Path) -> None:
+    async with synced(tmp_path) as h:
+        await h.cycle()
+        before = dict(h.engine._last_members)
+        await h.cycle()
+        after = h.engine._last_members
+        assert after and all(after[gid] is members for gid, members in before.items() if gid in after)
+        for target in TARGETS:
+            links = h.engine.runtimes[target].links
+            assert links is not None and links.groups
+            kept = {gid: link.members for gid, link in links.groups.items()}
+            await h.cycle()
+            links = h.engine.runtimes[target].links
+            assert links is not None
+            assert all(links.groups[gid].members is members for gid, members in kept.items())
+
+
 async def test_a_scope_filter_on_group_membership_keeps_the_json_it_needs(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
         staff = group_id(h, "All Staff")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 import anyio
 import structlog
@@ -49,12 +49,16 @@ async def take_snapshot(
     log: structlog.typing.FilteringBoundLogger | None = None,
     keep: Collection[str] | None = None,
     on_user: UserHook | None = None,
+    previous_members: Mapping[str, frozenset[str]] | None = None,
 ) -> Snapshot:
     """Read PingOne into a `Snapshot`; `complete` is False if anything could not be read.
 
     `keep`: the only user keys to hold (what the targets' rules read); None keeps every key.
     `on_user`: called for every user as its page arrives; True stores `UNCHANGED` for it.
+    `previous_members`: the last cycle's `members`; a group whose members did not change keeps
+    the same set object (so that the links and the desired state, which share it, hold one copy).
     """
+    earlier = previous_members or {}
     snap = Snapshot(started_at=time.time())
     # A fixed key order, so that the same user hashes the same in every process.
     kept = None if keep is None else tuple(sorted(keep))
@@ -123,7 +127,9 @@ async def take_snapshot(
 
         async def read_members(gid: str) -> None:
             dropped: list[str] = []
-            members[gid] = frozenset(map(sys.intern, await client.group_member_ids(gid, rejected=dropped)))
+            found = frozenset(map(sys.intern, await client.group_member_ids(gid, rejected=dropped)))
+            before = earlier.get(gid)
+            members[gid] = before if before is not None and before == found else found
             _rejections(snap, f"group {gid} members", dropped)
 
         await _fan_out(snap, limiter, sorted(wanted), read_members, "members")
