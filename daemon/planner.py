@@ -193,7 +193,8 @@ def _plan_users(b: _Builder, desired: Desired, actual: Actual, policy: Policy) -
 
 
 def _plan_linked_user(b: _Builder, want: DesiredUser, link: UserLink, policy: Policy) -> None:
-    changed = changed_attributes(want.attrs, link.attrs)
+    # The engine makes a link share the mapped attributes when they are equal: then nothing changed.
+    changed = {} if want.attrs is link.attrs else changed_attributes(want.attrs, link.attrs)
     if want.active and not link.active:
         back = link.disabled_reason in (LEFT_SCOPE, DELETED_IN_SOURCE)
         # Re-enabling a user that provisiond disabled on deprovisioning is the deprovision
@@ -236,7 +237,9 @@ def _plan_groups(b: _Builder, desired: Desired, actual: Actual, policy: Policy, 
                  provisionable: set[str]) -> int:
     deferred = 0
     for gid, wanted in desired.groups.items():
-        want = replace(wanted, members=wanted.members & provisionable)
+        if not wanted.members <= provisionable:
+            wanted = replace(wanted, members=wanted.members & provisionable)
+        want = wanted
         link = actual.groups.get(gid)
         if link is None:
             b.add(PHASE_GROUPS, "group", "create", gid, None, want.display_name, NEW_GROUP,
