@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,55 @@ CONFLICT = "conflict"
 MAPPING_ERROR = "mapping_error"
 VALUE_TOO_LONG = "value_too_long"
 MALFORMED_SOURCE = "malformed_source"
+
+
+class Attrs(Mapping[str, Any]):
+    """A user's mapped attributes: flat SCIM path -> value (None = absent), read-only.
+
+    The keys are one tuple shared by every user of a rule (`Rules.keys`), the values a tuple:
+    about half the memory of a dict, which matters at 1,000,000 users. Equal to any mapping with
+    the same items; `dict(attrs)` for JSON.
+    """
+
+    __slots__ = ("_keys", "_values")
+
+    def __init__(self, keys: tuple[str, ...], values: tuple[Any, ...]) -> None:
+        self._keys = keys
+        self._values = values
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self._values[self._keys.index(key)]
+        except ValueError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self._values[self._keys.index(key)]
+        except ValueError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Attrs):
+            if other._keys is self._keys or other._keys == self._keys:
+                return self._values == other._values
+        if isinstance(other, Mapping):
+            return dict(self.items()) == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Attrs({dict(self.items())!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +161,7 @@ class Rules:
     groups: tuple[GroupSelector, ...] = ()
     transitive: bool = True
     require_email_username: bool = False
+    keys: tuple[str, ...] = ()     # the mapped paths, in order: one tuple shared by every `Attrs`
 
     @classmethod
     def compile(
@@ -135,11 +185,12 @@ class Rules:
             groups=groups,
             transitive=transitive,
             require_email_username=require_email_username,
+            keys=tuple(path for path, _ in compiled),
         )
 
     @property
     def paths(self) -> tuple[str, ...]:
-        return tuple(p for p, _ in self.mapping)
+        return self.keys or tuple(p for p, _ in self.mapping)
 
     def source_keys(self) -> frozenset[str] | None:
         """The top-level PingOne user keys this rule reads, or None when it may read any.
@@ -273,9 +324,9 @@ class _MappingFailure(Exception):
 _INTERPRETER = jmespath.visitor.TreeInterpreter()
 
 
-def map_user(user: JSON, rules: Rules) -> tuple[str, dict[str, Any]]:
+def map_user(user: JSON, rules: Rules) -> tuple[str, Attrs]:
     """Map one PingOne user to (userName, flat SCIM attributes). Raises _MappingFailure."""
-    attrs: dict[str, Any] = {}
+    values: list[Any] = []
     seen: dict[str, str] = {}
     visit = _INTERPRETER.visit
     for path, expr in rules.mapping:
@@ -293,7 +344,8 @@ def map_user(user: JSON, rules: Rules) -> tuple[str, dict[str, Any]]:
                 value = None
             else:
                 value = seen.setdefault(value, value)   # userName and email are often one string
-        attrs[path] = value
+        values.append(value)
+    attrs = Attrs(rules.paths, tuple(values))
     user_name = attrs.get(USERNAME_PATH)
     if not isinstance(user_name, str) or not user_name:
         raise _MappingFailure(MISSING_USERNAME, "the mapped userName is empty")

@@ -375,6 +375,24 @@ def test_mapping_users_leaves_no_garbage_for_the_cyclic_collector() -> None:
         gc.enable()
 
 
+def test_mapped_attributes_are_a_read_only_mapping_equal_to_their_dict() -> None:
+    r = rules()
+    _, attrs = map_user(user("u1"), r)
+    _, same = map_user(user("u1"), r)
+    _, other = map_user(user("u1", given="Grace"), r)
+    as_dict = dict(attrs)
+    assert attrs == as_dict and as_dict == attrs and attrs == same and attrs != other
+    assert list(attrs) == list(r.paths) and len(attrs) == len(r.paths) and "userName" in attrs
+    assert attrs["userName"] == attrs.get("userName") and attrs.get("nope", 7) == 7
+    with pytest.raises(KeyError):
+        attrs["nope"]
+    with pytest.raises(TypeError):
+        attrs["userName"] = "x"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        hash(attrs)
+    assert attrs._keys is same._keys            # one keys tuple per rule
+
+
 # -- groups ---------------------------------------------------------------------------------------
 
 def pushed(desired: Desired) -> dict[str, tuple[str, set[str]]]:
