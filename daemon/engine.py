@@ -729,7 +729,7 @@ class Engine:
                 u["failed"] += 1
             elif link is None:
                 u["unsynced"] += 1
-            elif dict(link.attrs) == dict(want.attrs) and link.active == want.active:
+            elif (link.attrs is want.attrs or link.attrs == want.attrs) and link.active == want.active:
                 u["success"] += 1
             elif not want.active and link.active is False:
                 u["success"] += 1
@@ -742,13 +742,16 @@ class Engine:
             else:
                 u["unsynced"] += 1
         g = {"impacted": len(desired.groups), "success": 0, "unsynced": 0, "partial": 0, "failed": 0}
+        linked = after.users.keys()
         for sid, wantg in desired.groups.items():
             glink = after.groups.get(sid)
             if sid in failed_groups:
                 g["failed"] += 1
             elif glink is None:
                 g["unsynced"] += 1
-            elif glink.display_name == wantg.display_name and glink.members == wantg.members & after.users.keys():
+            elif glink.display_name == wantg.display_name and (
+                    glink.members is wantg.members
+                    or glink.members == (wantg.members if wantg.members <= linked else wantg.members & linked)):
                 g["success"] += 1
             else:
                 g["partial"] += 1
