@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import unicodedata
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ from daemon.model import JSON, UNCHANGED, Snapshot
 from daemon.pingone_filter import SCOPE_DIALECT, CompiledFilter, compile_filter
 
 USERNAME_PATH = "userName"
+# Mapped string values up to this length are interned: names, departments and titles repeat across
+# 100,000s of users, and each parsed copy costs ~60 bytes. Longer ones (userNames, emails) are
+# mostly unique and are left alone.
+SHARED_VALUE_CHARS = 32
 MAX_VALUE_CHARS = 65536
 EMAIL_RE = re.compile(r"^[^@\s\"<>(),;:\\\[\]]+@[^@\s\"<>(),;:\\\[\]]+\.[^@\s\"<>(),;:\\\[\]]{2,}$")
 
@@ -342,6 +347,8 @@ def map_user(user: JSON, rules: Rules) -> tuple[str, Attrs]:
             value = unicodedata.normalize("NFC", value)
             if value == "":
                 value = None
+            elif len(value) <= SHARED_VALUE_CHARS:
+                value = sys.intern(value)    # given and family names, departments: one string each
             else:
                 value = seen.setdefault(value, value)   # userName and email are often one string
         values.append(value)

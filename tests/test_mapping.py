@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import unicodedata
 from typing import Any
 
@@ -391,6 +392,12 @@ def test_mapped_attributes_are_a_read_only_mapping_equal_to_their_dict() -> None
     with pytest.raises(TypeError):
         hash(attrs)
     assert attrs._keys is same._keys            # one keys tuple per rule
+    # short values repeated across users are one string (parsed JSON gives each user its own copy)
+    ada, eve = user("u1", given=json.loads('"Grace"')), user("u2", given=json.loads('"Grace"'))
+    assert ada["name"]["given"] is not eve["name"]["given"]
+    first, second = map_user(ada, r)[1], map_user(eve, r)[1]
+    shared = [p for p in r.paths if isinstance(first[p], str) and "Grace" in first[p]]
+    assert shared and all(first[p] is second[p] for p in shared)
 
 
 # -- groups ---------------------------------------------------------------------------------------

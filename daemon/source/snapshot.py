@@ -80,6 +80,7 @@ async def take_snapshot(
                         user = {k: user[k] for k in kept if k in user}
                     else:
                         user.pop("_links", None)
+                    user["id"] = uid      # what maps `id` (externalId) holds the shared string too
                     digest = hashes[uid] = content_hash(user)
                     users[uid] = UNCHANGED if on_user is not None and on_user(uid, user, digest) else user
                 if log is not None:
