@@ -216,14 +216,14 @@ class Store:
 
         The hashes last written are kept in memory, so a cycle with nothing new reads nothing
         back and writes nothing. Returns the number of user rows written or deleted. A user held
-        as `UNCHANGED` has, by construction, the hash last written.
+        as `UNCHANGED` has, by construction, the hash last written (and none in *hashes*).
         """
         old = await self.source_hashes()
         old_groups = self._group_hashes or {}
         rows = [
             (uid, user.get("username"), _hash_text(hashes[uid]), user.get("updatedAt"), _dumps(user))
             for uid, user in snapshot.users.items()
-            if old.get(uid) != hashes[uid] and user is not UNCHANGED
+            if user is not UNCHANGED and old.get(uid) != hashes[uid]
         ]
         gone = [uid for uid in old if uid not in snapshot.users] if snapshot.complete else []
         groups = []

@@ -14,8 +14,8 @@ what it has: removals are then not planned from it (the engine's gate). One unus
 page (not an object, no string id) is dropped the same way: a problem, not a failed page.
 
 Memory: over 100,000 users the JSON dominates. Each user is projected to the keys the targets
-read (`keep`) and hashed as its page arrives (`Snapshot.hashes`); `on_user` may then let the
-snapshot hold `UNCHANGED` instead of the JSON (the engine does once every target has mapped the
+read (`keep`) and hashed as its page arrives; `on_user` may then let the snapshot hold
+`UNCHANGED` instead of the JSON (and no hash) (the engine does once every target has mapped the
 user and the state file holds that same JSON). Ids are interned, so that the snapshot, the
 membership sets, the caches and the links share one string per user. Treat the JSON as read-only.
 """
@@ -81,8 +81,12 @@ async def take_snapshot(
                     else:
                         user.pop("_links", None)
                     user["id"] = uid      # what maps `id` (externalId) holds the shared string too
-                    digest = hashes[uid] = content_hash(user)
-                    users[uid] = UNCHANGED if on_user is not None and on_user(uid, user, digest) else user
+                    digest = content_hash(user)
+                    if on_user is not None and on_user(uid, user, digest):
+                        users[uid] = UNCHANGED     # its hash is the one the state file holds
+                    else:
+                        users[uid] = user
+                        hashes[uid] = digest
                 if log is not None:
                     log.debug("snapshot.page", kind="users", page=page_no, size=len(page), total=len(users))
         except _FATAL:
