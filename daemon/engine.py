@@ -306,6 +306,15 @@ class Engine:
 
         return on_user
 
+    def _forget_gone_users(self, snapshot: Snapshot) -> None:
+        """Drop the mapping-cache entries of users no longer in PingOne (a complete snapshot says
+        so): without this the caches would grow with every user ever deleted."""
+        present = snapshot.users
+        for rt in self.runtimes.values():
+            gone = [uid for uid in rt.mapped if uid not in present]
+            for uid in gone:
+                del rt.mapped[uid]
+
     async def pins(self, target: str) -> dict[str, str]:
         stored = await self.store.get_meta(f"group_pins.{target}")
         return dict(json.loads(stored)) if stored else {}
@@ -346,6 +355,8 @@ class Engine:
             return report
         complete = await self.gate(snapshot)
         await self.store.save_snapshot(snapshot, snapshot.hashes)
+        if snapshot.complete:
+            self._forget_gone_users(snapshot)
         report.snapshot_users = len(snapshot.users)
         report.snapshot_complete = complete
         self.log.info("snapshot.taken", users=len(snapshot.users), groups=len(snapshot.groups),

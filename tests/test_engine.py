@@ -325,6 +325,16 @@ async def test_unchanged_member_sets_are_one_object_across_cycles_snapshot_and_l
             assert all(links.groups[gid].members is members for gid, members in kept.items())
 
 
+async def test_a_user_deleted_in_pingone_leaves_the_mapping_caches(tmp_path: Path) -> None:
+    async with synced(tmp_path) as h:
+        (uid,) = pick(h, in_groups=["ZPA Users", "ZIA Users"])
+        assert all(uid in rt.mapped for rt in h.engine.runtimes.values())
+        h.directory.delete_user(uid)
+        await h.cycle()
+        assert all(uid not in rt.mapped for rt in h.engine.runtimes.values())
+        assert all(len(rt.mapped) == len(h.directory.users) for rt in h.engine.runtimes.values())
+
+
 async def test_a_scope_filter_on_group_membership_keeps_the_json_it_needs(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
         staff = group_id(h, "All Staff")
