@@ -556,6 +556,19 @@ async def test_latency_fault_delays_every_request() -> None:
         assert time.monotonic() - started >= 0.15
 
 
+async def test_deadline_latency_is_the_response_time_and_the_work_is_done_before_it() -> None:
+    """latency_mode "deadline": handled at once, answered when the latency has passed since the
+    request arrived; the emulator's own processing does not add to it."""
+    async with running(faults=Faults(latency_ms=300, latency_mode="deadline")) as (em, c):
+        started = time.monotonic()
+        call = asyncio.ensure_future(c.call("POST", "/Users", {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                                                          "userName": "dl@example.com"}))
+        await asyncio.sleep(0.15)
+        assert not call.done() and em.user_by_username("dl@example.com") is not None   # created, not answered
+        status, _, _ = await call
+        assert status == 201 and time.monotonic() - started >= 0.3
+
+
 async def test_error_rate_fault_answers_5xx_with_scim_error_and_spares_admin() -> None:
     async with running(faults=Faults(error_rate=1.0, seed=1)) as (em, c):
         status, body, _ = await c.call("GET", "/Users")
