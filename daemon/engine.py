@@ -42,7 +42,7 @@ from daemon.mapping import (
     resolve_pins,
     username_key,
 )
-from daemon.model import JSON, UNCHANGED, Snapshot
+from daemon.model import JSON, UNCHANGED, Snapshot, shared
 from daemon.planner import HELD, PENDING, Actual, GroupLink, Op, Plan, Policy, UserLink, plan
 from daemon.ratelimit import RateGovernor
 from daemon.source.pingone import PingOneClient
@@ -214,9 +214,8 @@ def share_member_sets(desired: Desired, actual: Actual) -> None:
     cycle to cycle, so an unchanged group is then one set in memory, not a new copy per cycle."""
     for gid, want in desired.groups.items():
         link = actual.groups.get(gid)
-        if (link is not None and link.members is not want.members and len(link.members) == len(want.members)
-                and link.members == want.members):
-            desired.groups[gid] = replace(want, members=link.members)
+        if link is not None and (members := shared(want.members, link.members)) is not want.members:
+            desired.groups[gid] = replace(want, members=members)
 
 
 def source_updated(snapshot: Snapshot, ops: Sequence[Op]) -> dict[str, str]:
@@ -554,12 +553,12 @@ class Engine:
         # where equal: at 100k users a second copy of every user's attributes is ~70 MB.
         for sid, link in users.items():
             want = desired.users.get(sid)
-            if want is not None and link.attrs is not want.attrs and link.attrs == want.attrs:
-                users[sid] = replace(link, attrs=want.attrs)
+            if want is not None and (attrs := shared(link.attrs, want.attrs)) is not link.attrs:
+                users[sid] = replace(link, attrs=attrs)
         for gid, glink in groups.items():
             wanted = desired.groups.get(gid)
-            if wanted is not None and glink.members is not wanted.members and glink.members == wanted.members:
-                groups[gid] = replace(glink, members=wanted.members)
+            if wanted is not None and (members := shared(glink.members, wanted.members)) is not glink.members:
+                groups[gid] = replace(glink, members=members)
         rt.links = Actual(users, groups)
         if await self.store.approved(name):
             await self.store.consume_approval(name)   # an approval releases held removals once

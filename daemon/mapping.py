@@ -26,7 +26,7 @@ import jmespath
 import jmespath.exceptions
 import jmespath.visitor
 
-from daemon.model import JSON, UNCHANGED, Snapshot
+from daemon.model import JSON, UNCHANGED, Snapshot, shared
 from daemon.pingone_filter import SCOPE_DIALECT, CompiledFilter, compile_filter
 
 USERNAME_PATH = "userName"
@@ -166,7 +166,11 @@ class Rules:
     groups: tuple[GroupSelector, ...] = ()
     transitive: bool = True
     require_email_username: bool = False
-    keys: tuple[str, ...] = ()     # the mapped paths, in order: one tuple shared by every `Attrs`
+    # the mapped paths, in order: one tuple shared by every `Attrs` of this rule
+    keys: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", tuple(path for path, _ in self.mapping))
 
     @classmethod
     def compile(
@@ -190,12 +194,11 @@ class Rules:
             groups=groups,
             transitive=transitive,
             require_email_username=require_email_username,
-            keys=tuple(path for path, _ in compiled),
         )
 
     @property
     def paths(self) -> tuple[str, ...]:
-        return self.keys or tuple(p for p, _ in self.mapping)
+        return self.keys
 
     def source_keys(self) -> frozenset[str] | None:
         """The top-level PingOne user keys this rule reads, or None when it may read any.
@@ -480,8 +483,8 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
             continue
         members = frozenset(members_of(group_id) & provisioned)
         direct = snapshot.members.get(group_id)
-        if direct is not None and len(direct) == len(members) and direct == members:
-            members = direct      # one set shared by the snapshot, the desired state and the links
+        if direct is not None:
+            members = shared(members, direct)   # one set for the snapshot, the desired state and the links
         display = unicodedata.normalize("NFC", name)
         desired.groups[group_id] = DesiredGroup(
             group_id, display, members, canonical_hash([display, sorted(members)]))

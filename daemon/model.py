@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 JSON = dict[str, Any]
+_T = TypeVar("_T")
 
 
 class _Unchanged(dict[str, Any]):
@@ -21,6 +22,12 @@ class _Unchanged(dict[str, Any]):
 
     def __repr__(self) -> str:
         return "UNCHANGED"
+
+
+def shared(value: _T, other: _T) -> _T:
+    """*other* when it equals *value* (and is not already it), else *value*: how the snapshot,
+    the desired state and the links come to hold one object for what is equal between them."""
+    return other if other is not value and other == value else value
 
 
 # Held in `Snapshot.users` instead of a user's JSON when that JSON is unchanged since it was last

@@ -241,22 +241,20 @@ class Provisionable:
         self.linked = linked
         self.created = created
 
-    def admits_all(self, members: frozenset[str]) -> bool:
-        linked = self.linked
-        created = self.created
-        return all(m in linked or m in created for m in members)
-
-    def filter(self, members: frozenset[str]) -> frozenset[str]:
-        return frozenset(m for m in members if m in self.linked or m in self.created)
+    def restrict(self, members: frozenset[str]) -> frozenset[str]:
+        """*members* itself when every one is provisionable, else those that are."""
+        if members <= self.linked:
+            return members
+        kept = frozenset(m for m in members if m in self.linked or m in self.created)
+        return members if len(kept) == len(members) else kept
 
 
 def _plan_groups(b: _Builder, desired: Desired, actual: Actual, policy: Policy, complete: bool,
                  provisionable: Provisionable) -> int:
     deferred = 0
     for gid, wanted in desired.groups.items():
-        if not (wanted.members <= provisionable.linked or provisionable.admits_all(wanted.members)):
-            wanted = replace(wanted, members=provisionable.filter(wanted.members))
-        want = wanted
+        members = provisionable.restrict(wanted.members)
+        want = wanted if members is wanted.members else replace(wanted, members=members)
         link = actual.groups.get(gid)
         if link is None:
             b.add(PHASE_GROUPS, "group", "create", gid, None, want.display_name, NEW_GROUP,

@@ -31,7 +31,7 @@ import aiosqlite
 import anyio
 
 from daemon.mapping import Desired, DesiredGroup, DesiredUser, content_hash
-from daemon.model import UNCHANGED, Snapshot
+from daemon.model import UNCHANGED, Snapshot, shared
 from daemon.planner import Actual, GroupLink, Op, UserLink
 
 SCHEMA_VERSION = 2
@@ -305,16 +305,14 @@ class Store:
                     name = r[3]
                     want = wanted.get(sid)
                     if want is not None:
-                        if attrs == want.attrs:
-                            attrs = want.attrs
-                        if name == want.user_name:
-                            name = want.user_name
+                        attrs = shared(attrs, want.attrs)
+                        name = shared(name, want.user_name)
                     users[sid] = UserLink(sid, r[2], name, attrs, bool(r[5]), r[8], r[9], r[10])
                 else:
                     members = frozenset(map(intern, json.loads(r[6])))
                     group = wanted_groups.get(sid)
-                    if group is not None and group.members == members:
-                        members = group.members
+                    if group is not None:
+                        members = shared(members, group.members)
                     groups[sid] = GroupLink(sid, r[2], r[3], members, frozenset(json.loads(r[7])), r[8])
         return Actual(users=users, groups=groups)
 

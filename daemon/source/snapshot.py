@@ -31,7 +31,7 @@ import structlog
 
 from daemon.errors import Forbidden, RemoteError, Unauthorized
 from daemon.mapping import content_hash
-from daemon.model import JSON, UNCHANGED, Snapshot
+from daemon.model import JSON, UNCHANGED, Snapshot, shared
 from daemon.source.pingone import DEFAULT_CONCURRENCY, PingOneClient
 
 _FATAL = (Unauthorized, Forbidden)
@@ -134,7 +134,7 @@ async def take_snapshot(
             dropped: list[str] = []
             found = frozenset(map(sys.intern, await client.group_member_ids(gid, rejected=dropped)))
             before = earlier.get(gid)
-            members[gid] = before if before is not None and before == found else found
+            members[gid] = found if before is None else shared(found, before)
             _rejections(snap, f"group {gid} members", dropped)
 
         await _fan_out(snap, limiter, sorted(wanted), read_members, "members")
