@@ -14,7 +14,6 @@ not an email address where the target requires one, shared with another in-scope
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
 import unicodedata
@@ -102,11 +101,6 @@ class DesiredUser:
     attrs: Mapping[str, Any]     # flat SCIM path -> value (None = absent)
     active: bool
 
-    @property
-    def hash(self) -> str:
-        """The canonical hash of what is provisioned (attributes and active)."""
-        return canonical_hash([dict(self.attrs), self.active])
-
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
@@ -121,7 +115,6 @@ class DesiredGroup:
     source_id: str
     display_name: str
     members: frozenset[str]      # source user ids (in scope, not skipped)
-    hash: str
 
 
 @dataclass(slots=True)
@@ -249,18 +242,12 @@ def _fields(node: Any, *, root: bool = True) -> set[str] | None:
     return out
 
 
-def canonical_hash(obj: Any) -> str:
-    """A stable digest of a JSON-able value: sorted keys, no spaces, UTF-8."""
-    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.blake2b(data.encode("utf-8"), digest_size=16).hexdigest()
-
-
 def content_hash(obj: Any) -> int:
     """A cheap 64-bit digest of a parsed JSON value, for change detection between snapshots.
 
     `repr` keeps the server's key order, so the same document read twice hashes the same; a
-    reordering only costs a cache miss, never a missed change. About 5x cheaper than
-    `canonical_hash` on a PingOne user, which matters at 100,000 users per cycle; an int (32 bytes)
+    reordering only costs a cache miss, never a missed change. About 5x cheaper than a
+    sorted-keys JSON dump on a PingOne user, which matters at 100,000 users per cycle; an int (32 bytes)
     rather than a hex string (81) because one is held per user.
     """
     return int.from_bytes(hashlib.blake2b(repr(obj).encode("utf-8", "surrogatepass"), digest_size=8).digest())
@@ -415,15 +402,19 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
     desired = Desired(present_users=snapshot.users.keys(), present_groups=snapshot.groups.keys())
     children = snapshot.children()
     admitted = scope_members(snapshot, rules, children, pins)
-    member_cache: dict[str, set[str]] = {}
+    member_cache: dict[str, frozenset[str]] = {}
 
-    def members_of(group_id: str) -> set[str]:
-        if group_id not in member_cache:
-            member_cache[group_id] = snapshot.member_ids(
+    def members_of(group_id: str) -> frozenset[str]:
+        found = member_cache.get(group_id)
+        if found is None:
+            found = member_cache[group_id] = snapshot.member_ids(
                 group_id, transitive=rules.transitive, children=children)
-        return member_cache[group_id]
+        return found
 
-    by_name: dict[str, list[str]] = {}
+    # userName key -> the first user id mapped to it; a second one is a conflict (rare: a list
+    # per key would be ~70 MB at 1,000,000 users)
+    by_name: dict[str, str] = {}
+    clashes: dict[str, list[str]] = {}
     mapped: dict[str, DesiredUser] = {}
     candidates = snapshot.users.keys() if admitted is None else admitted
     for user_id in candidates:
@@ -459,9 +450,13 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
             desired.skipped[user_id] = result
             continue
         mapped[user_id] = result
-        by_name.setdefault(key or username_key(result.user_name), []).append(user_id)
+        name_key = key or username_key(result.user_name)
+        first = by_name.setdefault(name_key, user_id)
+        if first != user_id:
+            clashes.setdefault(name_key, [first]).append(user_id)
 
-    for ids in by_name.values():
+    del by_name
+    for ids in clashes.values():
         if len(ids) > 1:
             for user_id in ids:
                 user_name = mapped[user_id].user_name
@@ -481,11 +476,12 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
         name = group.get("name")
         if not isinstance(name, str) or not name:
             continue
-        members = frozenset(members_of(group_id) & provisioned)
+        found = members_of(group_id)
+        # Without a copy when every member is provisioned: then it is the snapshot's own set (for a
+        # group with no nested groups), one set for the snapshot, the desired state and the links.
+        members = found if provisioned >= found else frozenset(found & provisioned)
         direct = snapshot.members.get(group_id)
         if direct is not None:
-            members = shared(members, direct)   # one set for the snapshot, the desired state and the links
-        display = unicodedata.normalize("NFC", name)
-        desired.groups[group_id] = DesiredGroup(
-            group_id, display, members, canonical_hash([display, sorted(members)]))
+            members = shared(members, direct)
+        desired.groups[group_id] = DesiredGroup(group_id, unicodedata.normalize("NFC", name), members)
     return desired

@@ -81,13 +81,14 @@ class Snapshot:
         return seen
 
     def member_ids(self, group_id: str, *, transitive: bool,
-                   children: dict[str, set[str]] | None = None) -> set[str]:
-        """User ids in the group: direct members, or those of every nested group as well."""
+                   children: dict[str, set[str]] | None = None) -> frozenset[str]:
+        """User ids in the group: direct members, or those of every nested group as well. The
+        snapshot's own set (no copy) when the group has no nested group to add."""
         groups: Iterable[str] = self.descendants(group_id, children) if transitive else (group_id,)
-        out: set[str] = set()
-        for gid in groups:
-            out.update(self.members.get(gid, ()))
-        return out
+        sets = [found for gid in groups if (found := self.members.get(gid))]
+        if len(sets) == 1:
+            return sets[0]
+        return frozenset().union(*sets)
 
     def group_by_name(self, name: str) -> JSON | None:
         for group in self.groups.values():

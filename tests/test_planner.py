@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from daemon.mapping import Desired, DesiredGroup, DesiredUser, Skipped, canonical_hash
+from daemon.mapping import Desired, DesiredGroup, DesiredUser, Skipped
 from daemon.planner import (
     ACTION_DISABLED,
     ATTRIBUTES_CHANGED,
@@ -68,7 +68,7 @@ def link(sid: str, *, active: bool = True, disabled_reason: str | None = None, d
 
 def wgroup(gid: str, name: str, members: Iterable[str] = ()) -> DesiredGroup:
     m = frozenset(members)
-    return DesiredGroup(gid, name, m, canonical_hash([name, sorted(m)]))
+    return DesiredGroup(gid, name, m)
 
 
 def glink(gid: str, name: str, members: Iterable[str] = (), foreign: Iterable[str] = (),
