@@ -248,6 +248,9 @@ class Engine:
         self.request_observers: list[Callable[[str, str, int | None, float], None]] = []
         self.quarantine_base = QUARANTINE_BASE
         self._last_members: dict[str, frozenset[str]] = {}    # the last cycle's snapshot.members
+        # A mapping cache (some target's) whose every entry's hash is the one `source_user` holds:
+        # set once a snapshot has been saved, cleared while one is being taken.
+        self._stored_cache: MappingCache | None = None
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -292,12 +295,26 @@ class Engine:
     async def _streaming_hook(self) -> UserHook:
         """Map every user into every target's cache as its page arrives, and let the snapshot
         drop the JSON of a user that the state file already holds as it is (`UNCHANGED`): a
-        no-op cycle then holds no user JSON at all, only hashes and the mapped attributes."""
-        stored = await self.store.source_hashes()
+        no-op cycle then holds no user JSON at all, only hashes and the mapped attributes.
+
+        What the state file holds is known from a cache that was filled by a snapshot since
+        saved; only before there is one (the first cycle, or after a failed snapshot) are the
+        stored hashes read, and dropped again with the hook."""
         caches = [(rt.mapped, rt.rules) for rt in self.runtimes.values()]
+        known = self._stored_cache
+        if known is not None and not any(known is cache for cache, _ in caches):
+            known = None       # its target was reconfigured away
+        stored = await self.store.source_hashes() if known is None else None
+        # The hook updates the caches: until the snapshot it serves is saved, they may hold hashes
+        # that the state file does not.
+        self._stored_cache = None
 
         def on_user(user_id: str, user: JSON, digest: int) -> bool:
-            droppable = stored.get(user_id) == digest
+            if known is not None:
+                hit = known.get(user_id)     # read before this page updates it
+                droppable = hit is not None and hit[0] == digest
+            else:
+                droppable = stored is not None and stored.get(user_id) == digest
             for cache, rules in caches:
                 if not cache_user(cache, rules, user_id, user, digest):
                     droppable = False
@@ -356,6 +373,7 @@ class Engine:
         await self.store.save_snapshot(snapshot, snapshot.hashes)
         if snapshot.complete:
             self._forget_gone_users(snapshot)
+        self._stored_cache = next((rt.mapped for rt in self.runtimes.values()), None)
         report.snapshot_users = len(snapshot.users)
         report.snapshot_complete = complete
         self.log.info("snapshot.taken", users=len(snapshot.users), groups=len(snapshot.groups),

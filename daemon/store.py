@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS approval (target TEXT PRIMARY KEY, granted REAL NOT N
 """
 
 BATCH = 1000
+SQL_IN_BATCH = 500           # ids per `IN (...)`: under SQLite's 999 host parameters of old builds
 
 
 class StoreError(Exception):
@@ -121,7 +122,8 @@ class Store:
         # One connection serves every target's tasks: writes take turns, so that one
         # target's transaction never swallows (or rolls back) another's statements.
         self._write_lock = anyio.Lock()
-        self._user_hashes: dict[str, Digest] | None = None    # source_user hashes as written
+        # source_group hashes as written (a few thousand at most). The users' are not kept: at
+        # 1,000,000 users that map would be ~80 MB, for what the engine's mapping caches already know.
         self._group_hashes: dict[str, Digest] | None = None
 
     @classmethod
@@ -204,28 +206,38 @@ class Store:
     # -- source snapshot ----------------------------------------------------------------------
 
     async def source_hashes(self) -> dict[str, Digest]:
-        """The content hash of every user as last written to `source_user` (kept in memory, read
-        once). A user whose snapshot hash equals this needs no write, and no JSON kept for it."""
-        if self._user_hashes is None:
-            self._user_hashes = await self._read_hashes("source_user")
-            self._group_hashes = await self._read_hashes("source_group")
-        return self._user_hashes
+        """The content hash of every user as last written to `source_user`, read anew (the engine
+        asks once, on its first cycle, before its mapping caches know what is stored)."""
+        return await self._read_hashes("source_user")
+
+    async def _stored_user_hashes(self, ids: list[str]) -> dict[str, Digest]:
+        out: dict[str, Digest] = {}
+        for i in range(0, len(ids), SQL_IN_BATCH):
+            chunk = ids[i:i + SQL_IN_BATCH]
+            sql = f"SELECT id, hash FROM source_user WHERE id IN ({','.join('?' * len(chunk))})"
+            async with self.db.execute(sql, chunk) as cur:
+                for row in await cur.fetchall():
+                    out[str(row[0])] = _hash_value(str(row[1]))
+        return out
 
     async def save_snapshot(self, snapshot: Snapshot, hashes: Mapping[str, Digest]) -> int:
         """Write the users and groups whose hash changed (and, when complete, drop those gone).
 
-        The hashes last written are kept in memory, so a cycle with nothing new reads nothing
-        back and writes nothing. Returns the number of user rows written or deleted. A user held
-        as `UNCHANGED` has, by construction, the hash last written (and none in *hashes*).
+        A user held as `UNCHANGED` has, by construction, the hash last written (and none in
+        *hashes*): a cycle with nothing new compares nothing, writes nothing, and finds that
+        nobody is gone from one `COUNT(*)`. Returns the number of user rows written or deleted.
         """
-        old = await self.source_hashes()
-        old_groups = self._group_hashes or {}
-        rows = [
-            (uid, user.get("username"), _hash_text(hashes[uid]), user.get("updatedAt"), _dumps(user))
-            for uid, user in snapshot.users.items()
-            if user is not UNCHANGED and old.get(uid) != hashes[uid]
-        ]
-        gone = [uid for uid in old if uid not in snapshot.users] if snapshot.complete else []
+        held = [uid for uid, user in snapshot.users.items() if user is not UNCHANGED]
+        old = await self._stored_user_hashes(held) if held else {}
+        rows = []
+        for uid in held:
+            if old.get(uid) != hashes[uid]:
+                user = snapshot.users[uid]
+                rows.append((uid, user.get("username"), _hash_text(hashes[uid]), user.get("updatedAt"), _dumps(user)))
+        del old, held
+        if self._group_hashes is None:
+            self._group_hashes = await self._read_hashes("source_group")
+        old_groups = self._group_hashes
         groups = []
         group_hashes: dict[str, Digest] = {}
         for gid, g in snapshot.groups.items():
@@ -236,27 +248,38 @@ class Store:
             if old_groups.get(gid) != digest:
                 groups.append((gid, g.get("name"), _hash_text(digest), members, parents))
         groups_gone = [gid for gid in old_groups if gid not in snapshot.groups] if snapshot.complete else []
-        if rows or gone or groups or groups_gone:
-            async with self.transaction() as db:
-                for i in range(0, len(rows), BATCH):
-                    await db.executemany(
-                        "INSERT OR REPLACE INTO source_user(id, username, hash, updated_at, data) "
-                        "VALUES (?, ?, ?, ?, ?)", rows[i:i + BATCH])
-                await db.executemany("DELETE FROM source_user WHERE id=?", [(u,) for u in gone])
+        gone = 0
+        async with self.transaction() as db:
+            for i in range(0, len(rows), BATCH):
                 await db.executemany(
-                    "INSERT OR REPLACE INTO source_group(id, name, hash, members, parents) VALUES (?, ?, ?, ?, ?)",
-                    groups)
-                await db.executemany("DELETE FROM source_group WHERE id=?", [(g,) for g in groups_gone])
-        for row in rows:
-            old[row[0]] = hashes[row[0]]
-        for uid in gone:
-            old.pop(uid, None)
+                    "INSERT OR REPLACE INTO source_user(id, username, hash, updated_at, data) "
+                    "VALUES (?, ?, ?, ?, ?)", rows[i:i + BATCH])
+            if snapshot.complete:
+                gone = await self._drop_gone_users(db, snapshot.users)
+            await db.executemany(
+                "INSERT OR REPLACE INTO source_group(id, name, hash, members, parents) VALUES (?, ?, ?, ?, ?)",
+                groups)
+            await db.executemany("DELETE FROM source_group WHERE id=?", [(g,) for g in groups_gone])
         if snapshot.complete:
             self._group_hashes = group_hashes
         else:
             old_groups.update(group_hashes)
-            self._group_hashes = old_groups
-        return len(rows) + len(gone)
+        return len(rows) + gone
+
+    @staticmethod
+    async def _drop_gone_users(db: aiosqlite.Connection, present: Mapping[str, Any]) -> int:
+        """Delete the users a complete snapshot no longer has. Every present user is stored by now,
+        so there are some only when the table holds more rows than the snapshot has users."""
+        async with db.execute("SELECT COUNT(*) FROM source_user") as cur:
+            row = await cur.fetchone()
+        if row is None or int(row[0]) <= len(present):
+            return 0
+        gone: list[tuple[str]] = []
+        async with db.execute("SELECT id FROM source_user") as cur:
+            while batch := await cur.fetchmany(BATCH):
+                gone.extend((str(r[0]),) for r in batch if r[0] not in present)
+        await db.executemany("DELETE FROM source_user WHERE id=?", gone)
+        return len(gone)
 
     async def _read_hashes(self, table: str) -> dict[str, Digest]:
         async with self.db.execute(f"SELECT id, hash FROM {table}") as cur:

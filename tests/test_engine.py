@@ -269,6 +269,29 @@ async def test_initial_sync_makes_each_target_equal_its_desired_state(tmp_path: 
         assert contractors - h.directory.direct_member_ids(group_id(h, "ZPA Users"))
 
 
+async def test_a_warm_daemon_never_reads_the_stored_hashes_and_still_stores_changes_and_deletions(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After one saved snapshot, the mapping caches say what the state file holds: no map of
+    1,000,000 stored hashes is read or kept, and what changed or went is still written."""
+    async with synced(tmp_path) as h:
+        async def refuse() -> dict[str, Any]:
+            raise AssertionError("a warm daemon read every stored hash")
+
+        monkeypatch.setattr(h.store, "source_hashes", refuse)
+        await h.cycle()
+        (changed,) = pick(h, in_groups=["ZPA Users"])
+        h.directory.update_user(changed, name={"given": "Yvonne"})
+        (gone,) = pick(h, not_in=["ZPA Users", "ZIA Users"])
+        h.directory.delete_user(gone)
+        await h.cycle()
+        stored = await h.store.load_snapshot()
+        assert stored.users[changed]["name"]["given"] == "Yvonne"
+        assert gone not in stored.users
+        assert stored.users.keys() == h.directory.users.keys()
+        for target in TARGETS:
+            assert_in_sync(h, target)
+
+
 async def test_the_cycle_after_a_successful_one_plans_nothing_and_sends_nothing(tmp_path: Path) -> None:
     async with synced(tmp_path) as h:
         report = await h.cycle()
