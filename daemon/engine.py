@@ -16,6 +16,8 @@ growing back-off; the other targets carry on.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import json
 import re
@@ -209,6 +211,29 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None        # not glibc (musl, macOS): nothing to hand back this way
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc `malloc_trim(0)`); True if any were.
+
+    A cycle parses ~2.6 GB of PingOne JSON at 1,000,000 users; the page buffers and the
+    per-cycle maps are freed, but glibc keeps the pages they used until something trims them:
+    called after the snapshot is saved and after each cycle, that is 5-10% of the RSS.
+    """
+    return bool(_MALLOC_TRIM(0)) if _MALLOC_TRIM is not None else False
+
+
 def share_member_sets(desired: Desired, actual: Actual) -> None:
     """A desired group whose members equal its link's takes the link's set: the links live from
     cycle to cycle, so an unchanged group is then one set in memory, not a new copy per cycle."""
@@ -312,7 +337,7 @@ class Engine:
         def on_user(user_id: str, user: JSON, digest: int) -> bool:
             if known is not None:
                 hit = known.get(user_id)     # read before this page updates it
-                droppable = hit is not None and hit[0] == digest
+                droppable = hit is not None and hit.digest == digest
             else:
                 droppable = stored is not None and stored.get(user_id) == digest
             for cache, rules in caches:
@@ -374,6 +399,7 @@ class Engine:
         if snapshot.complete:
             self._forget_gone_users(snapshot)
         self._stored_cache = next((rt.mapped for rt in self.runtimes.values()), None)
+        release_free_memory()
         report.snapshot_users = len(snapshot.users)
         report.snapshot_complete = complete
         self.log.info("snapshot.taken", users=len(snapshot.users), groups=len(snapshot.groups),
@@ -389,6 +415,7 @@ class Engine:
                 tg.start_soon(run, rt)
         report.targets = [results[rt.config.name] for rt in chosen]
         report.finished = time.time()
+        release_free_memory()
         return report
 
     async def preview(self) -> tuple[dict[str, Plan], bool]:
