@@ -330,13 +330,16 @@ class Store:
                     if want is not None:
                         attrs = shared(attrs, want.attrs)
                         name = shared(name, want.user_name)
-                    users[sid] = UserLink(sid, r[2], name, attrs, bool(r[5]), r[8], r[9], r[10])
+                    # origin and disabled_reason are one of a few words: one string each, not one
+                    # per row (~56 bytes a user at 1,000,000)
+                    users[sid] = UserLink(sid, r[2], name, attrs, bool(r[5]), intern(r[8]),
+                                          None if r[9] is None else intern(r[9]), r[10])
                 else:
                     members = frozenset(map(intern, json.loads(r[6])))
                     group = wanted_groups.get(sid)
                     if group is not None:
                         members = shared(members, group.members)
-                    groups[sid] = GroupLink(sid, r[2], r[3], members, frozenset(json.loads(r[7])), r[8])
+                    groups[sid] = GroupLink(sid, r[2], r[3], members, frozenset(json.loads(r[7])), intern(r[8]))
         return Actual(users=users, groups=groups)
 
     async def write_links(
