@@ -30,8 +30,8 @@ from daemon.pingone_filter import SCOPE_DIALECT, CompiledFilter, compile_filter
 
 USERNAME_PATH = "userName"
 # Mapped string values up to this length are interned: names, departments and titles repeat across
-# 100,000s of users, and each parsed copy costs ~60 bytes. Longer ones (userNames, emails) are
-# mostly unique and are left alone.
+# 100,000s of users, and each parsed copy costs ~60 bytes. Longer ones, userNames and email
+# addresses are mostly unique and are left alone.
 SHARED_VALUE_CHARS = 32
 MAX_VALUE_CHARS = 65536
 EMAIL_RE = re.compile(r"^[^@\s\"<>(),;:\\\[\]]+@[^@\s\"<>(),;:\\\[\]]+\.[^@\s\"<>(),;:\\\[\]]{2,}$")
@@ -100,6 +100,12 @@ class DesiredUser:
     user_name: str
     attrs: Mapping[str, Any]     # flat SCIM path -> value (None = absent)
     active: bool
+    # As a `MappingCache` entry (not compared): the content hash of the JSON it was mapped from,
+    # the userName key (`username_key`), and whether the user passes a JSON-only scope filter.
+    # Held here rather than in a tuple around it: ~56 bytes a user at 1,000,000 users.
+    digest: int = field(default=0, compare=False, repr=False)
+    key: str | None = field(default=None, compare=False, repr=False)
+    passes: bool = field(default=True, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,8 @@ class Skipped:
     user_name: str | None
     reason: str
     detail: str
+    digest: int = field(default=0, compare=False, repr=False)      # as in `DesiredUser`
+    passes: bool = field(default=True, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,12 +262,12 @@ def content_hash(obj: Any) -> int:
 
 
 MappedUser = DesiredUser | Skipped
-# source id -> (content hash, the user as this rule maps it, its userName key, whether it passes the
-# scope filter): everything derived from the user's JSON alone, so reusable while the JSON (hash)
-# is the same. The filter result is cached only for a filter that reads no group membership
-# (`filter_reads_json_only`); otherwise it is True and the filter runs on the JSON every cycle.
-CacheEntry = tuple[int, MappedUser, str | None, bool]
-MappingCache = dict[str, CacheEntry]
+# source id -> the user as this rule maps it, with the content hash of its JSON (`digest`) and
+# whether it passes the scope filter (`passes`): everything derived from the user's JSON alone, so
+# reusable while the JSON (hash) is the same. The filter result is cached only for a filter that
+# reads no group membership (`filter_reads_json_only`); otherwise it is True and the filter runs
+# on the JSON every cycle.
+MappingCache = dict[str, MappedUser]
 
 
 def filter_reads_json_only(rules: Rules) -> bool:
@@ -275,12 +283,9 @@ def cache_user(cache: MappingCache, rules: Rules, user_id: str, user: JSON, dige
     """
     hit = cache.get(user_id)
     json_only = filter_reads_json_only(rules)
-    if hit is None or hit[0] != digest:
-        result, key = _map(user_id, user, rules)
-        passes = True
-        if json_only and rules.scope_filter is not None and isinstance(result, DesiredUser):
-            passes = rules.scope_filter.matches(user)
-        cache[user_id] = (digest, result, key, passes)
+    if hit is None or hit.digest != digest:
+        passes = rules.scope_filter.matches(user) if json_only and rules.scope_filter is not None else True
+        cache[user_id] = _map(user_id, user, rules, digest, passes)
     return json_only
 
 
@@ -337,8 +342,10 @@ def map_user(user: JSON, rules: Rules) -> tuple[str, Attrs]:
             value = unicodedata.normalize("NFC", value)
             if value == "":
                 value = None
-            elif len(value) <= SHARED_VALUE_CHARS:
-                value = sys.intern(value)    # given and family names, departments: one string each
+            elif len(value) <= SHARED_VALUE_CHARS and path != USERNAME_PATH and "@" not in value:
+                # given and family names, departments: one string each. Not userNames and email
+                # addresses: one per user, they would only add an entry to the interned table.
+                value = sys.intern(value)
             else:
                 value = seen.setdefault(value, value)   # userName and email are often one string
         values.append(value)
@@ -378,16 +385,17 @@ def resolve_pins(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str]) -> d
     return out
 
 
-def _map(user_id: str, user: JSON, rules: Rules) -> tuple[MappedUser, str | None]:
-    """One user as this rule maps it (or why it is skipped), and its userName key."""
+def _map(user_id: str, user: JSON, rules: Rules, digest: int = 0, passes: bool = True) -> MappedUser:
+    """One user as this rule maps it (or why it is skipped), with its userName key."""
     try:
         user_name, attrs = map_user(user, rules)
     except _MappingFailure as failure:
         name = user.get("username")
-        return Skipped(user_id, name if isinstance(name, str) else None, failure.reason, failure.detail), None
+        return Skipped(user_id, name if isinstance(name, str) else None, failure.reason, failure.detail,
+                       digest, passes)
     active = user.get("enabled", True) is not False
     key = username_key(user_name)
-    return DesiredUser(user_id, user_name, attrs, active), user_name if key == user_name else key
+    return DesiredUser(user_id, user_name, attrs, active, digest, user_name if key == user_name else key, passes)
 
 
 def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | None = None, *,
@@ -427,10 +435,10 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
             if hit is None:
                 raise RuntimeError(f"user {user_id}: the snapshot dropped its JSON but the mapping cache "
                                    "does not hold it")
-            if not hit[3]:
+            if not hit.passes:
                 continue
             desired.in_scope += 1
-            result, key = hit[1], hit[2]
+            result = hit
         else:
             if not isinstance(user, dict):
                 desired.skipped[user_id] = Skipped(user_id, None, MALFORMED_SOURCE, "user is not an object")
@@ -440,17 +448,17 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
             desired.in_scope += 1
             digest = hashes.get(user_id) if hashes is not None else None
             hit = cache.get(user_id) if cache is not None and digest is not None else None
-            if hit is not None and hit[0] == digest:
-                result, key = hit[1], hit[2]
+            if hit is not None and hit.digest == digest:
+                result = hit
             else:
-                result, key = _map(user_id, user, rules)
+                result = _map(user_id, user, rules, digest or 0)
                 if cache is not None and digest is not None:
-                    cache[user_id] = (digest, result, key, True)
+                    cache[user_id] = result
         if isinstance(result, Skipped):
             desired.skipped[user_id] = result
             continue
         mapped[user_id] = result
-        name_key = key or username_key(result.user_name)
+        name_key = result.key or username_key(result.user_name)
         first = by_name.setdefault(name_key, user_id)
         if first != user_id:
             clashes.setdefault(name_key, [first]).append(user_id)

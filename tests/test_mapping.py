@@ -315,16 +315,31 @@ def test_a_user_held_as_unchanged_is_taken_from_the_cache_filter_result_included
     snap.users = {uid: UNCHANGED for uid in snap.users}
     desired = desired_state(snap, r, cache=cache)
     assert set(desired.users) == {"u1"} and desired.in_scope == 1
-    assert desired.users["u1"] is cache["u1"][1]
+    assert desired.users["u1"] is cache["u1"]
     with pytest.raises(RuntimeError, match="u1"):
         desired_state(snap, r, cache={})
+
+
+def test_a_user_outside_the_filter_is_not_reported_skipped_whether_held_as_json_or_not() -> None:
+    """Scope first, then mapping: a user the filter excludes is never `skipped`, also when it would
+    fail the mapping and the snapshot holds it as UNCHANGED."""
+    r = rules(scope_filter='department eq "Engineering"', require_email_username=True)
+    outside = user("u1", "not-an-email", department="Sales")
+    held = desired_state(snapshot([outside]), r, hashes={"u1": content_hash(outside)}, cache={})
+    cache: MappingCache = {}
+    assert cache_user(cache, r, "u1", outside, content_hash(outside))
+    snap = snapshot([outside])
+    snap.users = {"u1": UNCHANGED}
+    dropped = desired_state(snap, r, cache=cache)
+    for desired in (held, dropped):
+        assert desired.skipped == {} and desired.users == {} and desired.in_scope == 0
 
 
 def test_a_membership_filter_is_not_cached_and_keeps_the_json() -> None:
     r = rules(scope_filter='memberOfGroups[id eq "g1"]')
     cache: MappingCache = {}
     assert not cache_user(cache, r, "u1", user("u1"), 1)
-    assert cache["u1"][3] is True       # decided on the JSON every cycle instead
+    assert cache["u1"].passes is True       # decided on the JSON every cycle instead
 
 
 def test_mapping_users_leaves_no_garbage_for_the_cyclic_collector() -> None:
