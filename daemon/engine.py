@@ -23,6 +23,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,7 +45,7 @@ from daemon.mapping import (
     resolve_pins,
     username_key,
 )
-from daemon.model import JSON, UNCHANGED, Snapshot, shared
+from daemon.model import JSON, UNCHANGED, Members, Snapshot, shared
 from daemon.planner import HELD, PENDING, Actual, GroupLink, Op, Plan, Policy, UserLink, plan
 from daemon.ratelimit import RateGovernor
 from daemon.source.pingone import PingOneClient
@@ -272,7 +273,7 @@ class Engine:
         # Called after every HTTP attempt to a target: (target, method, status or None, seconds).
         self.request_observers: list[Callable[[str, str, int | None, float], None]] = []
         self.quarantine_base = QUARANTINE_BASE
-        self._last_members: dict[str, frozenset[str]] = {}    # the last cycle's snapshot.members
+        self._last_members: dict[str, AbstractSet[str]] = {}    # the last cycle's snapshot.members
         # A mapping cache (some target's) whose every entry's hash is the one `source_user` holds:
         # set once a snapshot has been saved, cleared while one is being taken.
         self._stored_cache: MappingCache | None = None
@@ -299,7 +300,7 @@ class Engine:
     # -- the cycle ------------------------------------------------------------------------
 
     async def snapshot(self, on_user: UserHook | None = None,
-                       previous_members: dict[str, frozenset[str]] | None = None) -> Snapshot:
+                       previous_members: dict[str, AbstractSet[str]] | None = None) -> Snapshot:
         names, ids, transitive = snapshot_needs(self.config.targets)
         # Groups already resolved are fetched by id too: one renamed in PingOne no longer answers
         # to its configured name, and its members must still be read (else everyone would
@@ -730,13 +731,13 @@ class Engine:
                 by_gname[username_key(gname)] = g
         target_to_source = {link.target_id: sid for sid, link in users.items()}
 
-        async def read_members(gid: str) -> tuple[frozenset[str], frozenset[str]] | None:
+        async def read_members(gid: str) -> tuple[AbstractSet[str], frozenset[str]] | None:
             found = await rt.client.group_member_ids(gid)
             if found is None:
                 if not rt.client.profile.group_get_returns_members:
                     return None    # the target does not tell: keep provisiond's own state
                 found = set()
-            ours = frozenset(target_to_source[t] for t in found if t in target_to_source)
+            ours = Members.of(target_to_source[t] for t in found if t in target_to_source)
             return ours, frozenset(t for t in found if t not in target_to_source)
 
         for sid, glink in actual.groups.items():

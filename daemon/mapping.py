@@ -18,6 +18,7 @@ import re
 import sys
 import unicodedata
 from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ import jmespath
 import jmespath.exceptions
 import jmespath.visitor
 
-from daemon.model import JSON, UNCHANGED, Snapshot, shared
+from daemon.model import JSON, UNCHANGED, Members, Snapshot, shared
 from daemon.pingone_filter import SCOPE_DIALECT, CompiledFilter, compile_filter
 
 USERNAME_PATH = "userName"
@@ -122,7 +123,7 @@ class Skipped:
 class DesiredGroup:
     source_id: str
     display_name: str
-    members: frozenset[str]      # source user ids (in scope, not skipped)
+    members: AbstractSet[str]    # source user ids (in scope, not skipped): `Members` or a frozenset
 
 
 @dataclass(slots=True)
@@ -410,9 +411,9 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
     desired = Desired(present_users=snapshot.users.keys(), present_groups=snapshot.groups.keys())
     children = snapshot.children()
     admitted = scope_members(snapshot, rules, children, pins)
-    member_cache: dict[str, frozenset[str]] = {}
+    member_cache: dict[str, AbstractSet[str]] = {}
 
-    def members_of(group_id: str) -> frozenset[str]:
+    def members_of(group_id: str) -> AbstractSet[str]:
         found = member_cache.get(group_id)
         if found is None:
             found = member_cache[group_id] = snapshot.member_ids(
@@ -487,7 +488,7 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
         found = members_of(group_id)
         # Without a copy when every member is provisioned: then it is the snapshot's own set (for a
         # group with no nested groups), one set for the snapshot, the desired state and the links.
-        members = found if provisioned >= found else frozenset(found & provisioned)
+        members = found if provisioned >= found else Members.of(m for m in found if m in provisioned)
         direct = snapshot.members.get(group_id)
         if direct is not None:
             members = shared(members, direct)

@@ -6,12 +6,109 @@ membership graph the planner needs. Nothing here performs I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 JSON = dict[str, Any]
 _T = TypeVar("_T")
+
+
+class Members(tuple[str, ...], Set[str]):
+    """An immutable set of ids held as a sorted tuple: 8 bytes a member where a frozenset takes
+    ~50 (its hash table is kept at most 60% full, and grows 4x). The member sets of the pushed
+    groups are kept from cycle to cycle; at 1,000,000 users and 2.5 memberships each that is
+    ~100 MB saved.
+
+    It is a `collections.abc.Set` (its mixins give `^`), with membership by bisection and
+    the operators the planner and the applier use written to iterate this set, never the other
+    operand (often the 1,000,000 keys of a dict). Mixes with frozenset, set and dict views.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, ids: Iterable[str]) -> Members:
+        """The set of *ids* (any order, duplicates allowed). Sorting sorted input is linear."""
+        if isinstance(ids, Members):
+            return ids
+        return tuple.__new__(cls, sorted(ids if isinstance(ids, Set) else set(ids)))
+
+    @classmethod
+    def _sorted(cls, ids: Iterable[str]) -> Members:
+        return tuple.__new__(cls, ids)
+
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, str):
+            return False
+        i = bisect_left(self, item)
+        return i < len(self) and self[i] == item
+
+    def __iter__(self) -> Iterator[str]:
+        return tuple.__iter__(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Members):
+            return tuple.__eq__(self, other)
+        if isinstance(other, (set, frozenset)):
+            return len(self) == len(other) and other.issuperset(self)
+        if isinstance(other, Set):
+            return len(self) == len(other) and all(map(other.__contains__, self))
+        return False
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self))
+
+    def __le__(self, other: object) -> bool:
+        if not isinstance(other, Set):
+            return NotImplemented
+        return len(self) <= len(other) and all(map(other.__contains__, self))
+
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, Set):
+            return NotImplemented
+        return all(map(self.__contains__, other))
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Set):
+            return NotImplemented
+        return len(self) < len(other) and self <= other
+
+    def __gt__(self, other: object) -> bool:
+        if not isinstance(other, Set):
+            return NotImplemented
+        return len(self) > len(other) and self >= other
+
+    def __sub__(self, other: Iterable[Any]) -> Members:
+        drop = other if isinstance(other, Set) else set(other)
+        return Members._sorted(x for x in self if x not in drop)
+
+    def __rsub__(self, other: Iterable[Any]) -> frozenset[str]:
+        return frozenset(x for x in other if x not in self)
+
+    def __and__(self, other: Iterable[Any]) -> Members:
+        keep = other if isinstance(other, Set) else set(other)
+        return Members._sorted(x for x in self if x in keep)
+
+    __rand__ = __and__
+
+    def __or__(self, other: Iterable[Any]) -> Members:
+        return Members.of(set(self).union(other))
+
+    __ror__ = __or__
+
+    def isdisjoint(self, other: Iterable[Any]) -> bool:
+        return not any(map(self.__contains__, other))
+
+    def __repr__(self) -> str:
+        return f"Members({list(self)!r})"
+
+
+
 
 
 class _Unchanged(dict[str, Any]):
@@ -49,7 +146,7 @@ class Snapshot:
 
     users: dict[str, JSON] = field(default_factory=dict)
     groups: dict[str, JSON] = field(default_factory=dict)
-    members: dict[str, frozenset[str]] = field(default_factory=dict)
+    members: dict[str, Set[str]] = field(default_factory=dict)       # `Members` mostly
     parents: dict[str, frozenset[str]] = field(default_factory=dict)
     complete: bool = True
     problems: list[str] = field(default_factory=list)
@@ -81,7 +178,7 @@ class Snapshot:
         return seen
 
     def member_ids(self, group_id: str, *, transitive: bool,
-                   children: dict[str, set[str]] | None = None) -> frozenset[str]:
+                   children: dict[str, set[str]] | None = None) -> Set[str]:
         """User ids in the group: direct members, or those of every nested group as well. The
         snapshot's own set (no copy) when the group has no nested group to add."""
         groups: Iterable[str] = self.descendants(group_id, children) if transitive else (group_id,)

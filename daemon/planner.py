@@ -19,10 +19,12 @@ for its group, and each chunk of members for those members' user operations, see
 from __future__ import annotations
 
 from collections.abc import Iterable, KeysView, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from daemon.mapping import Desired, DesiredGroup, DesiredUser
+from daemon.model import Members
 
 # phases
 PHASE_USERS = 1
@@ -75,7 +77,7 @@ class GroupLink:
     source_id: str
     target_id: str
     display_name: str
-    members: frozenset[str]                 # source user ids provisiond added
+    members: AbstractSet[str]               # source user ids provisiond added (`Members` mostly)
     foreign: frozenset[str] = frozenset()   # target user ids found in an adopted group (overwrite)
     origin: str = "created"
 
@@ -241,11 +243,11 @@ class Provisionable:
         self.linked = linked
         self.created = created
 
-    def restrict(self, members: frozenset[str]) -> frozenset[str]:
+    def restrict(self, members: AbstractSet[str]) -> AbstractSet[str]:
         """*members* itself when every one is provisionable, else those that are."""
         if members <= self.linked:
             return members
-        kept = frozenset(m for m in members if m in self.linked or m in self.created)
+        kept = Members.of(m for m in members if m in self.linked or m in self.created)
         return members if len(kept) == len(members) else kept
 
 
@@ -285,11 +287,13 @@ def _plan_linked_group(b: _Builder, want: DesiredGroup, link: GroupLink, policy:
     if want.display_name != link.display_name:
         b.add(PHASE_GROUPS, "group", "rename", want.source_id, link.target_id, want.display_name,
               GROUP_RENAMED, {"display_name": want.display_name, "before": link.display_name}, policy.update)
-    to_add = sorted(want.members - link.members)
+    # An unchanged group holds its link's own set (`engine.share_member_sets`): nothing to compare.
+    same = want.members is link.members
+    to_add = [] if same else sorted(want.members - link.members)
     if to_add:
         b.add(PHASE_MEMBER_ADD, "group", "add_members", want.source_id, link.target_id, want.display_name,
               MEMBERSHIP_CHANGED, {"source_ids": to_add}, policy.update)
-    to_remove = sorted(link.members - want.members)
+    to_remove = [] if same else sorted(link.members - want.members)
     foreign = sorted(link.foreign) if policy.group_membership == "overwrite" else []
     if not (to_remove or foreign):
         return 0

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import aiosqlite
 import anyio
 
 from daemon.mapping import Desired, DesiredGroup, DesiredUser, content_hash
-from daemon.model import UNCHANGED, Snapshot, shared
+from daemon.model import UNCHANGED, Members, Snapshot, shared
 from daemon.planner import Actual, GroupLink, Op, UserLink
 
 SCHEMA_VERSION = 2
@@ -295,7 +296,7 @@ class Store:
             async for r in cur:
                 gid = str(r[0])
                 snap.groups[gid] = {"id": gid, "name": r[1]}
-                snap.members[gid] = frozenset(json.loads(r[2]))
+                snap.members[gid] = Members.of(json.loads(r[2]))
                 snap.parents[gid] = frozenset(json.loads(r[3]))
         return snap
 
@@ -335,7 +336,7 @@ class Store:
                     users[sid] = UserLink(sid, r[2], name, attrs, bool(r[5]), intern(r[8]),
                                           None if r[9] is None else intern(r[9]), r[10])
                 else:
-                    members = frozenset(map(intern, json.loads(r[6])))
+                    members: AbstractSet[str] = Members.of(map(intern, json.loads(r[6])))
                     group = wanted_groups.get(sid)
                     if group is not None:
                         members = shared(members, group.members)

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Set
 
 import anyio
 import structlog
 
 from daemon.errors import Forbidden, RemoteError, Unauthorized
 from daemon.mapping import content_hash
-from daemon.model import JSON, UNCHANGED, Snapshot, shared
+from daemon.model import JSON, UNCHANGED, Members, Snapshot
 from daemon.source.pingone import DEFAULT_CONCURRENCY, PingOneClient
 
 _FATAL = (Unauthorized, Forbidden)
@@ -49,7 +49,7 @@ async def take_snapshot(
     log: structlog.typing.FilteringBoundLogger | None = None,
     keep: Collection[str] | None = None,
     on_user: UserHook | None = None,
-    previous_members: Mapping[str, frozenset[str]] | None = None,
+    previous_members: Mapping[str, Set[str]] | None = None,
 ) -> Snapshot:
     """Read PingOne into a `Snapshot`; `complete` is False if anything could not be read.
 
@@ -128,13 +128,14 @@ async def take_snapshot(
             for gid in list(wanted):
                 wanted |= snap.descendants(gid, children)
 
-        members: dict[str, frozenset[str]] = {}
+        members: dict[str, Set[str]] = {}
 
         async def read_members(gid: str) -> None:
             dropped: list[str] = []
             found = frozenset(map(sys.intern, await client.group_member_ids(gid, rejected=dropped)))
             before = earlier.get(gid)
-            members[gid] = found if before is None else shared(found, before)
+            # Kept as the last cycle's set when equal; a new or changed one is stored compactly.
+            members[gid] = before if before is not None and before == found else Members.of(found)
             _rejections(snap, f"group {gid} members", dropped)
 
         await _fan_out(snap, limiter, sorted(wanted), read_members, "members")

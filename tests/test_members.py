@@ -1,0 +1,60 @@
+"""`daemon.model.Members`: a sorted tuple that must behave exactly as a frozenset of ids does
+wherever the planner, the applier, the store and the mapping use member sets."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections.abc import Set
+
+import pytest
+
+from daemon.model import Members
+
+
+def cases() -> list[tuple[frozenset[str], frozenset[str]]]:
+    rng = random.Random(7)
+    pool = [f"u{i:03d}" for i in range(60)]
+    out = [(frozenset(), frozenset()), (frozenset({"a"}), frozenset())]
+    for _ in range(200):
+        out.append((frozenset(rng.sample(pool, rng.randint(0, 30))), frozenset(rng.sample(pool, rng.randint(0, 30)))))
+    return out
+
+
+@pytest.mark.parametrize(("a", "b"), cases()[:60])
+def test_every_set_operation_agrees_with_frozenset(a: frozenset[str], b: frozenset[str]) -> None:
+    ma, mb = Members.of(a), Members.of(b)
+    keys = dict.fromkeys(b).keys()
+    for other in (b, mb, set(b), keys):
+        assert (ma == other) == (a == b) and (other == ma) == (a == b)
+        assert (ma != other) == (a != b)
+        assert (ma <= other) == (a <= b) and (ma >= other) == (a >= b)
+        assert (ma < other) == (a < b) and (ma > other) == (a > b)
+        assert set(ma - other) == a - b and set(other - ma) == b - a
+        assert set(ma & other) == a & b and set(other & ma) == a & b
+        assert set(ma | other) == a | b and set(other | ma) == a | b
+        assert set(ma ^ other) == a ^ b
+        assert ma.isdisjoint(other) == a.isdisjoint(b)
+    assert all(x in ma for x in a) and not any(x in ma for x in b - a)
+    assert list(ma) == sorted(a) and len(ma) == len(a) and bool(ma) == bool(a)
+    assert hash(ma) == hash(a)
+    assert isinstance(ma, Set) and isinstance(ma - b, Members) and isinstance(ma & keys, Members)
+
+
+def test_it_is_built_from_anything_and_stays_sorted_and_unique() -> None:
+    assert list(Members.of(["c", "a", "b", "a"])) == ["a", "b", "c"]
+    assert list(Members.of(iter({"z", "y"}))) == ["y", "z"]
+    m = Members.of("ba")
+    assert Members.of(m) is m
+    assert 3 not in m and None not in m                  # not a str: not a member, no error
+    assert frozenset().union(m, Members.of("xy")) == frozenset("abxy")
+    assert json.loads(json.dumps(m)) == ["a", "b"]       # stored as the sorted JSON list it is
+    assert repr(m) == "Members(['a', 'b'])"
+
+
+def test_it_holds_a_member_in_8_bytes_where_a_frozenset_takes_several_times_that() -> None:
+    ids = [sys.intern(f"{i:036d}") for i in range(2500)]
+    compact, table = Members.of(ids), frozenset(ids)
+    assert sys.getsizeof(compact) < 8 * len(ids) + 64
+    assert sys.getsizeof(table) > 3 * sys.getsizeof(compact)
