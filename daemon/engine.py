@@ -21,6 +21,7 @@ import ctypes.util
 import gc
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
@@ -300,7 +301,8 @@ class Engine:
     # -- the cycle ------------------------------------------------------------------------
 
     async def snapshot(self, on_user: UserHook | None = None,
-                       previous_members: dict[str, AbstractSet[str]] | None = None) -> Snapshot:
+                       previous_members: dict[str, AbstractSet[str]] | None = None,
+                       canonical: Callable[[str], str] = sys.intern) -> Snapshot:
         names, ids, transitive = snapshot_needs(self.config.targets)
         # Groups already resolved are fetched by id too: one renamed in PingOne no longer answers
         # to its configured name, and its members must still be read (else everyone would
@@ -314,7 +316,7 @@ class Engine:
         try:
             return await take_snapshot(self.source, group_names=names, group_ids=ids, transitive=transitive,
                                        log=self.log, keep=keep, on_user=on_user,
-                                       previous_members=previous_members)
+                                       previous_members=previous_members, canonical=canonical)
         except RemoteError as exc:
             raise SourceUnavailable(str(exc)) from exc
 
@@ -347,6 +349,19 @@ class Engine:
             return droppable
 
         return on_user
+
+    def _canonical_ids(self) -> Callable[[str], str]:
+        """The string object to hold for a user id: the one a mapping cache holds it by (as its
+        `source_id`), else the first seen this cycle. Not `sys.intern`: the interpreter's table
+        would keep an entry per user (~40 MB at 1,000,000) for what the caches already index."""
+        known = next((rt.mapped for rt in self.runtimes.values()), None)
+        fresh: dict[str, str] = {}
+
+        def canonical(uid: str) -> str:
+            hit = known.get(uid) if known is not None else None
+            return hit.source_id if hit is not None else fresh.setdefault(uid, uid)
+
+        return canonical
 
     def _forget_gone_users(self, snapshot: Snapshot) -> None:
         """Drop the mapping-cache entries of users no longer in PingOne (a complete snapshot says
@@ -388,7 +403,8 @@ class Engine:
         self.log.info("cycle.started", targets=[t for t in self.runtimes if targets is None or t in targets])
         try:
             with gc_paused():
-                snapshot = await self.snapshot(await self._streaming_hook(), self._last_members)
+                snapshot = await self.snapshot(await self._streaming_hook(), self._last_members,
+                                               self._canonical_ids())
                 self._last_members = snapshot.members
         except SourceUnavailable as exc:
             report.source_error = str(exc)

@@ -284,7 +284,7 @@ class Store:
 
     async def _read_hashes(self, table: str) -> dict[str, Digest]:
         async with self.db.execute(f"SELECT id, hash FROM {table}") as cur:
-            return {sys.intern(str(r[0])): _hash_value(str(r[1])) async for r in cur}
+            return {str(r[0]): _hash_value(str(r[1])) async for r in cur}
 
     async def load_snapshot(self) -> Snapshot:
         """The last snapshot as stored (for a reload's impact preview): users, groups, membership."""
@@ -316,14 +316,20 @@ class Store:
         instead of parsed copies: at 100,000 users a second copy of everyone's attributes is ~70 MB."""
         users: dict[str, UserLink] = {}
         groups: dict[str, GroupLink] = {}
-        intern = sys.intern    # one string per source id, shared with the snapshot and the caches
+        intern = sys.intern    # for the few words of origin and disabled_reason
         wanted: Mapping[str, DesiredUser] = share.users if share is not None else {}
         wanted_groups: Mapping[str, DesiredGroup] = share.groups if share is not None else {}
+
+        def canonical(uid: str) -> str:
+            """The id object the desired state holds (one string per user), else this one."""
+            want = wanted.get(uid)
+            return want.source_id if want is not None else uid
+
         async with self.db.execute(
             "SELECT kind, source_id, target_id, name, attrs, active, members, foreign_members, origin, "
             "disabled_reason, disabled_at FROM target_object WHERE target=?", (target,)) as cur:
             async for r in cur:
-                sid = intern(r[1])
+                sid = canonical(r[1])
                 if r[0] == "user":
                     attrs = json.loads(r[4])
                     name = r[3]
@@ -336,7 +342,7 @@ class Store:
                     users[sid] = UserLink(sid, r[2], name, attrs, bool(r[5]), intern(r[8]),
                                           None if r[9] is None else intern(r[9]), r[10])
                 else:
-                    members: AbstractSet[str] = Members.of(map(intern, json.loads(r[6])))
+                    members: AbstractSet[str] = Members.of(map(canonical, json.loads(r[6])))
                     group = wanted_groups.get(sid)
                     if group is not None:
                         members = shared(members, group.members)

@@ -292,6 +292,26 @@ async def test_a_warm_daemon_never_reads_the_stored_hashes_and_still_stores_chan
             assert_in_sync(h, target)
 
 
+async def test_every_structure_holds_one_string_object_per_user_id(tmp_path: Path) -> None:
+    """The caches, the links of every target and the member sets share each user's id string
+    (taken from the first cache, not from the interpreter's intern table)."""
+    async with synced(tmp_path) as h:
+        h.directory.update_user(pick(h, in_groups=["ZPA Users"])[0], name={"given": "Yvonne"})
+        await h.cycle()
+        await h.cycle()
+        first = next(iter(h.engine.runtimes.values())).mapped
+        canon = {uid: uid for uid in first}
+        assert canon and all(entry.source_id is canon[uid] for uid, entry in first.items())
+        for rt in h.engine.runtimes.values():
+            assert rt.links is not None and rt.links.users
+            assert all(canon[sid] is sid and link.source_id is sid for sid, link in rt.links.users.items())
+            assert all(canon[uid] is uid for uid in rt.mapped)
+            for glink in rt.links.groups.values():
+                assert all(canon[m] is m for m in glink.members)
+        for members in h.engine._last_members.values():
+            assert all(canon[m] is m for m in members)
+
+
 async def test_the_cycle_after_a_successful_one_plans_nothing_and_sends_nothing(tmp_path: Path) -> None:
     async with synced(tmp_path) as h:
         report = await h.cycle()

@@ -16,7 +16,7 @@ page (not an object, no string id) is dropped the same way: a problem, not a fai
 Memory: over 100,000 users the JSON dominates. Each user is projected to the keys the targets
 read (`keep`) and hashed as its page arrives; `on_user` may then let the snapshot hold
 `UNCHANGED` instead of the JSON (and no hash) (the engine does once every target has mapped the
-user and the state file holds that same JSON). Ids are interned, so that the snapshot, the
+user and the state file holds that same JSON). Ids are canonical (`canonical`), so that the snapshot, the
 membership sets, the caches and the links share one string per user. Treat the JSON as read-only.
 """
 
@@ -50,6 +50,7 @@ async def take_snapshot(
     keep: Collection[str] | None = None,
     on_user: UserHook | None = None,
     previous_members: Mapping[str, Set[str]] | None = None,
+    canonical: Callable[[str], str] = sys.intern,
 ) -> Snapshot:
     """Read PingOne into a `Snapshot`; `complete` is False if anything could not be read.
 
@@ -57,6 +58,8 @@ async def take_snapshot(
     `on_user`: called for every user as its page arrives; True stores `UNCHANGED` for it.
     `previous_members`: the last cycle's `members`; a group whose members did not change keeps
     the same set object (so that the links and the desired state, which share it, hold one copy).
+    `canonical`: the one string object to hold for a user id, wherever it appears (the users
+    listing, member lists): `sys.intern` unless the caller knows them already.
     """
     earlier = previous_members or {}
     snap = Snapshot(started_at=time.time())
@@ -73,7 +76,7 @@ async def take_snapshot(
                 _rejections(snap, f"users page {page_no}", rejected)
                 users = snap.users
                 hashes = snap.hashes
-                intern = sys.intern
+                intern = canonical
                 for user in page:
                     uid = intern(user["id"])
                     if kept is not None:
@@ -132,7 +135,7 @@ async def take_snapshot(
 
         async def read_members(gid: str) -> None:
             dropped: list[str] = []
-            found = frozenset(map(sys.intern, await client.group_member_ids(gid, rejected=dropped)))
+            found = frozenset(map(canonical, await client.group_member_ids(gid, rejected=dropped)))
             before = earlier.get(gid)
             # Kept as the last cycle's set when equal; a new or changed one is stored compactly.
             members[gid] = before if before is not None and before == found else Members.of(found)
