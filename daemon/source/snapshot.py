@@ -135,10 +135,12 @@ async def take_snapshot(
 
         async def read_members(gid: str) -> None:
             dropped: list[str] = []
-            found = frozenset(map(canonical, await client.group_member_ids(gid, rejected=dropped)))
+            found = frozenset(await client.group_member_ids(gid, rejected=dropped))
             before = earlier.get(gid)
-            # Kept as the last cycle's set when equal; a new or changed one is stored compactly.
-            members[gid] = before if before is not None and before == found else Members.of(found)
+            # Kept as the last cycle's set when equal (compared by value: no id is looked up); a new
+            # or changed one is stored compactly, with the canonical id strings.
+            members[gid] = (before if before is not None and before == found
+                            else Members.of(map(canonical, found)))
             _rejections(snap, f"group {gid} members", dropped)
 
         await _fan_out(snap, limiter, sorted(wanted), read_members, "members")
