@@ -579,6 +579,8 @@ def scenario_world(plan: Plan, work: Path, *, users: int, groups: int, seed: str
                 f"{prefix}_peak_is_cycle_only": third["peak_reset"],
                 f"{prefix}_wall_s": round(third["wall_s"], 3), f"{prefix}_cpu_s": round(third["cpu_s"], 3),
                 f"{prefix}_first_wall_s": round(second["wall_s"], 3),
+                # the restarted daemon's first cycle maps every user: its peak since the start
+                f"{prefix}_first_peak_rss_mb": round(second["peak_rss_mb"], 1),
                 f"{prefix}_first_cpu_s": round(second["cpu_s"], 3),
                 f"{prefix}_floor_s": round(floor["wall_s"], 3), f"{prefix}_floor_cpu_s": round(floor["cpu_s"], 3),
                 f"{prefix}_floor_runs_s": [round(f["wall_s"], 3) for f in floors],
