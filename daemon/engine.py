@@ -351,11 +351,15 @@ class Engine:
 
         return on_user
 
+    def _first_cache(self) -> MappingCache | None:
+        """Some target's mapping cache: after a snapshot, every target's holds every user."""
+        return next((rt.mapped for rt in self.runtimes.values()), None)
+
     def _canonical_ids(self) -> Callable[[str], str]:
         """The string object to hold for a user id: the one a mapping cache holds it by (as its
         `source_id`), else the first seen this cycle. Not `sys.intern`: the interpreter's table
         would keep an entry per user (~40 MB at 1,000,000) for what the caches already index."""
-        known = next((rt.mapped for rt in self.runtimes.values()), None)
+        known = self._first_cache()
         fresh: dict[str, str] = {}
 
         def canonical(uid: str) -> str:
@@ -416,7 +420,7 @@ class Engine:
         await self.store.save_snapshot(snapshot, snapshot.hashes)
         if snapshot.complete:
             self._forget_gone_users(snapshot)
-        self._stored_cache = next((rt.mapped for rt in self.runtimes.values()), None)
+        self._stored_cache = self._first_cache()
         release_free_memory()
         report.snapshot_users = len(snapshot.users)
         report.snapshot_complete = complete

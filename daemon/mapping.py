@@ -474,13 +474,12 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
 
     del by_name
     for ids in clashes.values():
-        if len(ids) > 1:
-            for user_id in ids:
-                user_name = mapped[user_id].user_name
-                others = ", ".join(sorted(i for i in ids if i != user_id))
-                desired.skipped[user_id] = Skipped(
-                    user_id, user_name, CONFLICT, f"userName {user_name!r} is also mapped from {others}")
-                del mapped[user_id]
+        for user_id in ids:
+            user_name = mapped[user_id].user_name
+            others = ", ".join(sorted(i for i in ids if i != user_id))
+            desired.skipped[user_id] = Skipped(
+                user_id, user_name, CONFLICT, f"userName {user_name!r} is also mapped from {others}")
+            del mapped[user_id]
     desired.users = mapped
 
     provisioned = desired.users.keys()

@@ -7,7 +7,7 @@ membership graph the planner needs. Nothing here performs I/O.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Set
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -44,9 +44,6 @@ class Members(tuple[str, ...], Set[str]):
             return False
         i = bisect_left(self, item)
         return i < len(self) and self[i] == item
-
-    def __iter__(self) -> Iterator[str]:
-        return tuple.__iter__(self)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Members):
@@ -106,9 +103,6 @@ class Members(tuple[str, ...], Set[str]):
 
     def __repr__(self) -> str:
         return f"Members({list(self)!r})"
-
-
-
 
 
 class _Unchanged(dict[str, Any]):
