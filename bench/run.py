@@ -168,9 +168,9 @@ async def _worker(config_path: str, log_stream: io.TextIOWrapper) -> None:
     import anyio
 
     from daemon import logs
-    from daemon.cli import http_session
     from daemon.config import load_config
     from daemon.engine import Engine
+    from daemon.http_session import http_session
     from daemon.store import Store
 
     config = load_config(config_path)

@@ -28,15 +28,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from daemon.errors import Conflict, Forbidden, NotFound, RemoteError, TransientError, Unauthorized
-from daemon.planner import (
-    PENDING,
-    PHASE_GROUPS,
-    PHASE_MEMBER_ADD,
-    PHASE_USERS,
-    GroupLink,
-    Op,
-    UserLink,
-)
+from daemon.links import PENDING, PHASE_GROUPS, PHASE_MEMBER_ADD, PHASE_USERS, GroupLink, Op, UserLink
 from daemon.store import Outcome, Store
 from daemon.target.resource import read_active, read_user
 from daemon.target.scim import ScimClient

@@ -17,14 +17,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anyio
 
 from daemon import logs
 from daemon.config import Config, ConfigError, load_config, resolve_config_path
 from daemon.engine import META_ACCEPT_SHRINK, META_RELOAD_APPROVED, CycleReport, Engine
+from daemon.http_session import http_session
+from daemon.links import PENDING, Op, Plan
 from daemon.lock import StateLock, StateLocked
-from daemon.planner import PENDING, Op, Plan
 from daemon.store import Store, StoreError
 
 EX_OK = 0
@@ -63,13 +63,6 @@ def configured(command: Callable[[argparse.Namespace, Config], int]) -> Callable
 def _setup_logging(cfg: Config, *, to_stderr: bool = False, level: str | None = None) -> None:
     logs.configure(fmt=cfg.daemon.log_format, level=level or cfg.daemon.log_level, secrets=cfg.secrets(),
                    stream=sys.stderr if to_stderr else sys.stdout)
-
-
-def http_session(*, limit: int = 100,
-                 trace_configs: list[aiohttp.TraceConfig] | None = None) -> aiohttp.ClientSession:
-    """The one HTTP session of a process: TLS verification on (aiohttp's default), pooled."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300),
-                                 trust_env=False, raise_for_status=False, trace_configs=trace_configs)
 
 
 # -- once -------------------------------------------------------------------------------------

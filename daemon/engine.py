@@ -35,6 +35,7 @@ from daemon.applier import APPLIED, FAILED, Applier, Observer, TargetUnhealthy
 from daemon.backoff import RetryPolicy
 from daemon.config import Config, GroupRef, TargetConfig
 from daemon.errors import Forbidden, RemoteError, TransientError, Unauthorized
+from daemon.links import HELD, PENDING, Actual, GroupLink, Op, Plan, UserLink
 from daemon.mapping import (
     Desired,
     GroupSelector,
@@ -46,7 +47,7 @@ from daemon.mapping import (
     username_key,
 )
 from daemon.model import JSON, UNCHANGED, Members, Snapshot, shared
-from daemon.planner import HELD, PENDING, Actual, GroupLink, Op, Plan, Policy, UserLink, plan
+from daemon.planner import Policy, plan
 from daemon.ratelimit import RateGovernor
 from daemon.source.pingone import PingOneClient
 from daemon.source.snapshot import UserHook, take_snapshot

@@ -20,9 +20,10 @@ from typing import Any
 
 from daemon.config import Config, TargetConfig
 from daemon.engine import rules_for
+from daemon.links import HELD, PENDING, REMOVALS_HELD, Actual, GroupLink, Op, Plan, UserLink
 from daemon.mapping import Desired, Rules, desired_state, resolve_pins
 from daemon.model import JSON, Snapshot
-from daemon.planner import HELD, PENDING, REMOVALS_HELD, Actual, GroupLink, Op, Plan, Policy, UserLink, plan
+from daemon.planner import Policy, plan
 from daemon.store import Store
 
 DEFAULT_HISTORY = 10              # last operations shown per target

@@ -55,9 +55,9 @@ from daemon.explain import (
     user_link,
     user_snapshot,
 )
+from daemon.links import PENDING, Actual, Op
 from daemon.mapping import desired_state, resolve_pins
 from daemon.model import JSON
-from daemon.planner import PENDING, Actual, Op
 from daemon.source.pingone import PingOneClient
 from daemon.store import Store
 from daemon.target.scim import ScimClient

@@ -38,6 +38,8 @@ from daemon import logs
 from daemon.config import Config, ConfigError, diff_configs, load_config
 from daemon.durations import format_duration
 from daemon.engine import META_RELOAD_APPROVED, CycleReport, Engine
+from daemon.http_session import DEFAULT_HTTP_CONNECTIONS
+from daemon.http_session import http_session as plain_session
 from daemon.lock import StateLock, StateLocked
 from daemon.metrics import Health, Metrics, serve_http
 from daemon.notify import Heartbeat, Notifier, NotifyAddressError, watchdog, watchdog_timeout
@@ -50,7 +52,6 @@ EXIT_CONFIG: Final = 78          # EX_CONFIG, as `provisiond once` and `check-co
 MEMORY_STATE: Final = ":memory:"       # an in-memory state (tests) is private to its process: no lock
 DEFAULT_BEAT_EVERY: Final = 1.0          # seconds: the idle scheduler beats the heartbeat this often
 DEFAULT_STATUS_EVERY: Final = 1.0        # seconds between two progress STATUS= updates
-DEFAULT_HTTP_CONNECTIONS: Final = 100
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 # Keys a reload records but cannot apply to a running daemon.
 RESTART_KEYS: Final = ("daemon.state_path", "daemon.http_listen")
@@ -115,9 +116,7 @@ class RequestGate:
 
 
 def http_session(gate: RequestGate, *, limit: int = DEFAULT_HTTP_CONNECTIONS) -> aiohttp.ClientSession:
-    """The daemon's one HTTP session (`cli.http_session`: TLS verified, pooled), behind `gate`."""
-    from daemon.cli import http_session as plain_session
-
+    """The daemon's one HTTP session (`daemon.http_session`: TLS verified, pooled), behind `gate`."""
     return plain_session(limit=limit, trace_configs=[gate.trace_config()])
 
 

@@ -31,9 +31,9 @@ from typing import Any
 import aiosqlite
 import anyio
 
+from daemon.links import Actual, GroupLink, Op, UserLink
 from daemon.mapping import Desired, DesiredGroup, DesiredUser, content_hash
 from daemon.model import UNCHANGED, Members, Snapshot, shared
-from daemon.planner import Actual, GroupLink, Op, UserLink
 
 SCHEMA_VERSION = 2
 CYCLE_KIND = "cycle"          # cycle.kind of the daemon's own cycles (sync-user writes its own)

@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 from daemon import applier as applier_module
 from daemon.applier import APPLIED, FAILED, SKIPPED, Applier, ApplyResult
 from daemon.backoff import RetryPolicy
-from daemon.planner import PHASE_GROUPS, PHASE_MEMBER_ADD, PHASE_USERS, GroupLink, Op, UserLink
+from daemon.links import PHASE_GROUPS, PHASE_MEMBER_ADD, PHASE_USERS, GroupLink, Op, UserLink
 from daemon.sandbox.scim import DEFAULT_TOKEN, ScimEmulator
 from daemon.sandbox.server import serve
 from daemon.store import Store

@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from daemon.mapping import Desired, DesiredGroup, DesiredUser, Skipped
-from daemon.planner import (
+from daemon.links import (
     ACTION_DISABLED,
     ATTRIBUTES_CHANGED,
     BACK_IN_SCOPE,
@@ -38,11 +37,10 @@ from daemon.planner import (
     GroupLink,
     Op,
     Plan,
-    Policy,
     UserLink,
-    changed_attributes,
-    plan,
 )
+from daemon.mapping import Desired, DesiredGroup, DesiredUser, Skipped
+from daemon.planner import Policy, changed_attributes, plan
 
 NOW = 1_700_000_000.0
 DAY = 86400.0

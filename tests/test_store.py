@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon.links import HELD, PENDING, SKIPPED, GroupLink, Op, UserLink
 from daemon.model import Snapshot
-from daemon.planner import HELD, PENDING, SKIPPED, GroupLink, Op, UserLink
 from daemon.store import SCHEMA_VERSION, Outcome, Store, StoreError
 
 pytestmark = pytest.mark.timeout(30)
