@@ -22,6 +22,14 @@ What is measured, from the engine's observer events (`daemon.applier` entity eve
     provisiond_cycle_duration_seconds{target}               histogram
     provisiond_last_success_timestamp_seconds{target}       gauge     end of the last successful cycle
     provisiond_propagation_latency_seconds{target}          histogram PingOne updatedAt -> applied
+    provisiond_removals_held{target}                        gauge     removals the last cycle held
+    provisiond_target_quarantined{target}                   gauge     1 while the target is quarantined
+    provisiond_source_up                                    gauge     1 when the last snapshot read PingOne
+    provisiond_cycle_interval_seconds                       gauge     the configured `interval`
+    provisiond_build_info{version}                          gauge     always 1
+
+The alert rules in `contrib/prometheus/provisiond-alerts.yml` read these (a test checks that
+every metric a rule names is exported).
 
 Propagation latency counts only users whose `updatedAt` is later than the moment metrics began
 (`since`): a user changed while the daemon was down, or first provisioned years after its last
@@ -30,6 +38,7 @@ change, says nothing about how fast provisiond is.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import socket
 import time
@@ -40,7 +49,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -100,6 +109,62 @@ class _ClientStats(Collector):
         return list(families.values())
 
 
+def build_version() -> str:
+    """The installed distribution's version ("unknown" when run from a bare source tree)."""
+    try:
+        return importlib.metadata.version("provisiond")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _OperatorGauges(Collector):
+    """What the shipped alert rules read: held removals and quarantine per target, whether the
+    source answers, the configured interval and the build.
+
+    Quarantine is read from the engine at scrape time: 1 from the moment a target is quarantined
+    until a cycle with it succeeds again (between back-off retries too, unlike /healthz, which
+    is 503 only while the back-off runs), so that an alert's `for:` does not restart at each
+    retry. Held removals are the last finished cycle's count, kept while a target is skipped."""
+
+    def __init__(self) -> None:
+        self.engine: Any = None
+        self.held: dict[str, float] = {}
+        self.source_up: float | None = None
+        self.version = build_version()
+
+    def observe_cycle(self, target: str, fields: Mapping[str, Any]) -> None:
+        summary = fields.get("summary")
+        if isinstance(summary, Mapping) and isinstance(summary.get("held"), int):
+            self.held[target] = float(summary["held"])
+
+    def collect(self) -> Iterable[Metric]:
+        held = GaugeMetricFamily(f"{NAMESPACE}_removals_held",
+                                 "Removals the last cycle held above max_deletes (release: provisiond approve).",
+                                 labels=["target"])
+        quarantined = GaugeMetricFamily(f"{NAMESPACE}_target_quarantined",
+                                        "1 from a target's quarantine (auth refused, mostly failing) until "
+                                        "a cycle succeeds with it again.", labels=["target"])
+        runtimes: Mapping[str, Any] = self.engine.runtimes if self.engine is not None else {}
+        for name in sorted(set(runtimes) | set(self.held)):
+            held.add_metric([name], self.held.get(name, 0.0))
+            rt = runtimes.get(name)
+            quarantined.add_metric([name], 1.0 if rt is not None and rt.quarantine.reason is not None else 0.0)
+        out: list[Metric] = [held, quarantined]
+        if self.source_up is not None:
+            out.append(GaugeMetricFamily(f"{NAMESPACE}_source_up",
+                                         "1 when the last snapshot read PingOne, 0 when it failed.",
+                                         value=self.source_up))
+        if self.engine is not None:
+            out.append(GaugeMetricFamily(f"{NAMESPACE}_cycle_interval_seconds",
+                                         "The configured time between cycle starts ([daemon] interval).",
+                                         value=float(self.engine.config.daemon.interval)))
+        info = GaugeMetricFamily(f"{NAMESPACE}_build_info", "The running provisiond's version; always 1.",
+                                 labels=["version"])
+        info.add_metric([self.version], 1.0)
+        out.append(info)
+        return out
+
+
 _HELP = {
     "http_requests": "HTTP requests sent, retries included.",
     "http_429": "HTTP 429 (rate limited) answers received.",
@@ -136,15 +201,23 @@ class Metrics:
                                          buckets=OPERATION_BUCKETS)
         self._clients = _ClientStats()
         r.register(self._clients)
+        self._operator = _OperatorGauges()
+        r.register(self._operator)
 
     def attach(self, engine: Any) -> None:
-        """Read the HTTP counters of this engine's clients at every scrape."""
+        """Read the HTTP counters of this engine's clients (and its targets' quarantine) at every scrape."""
         self._clients.engine = engine
+        self._operator.engine = engine
+
+    def record_source(self, error: str | None) -> None:
+        """The last snapshot's failure (`CycleReport.source_error`), or None when PingOne was read."""
+        self._operator.source_up = 0.0 if error is not None else 1.0
 
     def observe(self, event: str, fields: dict[str, Any]) -> None:
         """An engine observer: entity events and `cycle.finished`."""
         target = str(fields.get("target", ""))
         if event == CYCLE_FINISHED:
+            self._operator.observe_cycle(target, fields)
             result = str(fields.get("outcome"))
             self.cycles.labels(target, result).inc()
             self.queue.labels(target).set(0)

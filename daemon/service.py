@@ -273,6 +273,7 @@ class Service:
             try:
                 report = await self.engine.cycle()
                 self.health.record_source(report.source_error)
+                self.metrics.record_source(report.source_error)
             except Exception as exc:   # a defect or a broken state file: log it, try again next interval
                 self.log.error("cycle.crashed", cycle_number=number, error=f"{type(exc).__name__}: {exc}",
                                exc_info=True)
