@@ -8,6 +8,7 @@ excluded prefix (the admin and inspection routes are never faulted).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import time
@@ -64,7 +65,9 @@ class Faults:
     rate_limit_burst: float | None = None
     hang_rate: float = 0.0             # fraction that never answer (until the client gives up)
     fail_nth: dict[int, str] = field(default_factory=dict)  # request number (1-based) -> kind
-    # kinds for fail_nth: "429", "500", "503", "malformed", "truncated", "drop", "hang"
+    # kinds for fail_nth: "429", "500", "503", "malformed", "truncated", "drop", "hang", and
+    # "miscount" (a well-formed page whose top-level `count` says one item more than the listing
+    # holds: a source that lost an item between pages)
     # With nth_only (a regex over the path and query), fail_nth counts only the requests it
     # matches (in `matched_count`): "the 3rd users page" stays the 3rd when other reads run
     # concurrently with the listing.
@@ -164,9 +167,24 @@ def fault_middleware(
         body = getattr(response, "body", None)
         if kind == "malformed":
             return web.Response(status=200, body=b'{"_embedded": {"users": [ {"id": ', content_type="application/json")
+        if kind == "miscount" and isinstance(body, bytes | bytearray):
+            return _miscounted(response, bytes(body))
         if kind == "truncated" and isinstance(body, bytes | bytearray):
             return web.Response(status=response.status, body=bytes(body[: max(1, len(body) // 2)]),
                                 content_type="application/json")
         return response
 
     return middleware
+
+
+def _miscounted(response: web.StreamResponse, body: bytes) -> web.StreamResponse:
+    """The same page with its top-level `count` one higher (unchanged when it has none)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return response
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("count"), int):
+        return response
+    parsed["count"] += 1
+    return web.Response(status=response.status, body=json.dumps(parsed).encode(),
+                        content_type="application/json")

@@ -337,7 +337,8 @@ class PingOneClient:
         """Yield `_embedded[key]` of each page, following `_links.next.href` as given.
 
         An item that is not an object with a non-empty string `id` fails the page, unless a
-        `rejected` list is given: then the item is dropped and described there."""
+        `rejected` list is given: then the item is dropped and described there, and after the
+        last page so is a listing whose items do not add up to the `count` it reported."""
         async for page in self._pages(path, (key,), params, rejected):
             yield page
 
@@ -347,10 +348,17 @@ class PingOneClient:
         target: str | None = path
         first = True
         seen: set[str] = set()
+        counts: list[int] = []     # the `count` each page reported (where it reported one)
+        arrived = 0                # items that arrived, dropped ones included
         while target is not None:
             body = await self.get(target, query if first else None)
             where = target if first else URL(target, encoded=True).path
+            dropped = len(rejected) if rejected is not None else 0
             items = _embedded(body, keys, where, rejected)
+            arrived += len(items) + (len(rejected) - dropped if rejected is not None else 0)
+            reported = body.get("count")
+            if isinstance(reported, int) and not isinstance(reported, bool):
+                counts.append(reported)
             target = _next_href(body, where)
             del body  # only the items live on
             if target is not None:
@@ -361,6 +369,10 @@ class PingOneClient:
             first = False
             self.stats["pages"] += 1
             yield items
+        if rejected is not None:
+            mismatch = _count_mismatch(counts, arrived)
+            if mismatch:
+                rejected.append(mismatch)
 
     async def iter_users(self, filter: str | None = None, *, rejected: list[str] | None = None,
                          ) -> AsyncIterator[Page]:
@@ -463,6 +475,22 @@ def _embedded(body: dict[str, Any], keys: tuple[str, ...], where: str,
         rejected.append(f"item {i + 1} of {len(items)} dropped: {_item_problem(items[i])}")
     skip = set(bad)
     return [item for i, item in enumerate(items) if i not in skip]
+
+
+def _count_mismatch(counts: list[int], arrived: int) -> str | None:
+    """Why a listing is short or long against the `count` PingOne reported for it, or None.
+
+    `count` is optional (pingone.md §1: it may be missing for very large sets): a listing
+    without one is taken as it is. Every page reports the count of the whole result set, so
+    pages that disagree mean the set changed (or was lost) while it was read."""
+    if not counts:
+        return None
+    if len(set(counts)) > 1:
+        seen = ", ".join(str(c) for c in dict.fromkeys(counts))
+        return f"listing count changed while it was read ({seen}); {arrived} item(s) arrived"
+    if counts[0] != arrived:
+        return f"listing reported count {counts[0]} but {arrived} item(s) arrived"
+    return None
 
 
 def _item_problem(item: Any) -> str:

@@ -11,7 +11,9 @@ The steps, in order:
 A refusal (401/403) is fatal for the cycle and propagates. Any other failure, after the client's
 retries, marks the snapshot incomplete, adds a line to `problems` and the snapshot goes on with
 what it has: removals are then not planned from it (the engine's gate). One unusable item in a
-page (not an object, no string id) is dropped the same way: a problem, not a failed page.
+page (not an object, no string id) is dropped the same way: a problem, not a failed page. So is a
+listing (users, groups, a group's members) whose items do not add up to the `count` PingOne
+reported for it, where it reported one: a page lost or a set changed mid-read.
 
 Memory: over 100,000 users the JSON dominates. Each user is projected to the keys the targets
 read (`keep`) and hashed as its page arrives; `on_user` may then let the snapshot hold
@@ -92,6 +94,7 @@ async def take_snapshot(
                         hashes[uid] = digest
                 if log is not None:
                     log.debug("snapshot.page", kind="users", page=page_no, size=len(page), total=len(users))
+            _rejections(snap, "users listing", rejected)   # its count against what arrived
         except _FATAL:
             raise
         except RemoteError as exc:
@@ -110,6 +113,7 @@ async def take_snapshot(
                 if log is not None:
                     log.debug("snapshot.page", kind="groups", page=page_no, size=len(page),
                               total=len(snap.groups))
+            _rejections(snap, "groups listing", rejected)
         except _FATAL:
             raise
         except RemoteError as exc:

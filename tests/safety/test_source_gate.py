@@ -96,3 +96,36 @@ async def test_one_unusable_user_in_a_page_is_dropped_as_a_problem_and_the_rest_
         assert h.emulator("zpa").user_by_username("new.person@example.com") is not None
         for target in TARGETS:
             assert removal_requests(h.emulator(target)) == [], target
+
+
+async def test_a_users_listing_that_does_not_add_up_to_its_count_removes_nothing_until_one_does(
+        tmp_path: Path) -> None:
+    """PingOne reports `count` for a listing: fewer users than it says is an incomplete snapshot."""
+    async with harness(tmp_path) as h:
+        fast_source(h, page_size=PAGE_SIZE)
+        assert not (await h.cycle()).failed
+        gone = next(uid for uid in sorted(h.directory.users)
+                    if all(h.emulator(t).user_by_username(h.directory.users[uid]["username"]) for t in TARGETS))
+        gone_name = h.directory.users[gone]["username"]
+        h.directory.delete_user(gone)              # a real deletion, due to be deprovisioned
+        faults = h.sb.pingone.faults
+        faults.nth_only = USERS_LISTING
+        faults.matched_count = 0
+        faults.fail_nth = {2: "miscount"}          # page 2 says one user more than there are
+
+        report = await h.cycle()
+        assert report.snapshot_complete is False
+        for target in TARGETS:
+            assert removal_requests(h.emulator(target)) == [], target
+        (logged,) = h.events("snapshot.incomplete")
+        assert logged["problems"] == ["users listing: listing count changed while it was read (59, 60); "
+                                      "59 item(s) arrived"]
+
+        faults.fail_nth = {}
+        report = await h.cycle()
+        assert report.snapshot_complete is True
+        for target in TARGETS:
+            assert removal_requests(h.emulator(target)), target
+            assert_converged(h.directory, h.emulator(target), target)
+            found = h.emulator(target).user_by_username(gone_name)
+            assert found is None or found.get("active") is False

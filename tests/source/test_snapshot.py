@@ -227,3 +227,35 @@ def test_the_placeholder_cannot_be_filled() -> None:
     with pytest.raises(TypeError):
         UNCHANGED["id"] = "x"
     assert not UNCHANGED and repr(UNCHANGED) == "UNCHANGED"
+
+
+async def test_a_users_listing_short_of_its_reported_count_leaves_an_incomplete_snapshot() -> None:
+    directory = generate(120, 6, seed=4)
+    faults = Faults()
+    async with running(directory, users_page_cap=50, faults=faults) as (_emulator, client):
+        await client.token()
+        # users page 2 of 3 says the set holds one user more than the three pages deliver
+        faults.nth_only = USERS_LISTING
+        faults.fail_nth = {2: "miscount"}
+        snap = await take_snapshot(client, group_names=["All Staff"])
+    assert not snap.complete
+    assert len(snap.users) == 120       # every user arrived; the count disagreed
+    assert snap.problems == ["users listing: listing count changed while it was read (120, 121); "
+                             "120 item(s) arrived"]
+
+
+async def test_a_member_listing_whose_count_disagrees_is_a_problem_and_a_matching_one_is_not() -> None:
+    directory = generate(80, 6, seed=3)
+    zpa = directory.group_by_name("ZPA Users")["id"]
+    faults = Faults()
+    async with running(directory, faults=faults) as (_emulator, client):
+        await client.token()
+        snap = await take_snapshot(client, group_ids=[zpa], transitive=False)
+        assert snap.complete, snap.problems          # every count PingOne reports adds up
+        faults.nth_only = MEMBER_LISTING
+        faults.matched_count = 0
+        faults.fail_nth = {1: "miscount"}
+        snap = await take_snapshot(client, group_ids=[zpa], transitive=False)
+    assert not snap.complete
+    members = len(directory.direct_member_ids(zpa))
+    assert snap.problems == [f"group {zpa} members: listing reported count {members + 1} but {members} item(s) arrived"]
