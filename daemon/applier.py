@@ -203,10 +203,7 @@ class Applier:
     async def _run_stage(self, stage: list[Op]) -> None:
         queued = [op for op in stage if not _is_member_add(op)]
         adds = [op for op in stage if _is_member_add(op)]
-        for op in queued:
-            if op.phase in PREREQUISITE_PHASES:
-                counts = self._unfinished.setdefault(op.kind, {})
-                counts[op.source_id] = counts.get(op.source_id, 0) + 1
+        self._expect_prerequisites(queued)
         ordered = _member_order(queued, adds)
         # A pool of workers pulls from one queue: 100,000 creates are not 100,000 tasks. A member
         # add is one task per group, waiting without a concurrency slot.
@@ -221,6 +218,13 @@ class Applier:
                     tg.start_soon(self._run_member_add, op, members)
         finally:
             self._stage = None
+
+    def _expect_prerequisites(self, queued: list[Op]) -> None:
+        """Count, per user and group, the operations of phases 1-2 a member add must wait for."""
+        for op in queued:
+            if op.phase in PREREQUISITE_PHASES:
+                counts = self._unfinished.setdefault(op.kind, {})
+                counts[op.source_id] = counts.get(op.source_id, 0) + 1
 
     async def _worker(self, queue: Iterator[Op]) -> None:
         for op in queue:

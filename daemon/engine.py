@@ -1,17 +1,23 @@
-"""One provisioning cycle, step by step (DESIGN.md "What it is"):
+"""One provisioning cycle, step by step (DESIGN.md "What it is"); each step is one `Engine` method:
 
-    1 snapshot PingOne                      (source.snapshot)
-    2 gate it: complete? shrunk?            removals only from a complete, unshrunk snapshot
-    3 per target, concurrently:
-      a recover what an interrupted cycle left in flight (lookup before any create)
-      b on a full sync, read the target and repair the links (drift, adoption)
-      c derive the desired state            (mapping, pure)
-      d plan                                (planner, pure) -> SQLite
-      e apply                               (applier) -> SQLite + one log event per entity
-      f summarise                           -> SQLite + `cycle.finished`
+    1 snapshot PingOne                      (source.snapshot)            cycle_snapshot, save_snapshot
+    2 gate it: complete? shrunk?            removals only from a         gate
+                                            complete, unshrunk snapshot
+    3 per target, concurrently:                                          run_targets, target_cycle
+      a recover what an interrupted cycle left in flight                 recover
+        (lookup before any create)
+      b derive the desired state            (mapping, pure)              desire
+      c the links provisiond holds: the last cycle's, else SQLite's;     known_links
+        on a full sync, read the target and repair them (drift, adoption)   refresh_actual
+      d plan                                (planner, pure) -> SQLite    plan_cycle, report_plan
+      e apply                               (applier) -> SQLite + one    apply_plan
+                                            log event per entity
+      f summarise                           -> SQLite + `cycle.finished` finish
 
-A target that fails (auth, mostly transient failures, unreachable) is quarantined with a
-growing back-off; the other targets carry on.
+`_target_cycle` is 3a-3f on one screen; the steps take the desired state, links and plan as
+arguments, so a cycle over a subset of entities can call them in the same order. A target that
+fails (auth, mostly transient failures, unreachable) is quarantined with a growing back-off;
+the other targets carry on.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any
 import aiohttp
 import anyio
 
-from daemon.applier import APPLIED, FAILED, Applier, Observer, TargetUnhealthy
+from daemon.applier import APPLIED, FAILED, Applier, ApplyResult, Observer, TargetUnhealthy
 from daemon.backoff import RetryPolicy
 from daemon.config import Config, GroupRef, TargetConfig
 from daemon.errors import Forbidden, RemoteError, TransientError, Unauthorized
@@ -112,6 +118,18 @@ class TargetReport:
     results: dict[str, int] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CycleContext:
+    """One target's cycle under way: what its steps after the first share."""
+
+    rt: TargetRuntime
+    cycle_id: int
+    full: bool             # a full sync: the target is read whole
+    complete: bool         # the gate's answer: removals may be planned from this snapshot
+    log: Any               # bound to the target and the cycle
+    started: float
 
 
 @dataclass
@@ -245,6 +263,19 @@ def share_member_sets(desired: Desired, actual: Actual) -> None:
         link = actual.groups.get(gid)
         if link is not None and (members := shared(want.members, link.members)) is not want.members:
             desired.groups[gid] = replace(want, members=members)
+
+
+def share_with_desired(users: dict[str, UserLink], groups: dict[str, GroupLink], desired: Desired) -> None:
+    """Links kept for the next cycle share the mapped attributes' dicts and the member sets where
+    equal: at 100k users a second copy of every user's attributes is ~70 MB."""
+    for sid, link in users.items():
+        want = desired.users.get(sid)
+        if want is not None and (attrs := shared(link.attrs, want.attrs)) is not link.attrs:
+            users[sid] = replace(link, attrs=attrs)
+    for gid, glink in groups.items():
+        wanted = desired.groups.get(gid)
+        if wanted is not None and (members := shared(glink.members, wanted.members)) is not glink.members:
+            groups[gid] = replace(glink, members=members)
 
 
 def source_updated(snapshot: Snapshot, ops: Sequence[Op]) -> dict[str, str]:
@@ -408,26 +439,44 @@ class Engine:
         report = CycleReport(started=time.time())
         self.log.info("cycle.started", targets=[t for t in self.runtimes if targets is None or t in targets])
         try:
-            with gc_paused():
-                snapshot = await self.snapshot(await self._streaming_hook(), self._last_members,
-                                               self._canonical_ids())
-                self._last_members = snapshot.members
+            snapshot = await self.cycle_snapshot()                        # 1
         except SourceUnavailable as exc:
             report.source_error = str(exc)
             report.finished = time.time()
             self.log.error("snapshot.failed", error=str(exc))
             return report
-        complete = await self.gate(snapshot)
-        await self.store.save_snapshot(snapshot, snapshot.hashes)
-        if snapshot.complete:
-            self._forget_gone_users(snapshot)
-        self._stored_cache = self._first_cache()
-        release_free_memory()
+        complete = await self.gate(snapshot)                              # 2
+        await self.save_snapshot(snapshot)
         report.snapshot_users = len(snapshot.users)
         report.snapshot_complete = complete
         self.log.info("snapshot.taken", users=len(snapshot.users), groups=len(snapshot.groups),
                       complete=complete, duration_ms=round((snapshot.finished_at - snapshot.started_at) * 1000))
         chosen = [rt for name, rt in self.runtimes.items() if targets is None or name in targets]
+        report.targets = await self.run_targets(chosen, snapshot, complete)   # 3
+        report.finished = time.time()
+        release_free_memory()
+        return report
+
+    async def cycle_snapshot(self) -> Snapshot:
+        """Step 1 as a cycle takes it: users mapped into the caches as their pages arrive, the
+        JSON of users the state file holds as they are dropped, ids made canonical."""
+        with gc_paused():
+            snapshot = await self.snapshot(await self._streaming_hook(), self._last_members,
+                                           self._canonical_ids())
+            self._last_members = snapshot.members
+        return snapshot
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Step 1's end: the snapshot to SQLite; the caches forget users PingOne no longer has."""
+        await self.store.save_snapshot(snapshot, snapshot.hashes)
+        if snapshot.complete:
+            self._forget_gone_users(snapshot)
+        self._stored_cache = self._first_cache()
+        release_free_memory()
+
+    async def run_targets(self, chosen: Sequence[TargetRuntime], snapshot: Snapshot,
+                          complete: bool) -> list[TargetReport]:
+        """Step 3: every chosen target's cycle, concurrently; their reports in `chosen`'s order."""
         results: dict[str, TargetReport] = {}
 
         async def run(rt: TargetRuntime) -> None:
@@ -436,10 +485,7 @@ class Engine:
         async with anyio.create_task_group() as tg:
             for rt in chosen:
                 tg.start_soon(run, rt)
-        report.targets = [results[rt.config.name] for rt in chosen]
-        report.finished = time.time()
-        release_free_memory()
-        return report
+        return [results[rt.config.name] for rt in chosen]
 
     async def preview(self) -> tuple[dict[str, Plan], bool]:
         """Snapshot and plan every target from what SQLite knows; write nothing, send nothing."""
@@ -551,28 +597,53 @@ class Engine:
 
     async def _target_cycle(self, rt: TargetRuntime, snapshot: Snapshot, complete: bool, cycle_id: int,
                             full: bool, log: Any) -> TargetReport:
+        """Steps 3a-3f for one target; `target_cycle` wraps them in quarantine and failure handling."""
+        cx = CycleContext(rt, cycle_id, full, complete, log, time.time())
+        await self.recover(rt, log)                                               # a
+        desired = await self.desire(rt, snapshot)                                 # b
+        actual = await self.known_links(rt, desired)                              # c
+        if full:
+            actual = await self.refresh_actual(rt, actual, desired, log)
+        the_plan = await self.plan_cycle(cx, desired, actual)                     # d
+        self.report_plan(cx, desired, the_plan)
+        result, after = await self.apply_plan(cx, snapshot, desired, actual, the_plan)   # e
+        return await self.finish(cx, desired, after, the_plan, result)            # f
+
+    async def desire(self, rt: TargetRuntime, snapshot: Snapshot) -> Desired:
+        """Step b: what the target should hold (mapping, pure); the group pins it resolved are kept."""
         name = rt.config.name
-        started = time.time()
-        await self.recover(rt, log)
         old_pins = await self.pins(name)
         pins = resolve_pins(snapshot, rt.rules, old_pins)
         if pins != old_pins:
             await self.store.set_meta(f"group_pins.{name}", json.dumps(pins, sort_keys=True))
         with gc_paused():
-            desired = desired_state(snapshot, rt.rules, pins, hashes=snapshot.hashes, cache=rt.mapped)
+            return desired_state(snapshot, rt.rules, pins, hashes=snapshot.hashes, cache=rt.mapped)
+
+    async def known_links(self, rt: TargetRuntime, desired: Desired) -> Actual:
+        """Step c: the links as the last cycle left them in memory, unless another process has
+        written this target's links since (then SQLite's); unchanged groups share one member set."""
+        name = rt.config.name
         generation = await self.store.get_meta(f"{META_LINKS_GENERATION}.{name}")
         cached = rt.links if rt.links is not None and generation == rt.links_generation else None
         actual = cached if cached is not None else await self.store.load_links(name, share=desired)
         share_member_sets(desired, actual)
         rt.links = None   # until this cycle ends well, the store is the only truth
         rt.links_generation = generation
-        if full:
-            actual = await self.refresh_actual(rt, actual, desired, log)
+        return actual
+
+    async def plan_cycle(self, cx: CycleContext, desired: Desired, actual: Actual) -> Plan:
+        """Step d: the plan (planner, pure), saved before anything is sent."""
         with gc_paused():
-            the_plan = await self.make_plan(rt, desired, actual, complete)
-        await self.store.save_plan(cycle_id, name, the_plan.ops)
-        # A skip is logged at info when it starts (or its reason changes), at debug while it lasts:
-        # the journal says why once, not every cycle.
+            the_plan = await self.make_plan(cx.rt, desired, actual, cx.complete)
+        await self.store.save_plan(cx.cycle_id, cx.rt.config.name, the_plan.ops)
+        return the_plan
+
+    def report_plan(self, cx: CycleContext, desired: Desired, the_plan: Plan) -> None:
+        """Step d's log: what is skipped or held and why, then `cycle.apply_started`.
+
+        A skip is logged at info when it starts (or its reason changes), at debug while it lasts:
+        the journal says why once, not every cycle."""
+        rt, log = cx.rt, cx.log
         reported: dict[str, str] = {}
 
         def report_skip(key: str, reason: str) -> Any:
@@ -587,14 +658,14 @@ class Engine:
             log.warning("group.not_found_in_source", group=missing)
         if the_plan.removals_held:
             log.warning("plan.removals_held", held=the_plan.removals_held, limit=the_plan.removals_limit,
-                        hint=f"provisiond approve --target {name}")
+                        hint=f"provisiond approve --target {rt.config.name}")
         if the_plan.removals_deferred:
             log.warning("plan.removals_deferred", deferred=the_plan.removals_deferred,
                         reason="snapshot_incomplete")
         pending = the_plan.pending()
         eta = self.eta(rt, len(pending))
         log.info("cycle.apply_started", operations=len(pending), planned=the_plan.counts(), eta_s=eta,
-                 full_sync=full)
+                 full_sync=cx.full)
         for op in the_plan.ops:
             if op.status != PENDING:
                 report_skip(f"{op.kind}:{op.source_id}:{op.op}", op.skip_reason or "")(
@@ -602,6 +673,13 @@ class Engine:
                     **{("user" if op.kind == "user" else "group"): op.name}, op=op.op, outcome="skipped",
                     reason=op.skip_reason, planned_reason=op.reason)
         rt.reported = reported
+
+    async def apply_plan(self, cx: CycleContext, snapshot: Snapshot, desired: Desired, actual: Actual,
+                         the_plan: Plan) -> tuple[ApplyResult, Actual]:
+        """Step e: send the plan's pending operations; the links after them are kept in memory
+        for the next cycle, sharing the desired state's objects where equal."""
+        rt, name = cx.rt, cx.rt.config.name
+        pending = the_plan.pending()
         # The applier updates these in place; with nothing to apply, the links are reused as they
         # are rather than copied (1,000,000 entries).
         users: dict[str, UserLink] = (actual.users if not pending and isinstance(actual.users, dict)
@@ -610,28 +688,25 @@ class Engine:
                                         else dict(actual.groups))
         hook = self.progress
         applier = Applier(
-            target=name, cycle_id=cycle_id, client=rt.client, store=self.store, log=log, limiter=rt.limiter,
-            users=users, groups=groups, paths=rt.rules.paths, can_create=rt.config.actions.create,
-            active_false_deletes=rt.config.active_false_deletes,
+            target=name, cycle_id=cx.cycle_id, client=rt.client, store=self.store, log=cx.log,
+            limiter=rt.limiter, users=users, groups=groups, paths=rt.rules.paths,
+            can_create=rt.config.actions.create, active_false_deletes=rt.config.active_false_deletes,
             progress=(lambda done, total: hook(name, done, total)) if hook is not None else None,
             observer=self._notify if self.observers else None,
             source_updated=source_updated(snapshot, pending))
         result = await applier.apply(the_plan.ops)
-        # Links kept for the next cycle share the mapped attributes' dicts and the member sets
-        # where equal: at 100k users a second copy of every user's attributes is ~70 MB.
-        for sid, link in users.items():
-            want = desired.users.get(sid)
-            if want is not None and (attrs := shared(link.attrs, want.attrs)) is not link.attrs:
-                users[sid] = replace(link, attrs=attrs)
-        for gid, glink in groups.items():
-            wanted = desired.groups.get(gid)
-            if wanted is not None and (members := shared(glink.members, wanted.members)) is not glink.members:
-                groups[gid] = replace(glink, members=members)
+        share_with_desired(users, groups, desired)
         rt.links = Actual(users, groups)
+        return result, rt.links
+
+    async def finish(self, cx: CycleContext, desired: Desired, after: Actual, the_plan: Plan,
+                     result: ApplyResult) -> TargetReport:
+        """Step f: the summary and outcome to SQLite, `cycle.finished` to the log and observers."""
+        rt, name, log = cx.rt, cx.rt.config.name, cx.log
         if await self.store.approved(name):
             await self.store.consume_approval(name)   # an approval releases held removals once
         counts = result.counts()
-        summary = self.summarize(desired, Actual(users, groups), the_plan, result, snapshot_complete=complete)
+        summary = self.summarize(desired, after, the_plan, result, snapshot_complete=cx.complete)
         if rt.unmanaged is None:
             known = await self.store.get_meta(f"unmanaged.{name}")
             rt.unmanaged = int(known) if known is not None else None
@@ -640,16 +715,16 @@ class Engine:
         outcome = "success" if not failed else "partial_failure"
         if result.stopped is not None:
             outcome = "quarantined"
-        await self.store.finish_cycle(cycle_id, outcome, summary)
+        await self.store.finish_cycle(cx.cycle_id, outcome, summary)
         log.info("cycle.finished", outcome=outcome, applied=counts.get(APPLIED, 0), failed=failed,
                  skipped=counts.get("skipped", 0) + sum(1 for op in the_plan.ops if op.status != PENDING),
                  held=the_plan.removals_held, users=summary["users"], groups=summary["groups"],
-                 full_sync=full)
-        report = TargetReport(name, cycle_id, outcome, full, the_plan.counts(), counts, summary, failed)
+                 full_sync=cx.full)
+        report = TargetReport(name, cx.cycle_id, outcome, cx.full, the_plan.counts(), counts, summary, failed)
         if result.stopped is not None:
             self._quarantine(rt, result.stopped.reason, result.stopped.detail, log)
         self._notify("cycle.finished", {"target": name, "outcome": outcome, "summary": summary,
-                                        "started": started, "finished": time.time(),
+                                        "started": cx.started, "finished": time.time(),
                                         "queue": 0, "reason": result.stopped.reason if result.stopped else None})
         return report
 
