@@ -293,6 +293,23 @@ def cmd_approve(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+# -- backup -----------------------------------------------------------------------------------
+
+
+@configured
+def cmd_backup(args: argparse.Namespace, cfg: Config) -> int:
+    from daemon.backup import BackupError, backup_state
+
+    try:
+        result = backup_state(cfg.daemon.state_path, args.path)
+    except BackupError as exc:
+        print(f"provisiond: backup: {exc}", file=sys.stderr)
+        return EX_FAIL
+    print(f"backed up {result.source} to {result.path} ({result.bytes} bytes, {result.pages} pages, "
+          f"schema {result.schema_version})")
+    return EX_OK
+
+
 # -- why / sync-user --------------------------------------------------------------------------
 
 
@@ -481,8 +498,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    """The installed distribution's version ("unknown" when run from a bare source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("provisiond")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="provisiond", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"provisiond {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -507,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reload", action="store_true",
                    help="activate a reload the running daemon held because it would remove too much")
     p.set_defaults(func=cmd_approve)
+    p = with_config(sub.add_parser("backup", help="copy the state file consistently, also while the daemon "
+                                   "runs (SQLite online backup; the copy is 0600)"))
+    p.add_argument("path", metavar="PATH", help="where to write the copy (replaced atomically)")
+    p.set_defaults(func=cmd_backup)
     p = with_config(sub.add_parser("why", help="explain, from the state file, what provisiond did and will "
                                    "do for one user"))
     p.add_argument("user", metavar="USER", help="PingOne user id, username or email")
