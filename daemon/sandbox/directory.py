@@ -38,6 +38,17 @@ STANDARD_USER_KEYS = frozenset({
 })
 
 
+# Listeners of the directory's changes (the emulator's audit log): (event, resources). Events are
+# the emulator's own names, one per kind of mutation (`ACTIVITY_EVENTS`); the emulator maps them to
+# PingOne `action.type` values. Resources are `{"type", "id", "name", "population": {"id"}}`.
+ActivityListener = Callable[[str, tuple[dict[str, Any], ...]], object]
+ACTIVITY_EVENTS = (
+    "user.created", "user.updated", "user.deleted", "user.enabled", "user.disabled",
+    "user.population_moved", "group.created", "group.updated", "group.renamed", "group.deleted",
+    "membership.added", "membership.removed", "nesting.added", "nesting.removed",
+)
+
+
 class UnknownObject(KeyError):
     """No user or group with that id (or name)."""
 
@@ -96,6 +107,9 @@ class Directory:
         self.user_order = Ordering([], [])
         self.group_order = Ordering([], [])
         self._last_stamp = ""
+        # Called after every mutation made through the public methods (the generator's bulk
+        # seeding is not an audited action and calls none).
+        self.activity_listeners: list[ActivityListener] = []
 
     # --- time and bookkeeping ------------------------------------------------------------------
 
@@ -115,6 +129,22 @@ class Directory:
     def user_revision(self, user_id: str) -> int:
         """The `version` at which this user's JSON last changed (for caches of its serialisation)."""
         return self.user_revisions.get(user_id, 0)
+
+    def _emit(self, event: str, *resources: dict[str, Any]) -> None:
+        for listener in list(self.activity_listeners):
+            listener(event, resources)
+
+    def _user_ref(self, user: dict[str, Any]) -> dict[str, Any]:
+        population = user.get("population") or {}
+        return {"type": "USER", "id": user["id"], "name": user.get("username", ""),
+                "population": {"id": population.get("id", self.population_id)}}
+
+    def _group_ref(self, group: dict[str, Any]) -> dict[str, Any]:
+        ref: dict[str, Any] = {"type": "GROUP", "id": group["id"], "name": group.get("name", "")}
+        population = group.get("population")
+        if isinstance(population, dict) and "id" in population:
+            ref["population"] = {"id": population["id"]}
+        return ref
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -180,6 +210,7 @@ class Directory:
             if key not in STANDARD_USER_KEYS and isinstance(value, str):
                 self.custom_attributes.add(key)
         self._insert_user(user)
+        self._emit("user.created", self._user_ref(user))
         return user
 
     def _insert_user(self, user: dict[str, Any]) -> None:
@@ -210,7 +241,9 @@ class Directory:
                 self._by_username[new] = user_id
         for key in ("id", "createdAt", "updatedAt", "environment"):
             changes.pop(key, None)
+        old_population = (user.get("population") or {}).get("id")
         _merge(user, changes)
+        moved = (user.get("population") or {}).get("id") != old_population
         for key, value in changes.items():
             if key not in STANDARD_USER_KEYS and isinstance(value, str):
                 self.custom_attributes.add(key)
@@ -221,6 +254,10 @@ class Directory:
                 user["name"]["formatted"] = formatted
         user["updatedAt"] = self.now()
         self._changed(user_id)
+        if moved:
+            self._emit("user.population_moved", self._user_ref(user))
+        if set(changes) - {"population"} or not moved:
+            self._emit("user.updated", self._user_ref(user))
         return user
 
     def set_enabled(self, user_id: str, enabled: bool) -> None:
@@ -228,6 +265,7 @@ class Directory:
         user["enabled"] = enabled
         user["updatedAt"] = self.now()
         self._changed(user_id)
+        self._emit("user.enabled" if enabled else "user.disabled", self._user_ref(user))
 
     def delete_user(self, user_id: str) -> None:
         """Delete a user; it leaves all its groups (which are bumped)."""
@@ -241,6 +279,7 @@ class Directory:
         _remove_ordered(self.user_order, self._user_seq.pop(user_id))
         self.user_revisions.pop(user_id, None)
         self._changed()
+        self._emit("user.deleted", self._user_ref(user))
 
     def user_by_username(self, username: str) -> dict[str, Any]:
         user_id = self._by_username.get(username.casefold())
@@ -273,6 +312,7 @@ class Directory:
         group["createdAt"] = stamp
         group["updatedAt"] = stamp
         self._insert_group(group)
+        self._emit("group.created", self._group_ref(group))
         return group
 
     def _insert_group(self, group: dict[str, Any]) -> None:
@@ -307,6 +347,7 @@ class Directory:
         group["displayName"] = name
         group["updatedAt"] = self.now()
         self._changed()
+        self._emit("group.renamed", self._group_ref(group))
 
     def set_user_filter(self, group_id: str, user_filter: str | None) -> None:
         """Make a group dynamic (or static again with None)."""
@@ -320,6 +361,7 @@ class Directory:
         self._dynamic_cache.pop(group_id, None)
         group["updatedAt"] = self.now()
         self._changed()
+        self._emit("group.updated", self._group_ref(group))
 
     def delete_group(self, group_id: str) -> None:
         group = self.group(group_id)
@@ -339,6 +381,7 @@ class Directory:
         self._by_group_name.pop(group["name"], None)
         _remove_ordered(self.group_order, self._group_seq.pop(group_id))
         self._changed()
+        self._emit("group.deleted", self._group_ref(group))
 
     def group_by_name(self, name: str) -> dict[str, Any]:
         group_id = self._by_group_name.get(name)
@@ -360,6 +403,7 @@ class Directory:
         self._touch_group(group_id, stamp)
         self._touch_user_membership(user_id, stamp)
         self._changed()
+        self._emit("membership.added", self._user_ref(self.users[user_id]), self._group_ref(self.groups[group_id]))
 
     def remove_member(self, group_id: str, user_id: str) -> None:
         self.group(group_id)
@@ -371,6 +415,7 @@ class Directory:
         self._touch_group(group_id, stamp)
         self._touch_user_membership(user_id, stamp)
         self._changed()
+        self._emit("membership.removed", self._user_ref(self.users[user_id]), self._group_ref(self.groups[group_id]))
 
     def nest(self, child_id: str, parent_id: str) -> None:
         """Make *child_id*'s members members of *parent_id*; a cycle raises DirectoryConflict."""
@@ -384,6 +429,7 @@ class Directory:
         self._link(child_id, parent_id)
         self._touch_group(child_id, stamp)
         self._touch_group(parent_id, stamp)
+        self._emit("nesting.added", self._group_ref(self.groups[child_id]), self._group_ref(self.groups[parent_id]))
 
     def _link(self, child_id: str, parent_id: str) -> None:
         self.parents.setdefault(child_id, set()).add(parent_id)
@@ -399,6 +445,7 @@ class Directory:
         self._touch_group(child_id, stamp)
         self._touch_group(parent_id, stamp)
         self._changed()
+        self._emit("nesting.removed", self._group_ref(self.groups[child_id]), self._group_ref(self.groups[parent_id]))
 
     def child_group_ids(self, group_id: str) -> set[str]:
         return set(self._children.get(group_id, set()))

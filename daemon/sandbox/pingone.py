@@ -5,6 +5,8 @@ Wire formats follow ../shared/reference/pingone.md (§1.2 token, §2 collections
 
 - `POST /{envId}/as/token` (auth base = the server's base URL);
 - `GET /v1/environments/{envId}/users|groups[/{id}[/memberOfGroups]]` (API base = base URL + "/v1");
+- `GET|POST /v1/environments/{envId}/activities` (the audit log) and
+  `POST|GET /v1/environments/{envId}/subscriptions[/{id}]` (webhooks): `daemon/sandbox/activities.py`;
 - `/_admin/...`: mutations and inspection for tests, never faulted, no auth.
 
 Paging is keyset paging over the directory's insertion order: the opaque cursor holds the last
@@ -19,6 +21,7 @@ import base64
 import binascii
 import collections
 import json
+import math
 import secrets
 import time
 import uuid
@@ -37,6 +40,12 @@ from daemon.pingone_filter import (
     FilterDialect,
     UnsupportedFilter,
     compile_filter,
+)
+from daemon.sandbox.activities import (
+    DEFAULT_ACTIVITY_LIMIT,
+    ActivityFeed,
+    FeedRequestError,
+    FeedSettings,
 )
 from daemon.sandbox.directory import Directory, DirectoryConflict, Ordering, UnknownObject
 from daemon.sandbox.faults import Faults, fault_middleware
@@ -143,7 +152,8 @@ class PingOneEmulator:
                  groups_page_cap: int = DEFAULT_PAGE_CAP, faults: Faults | None = None,
                  member_filter_transitive: bool = False, dynamic_membership_type: str = "INDIRECT",
                  member_of_ids_transitive: bool = True, prerender_users: bool = True,
-                 request_log_size: int = DEFAULT_REQUEST_LOG_SIZE) -> None:
+                 request_log_size: int = DEFAULT_REQUEST_LOG_SIZE,
+                 feed_settings: FeedSettings | None = None) -> None:
         if auth_method not in ("basic", "post"):
             raise ValueError(f"auth_method must be basic or post, not {auth_method!r}")
         if dynamic_membership_type not in ("DIRECT", "INDIRECT"):
@@ -172,6 +182,8 @@ class PingOneEmulator:
         self._filters: dict[tuple[str, str], CompiledFilter] = {}
         self._matches: dict[tuple[str, str], tuple[int, Ordering]] = {}
         self._user_json: dict[str, tuple[int, bytes]] = {}
+        # The audit log and webhooks (pingone.md §9): every mutation of `directory` is recorded.
+        self.feed = ActivityFeed(directory, feed_settings)
 
     # --- the app -------------------------------------------------------------------------------
 
@@ -183,6 +195,8 @@ class PingOneEmulator:
                              limit_response=fault_limit_response, exclude_prefixes=(ADMIN_PREFIX,)),
         ])
         app.on_shutdown.append(self._cancel_in_flight)
+        app.on_startup.append(self._feed_start)
+        app.on_cleanup.append(self._feed_stop)
         if self.prerender_users:
             app.on_startup.append(self._prerender)
         api = "/v1/environments/{env}"
@@ -194,6 +208,16 @@ class PingOneEmulator:
             ("GET", f"{api}/groups", self._groups_list, "groups.list"),
             ("GET", f"{api}/groups/{{id}}", self._groups_get, "groups.get"),
             ("GET", f"{api}/groups/{{id}}/memberOfGroups", self._groups_member_of, "groups.memberOfGroups"),
+            ("GET", f"{api}/activities", self._activities, "activities.list"),
+            ("POST", f"{api}/activities", self._activities, "activities.search"),
+            ("POST", f"{api}/subscriptions", self._subscription_create, "subscriptions.create"),
+            ("GET", f"{api}/subscriptions", self._subscription_list, "subscriptions.list"),
+            ("GET", f"{api}/subscriptions/{{id}}", self._subscription_get, "subscriptions.get"),
+            ("DELETE", f"{api}/subscriptions/{{id}}", self._subscription_delete, "subscriptions.delete"),
+            ("GET", "/_admin/activities", self._admin_activities, "admin.activities"),
+            ("GET", "/_admin/activities/settings", self._admin_feed_settings, "admin.activities.settings"),
+            ("POST", "/_admin/activities/settings", self._admin_feed_settings, "admin.activities.set"),
+            ("GET", "/_admin/subscriptions", self._admin_subscriptions, "admin.subscriptions"),
             ("POST", "/_admin/users", self._admin_user_create, "admin.users.create"),
             ("PATCH", "/_admin/users/{id}", self._admin_user_update, "admin.users.update"),
             ("DELETE", "/_admin/users/{id}", self._admin_user_delete, "admin.users.delete"),
@@ -736,6 +760,109 @@ class PingOneEmulator:
             setattr(self.faults, key, value)
         return json_response({f: getattr(self.faults, f) if f != "fail_nth" else
                               {str(k): v for k, v in self.faults.fail_nth.items()} for f in sorted(settable)})
+
+    # --- change feeds (pingone.md §9) -----------------------------------------------------------
+
+    async def _feed_start(self, _app: web.Application) -> None:
+        await self.feed.start()
+
+    async def _feed_stop(self, _app: web.Application) -> None:
+        await self.feed.stop()
+
+    async def _activities(self, request: web.Request) -> web.Response:
+        """GET with `filter`, `limit`, `cursor` in the query; POST with them in a JSON body (a
+        `cursor` in the query, as in a next link, wins). Next links carry only `limit` and
+        `cursor` for POST, so a filter never lands in a URL: POST the same body to them."""
+        self._authorize(request)
+        feed = self.feed
+        settings = feed.settings
+        wait = feed.take()
+        if wait > 0:
+            return fault_limit_response(float(max(1, math.ceil(wait))))
+        if settings.outage_status is not None:
+            if settings.outage_status == 429:
+                return fault_limit_response(settings.retry_after)
+            return fault_error_response(settings.outage_status, "activities unavailable")
+        if request.method == "POST":
+            body = await self._admin_body(request)
+            text, limit_raw, cursor = body.get("filter"), body.get("limit"), body.get("cursor")
+        else:
+            text, limit_raw, cursor = request.query.get("filter"), request.query.get("limit"), None
+        cursor = request.query.get("cursor") or cursor
+        if limit_raw is None:
+            limit = DEFAULT_ACTIVITY_LIMIT
+        else:
+            try:
+                limit = int(limit_raw)
+            except (TypeError, ValueError):
+                return invalid_data("INVALID_VALUE", "limit", "limit must be an integer.")
+            if not 1 <= limit <= MAX_LIMIT:
+                return invalid_data("OUT_OF_RANGE", "limit", f"limit must be between 1 and {MAX_LIMIT}.",
+                                    rangeMinimumValue=1, rangeMaximumValue=MAX_LIMIT)
+        try:
+            compiled = feed.compile(str(text) if text is not None else None)
+            page, count, following = feed.query(compiled, str(cursor) if cursor else None,
+                                                min(limit, settings.page_cap))
+        except FeedRequestError as exc:
+            return invalid_data(exc.code, exc.target, exc.message)
+        base = self._api_base(request)
+        links: dict[str, Any] = {"self": {"href": self._self_href(request)}}
+        if following is not None:
+            query = {"limit": str(limit)}
+            if request.method == "GET":
+                query["filter"] = str(text)
+            query["cursor"] = following
+            links["next"] = {"href": f"{base}/activities?{urlencode(query, quote_via=quote)}"}
+        items = [{"_links": {"self": {"href": f"{base}/activities/{a.body['id']}"}}, **a.body} for a in page]
+        return json_response({"_links": links, "_embedded": {settings.embedded_key: items},
+                              "count": count, "size": len(items)})
+
+    async def _subscription_create(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        body = await self._admin_body(request)
+        try:
+            subscription = self.feed.subscribe(body)
+        except FeedRequestError as exc:
+            return invalid_data(exc.code, exc.target, exc.message)
+        return json_response(self._render_subscription(request, subscription.public()), 201)
+
+    def _render_subscription(self, request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+        return {"_links": {"self": {"href": f"{self._api_base(request)}/subscriptions/{body['id']}"}},
+                **body, "environment": {"id": self.directory.env_id}}
+
+    async def _subscription_list(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        items = [self._render_subscription(request, s.public()) for s in self.feed.subscriptions.values()]
+        return json_response({"_links": {"self": {"href": self._self_href(request)}},
+                              "_embedded": {"subscriptions": items}, "count": len(items), "size": len(items)})
+
+    async def _subscription_get(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        subscription = self.feed.subscriptions.get(request.match_info["id"])
+        if subscription is None:
+            return not_found(f"Subscription {request.match_info['id']} was not found.")
+        return json_response(self._render_subscription(request, subscription.public()))
+
+    async def _subscription_delete(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        if not self.feed.unsubscribe(request.match_info["id"]):
+            return not_found(f"Subscription {request.match_info['id']} was not found.")
+        return web.Response(status=204)
+
+    async def _admin_activities(self, _request: web.Request) -> web.Response:
+        return json_response({"activities": self.feed.dump()})
+
+    async def _admin_feed_settings(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            body = await self._admin_body(request)
+            try:
+                self.feed.settings.update(body)
+            except (ValueError, TypeError) as exc:
+                return invalid_data("INVALID_VALUE", "body", str(exc))
+        return json_response(self.feed.settings.as_dict())
+
+    async def _admin_subscriptions(self, _request: web.Request) -> web.Response:
+        return json_response({"subscriptions": [s.stats() for s in self.feed.subscriptions.values()]})
 
     async def _admin_revoke(self, _request: web.Request) -> web.Response:
         self.revoke_tokens()
