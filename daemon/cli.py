@@ -79,8 +79,10 @@ async def opened_engine(cfg: Config) -> AsyncIterator[Engine]:
         await store.close()
 
 
-async def _once(cfg: Config) -> CycleReport:
+async def _once(cfg: Config, full: bool = False) -> CycleReport:
     async with opened_engine(cfg) as engine:
+        if full:    # read every target now: drift repair and adoption, whatever full_sync_every says
+            engine.full_sync_now = set(engine.runtimes)
         return await engine.cycle()
 
 
@@ -94,7 +96,7 @@ def cmd_once(args: argparse.Namespace, cfg: Config) -> int:
         print(f"provisiond: {exc}", file=sys.stderr)
         return EX_FAIL
     try:
-        report = anyio.run(_once, cfg)
+        report = anyio.run(_once, cfg, bool(getattr(args, "full", False)))
     finally:
         lock.release()
     return EX_FAIL if report.failed else EX_OK
@@ -291,6 +293,73 @@ def cmd_approve(args: argparse.Namespace) -> int:
     if args.reload:
         print("approved: the running daemon activates its held reload before its next cycle")
     return EX_OK
+
+
+# -- resync / sync-group ----------------------------------------------------------------------
+
+
+async def _resync(cfg: Config, targets: list[str]) -> None:
+    import uuid
+
+    from daemon.engine import META_RESYNC
+
+    store = await Store.open(cfg.daemon.state_path)
+    try:
+        for name in targets:
+            await store.set_meta(f"{META_RESYNC}.{name}", uuid.uuid4().hex)
+    finally:
+        await store.close()
+
+
+@configured
+def cmd_resync(args: argparse.Namespace, cfg: Config) -> int:
+    try:
+        targets = [cfg.target(args.target).name] if args.target is not None else [t.name for t in cfg.targets]
+    except KeyError:
+        print(f"provisiond: no target named {args.target!r} in {cfg.path}", file=sys.stderr)
+        return EX_FAIL
+    anyio.run(_resync, cfg, targets)
+    for name in targets:
+        print(f"requested: the next cycle of {name} reads the target whole (drift repair, adoption)")
+    return EX_OK
+
+
+async def _sync_group(cfg: Config, args: argparse.Namespace) -> Any:
+    from daemon.ondemand import sync_group
+
+    store = await Store.open(cfg.daemon.state_path)
+    try:
+        async with http_session() as session:
+            emit = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+            return await sync_group(cfg, store, session, args.group, target=args.target, dry_run=args.dry_run,
+                                    log=logs.get_logger(command="sync-group"), emit=emit)
+    finally:
+        await store.close()
+
+
+@configured
+def cmd_sync_group(args: argparse.Namespace, cfg: Config) -> int:
+    from daemon.errors import ProvisiondError
+    from daemon.ondemand import UnknownGroup
+
+    _setup_logging(cfg, to_stderr=True, level="warning")
+    try:
+        result = anyio.run(_sync_group, cfg, args)
+    except UnknownGroup as exc:
+        print(f"provisiond: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except KeyError:
+        print(f"provisiond: no target named {args.target!r} in {cfg.path}", file=sys.stderr)
+        return EX_FAIL
+    except ProvisiondError as exc:
+        print(f"provisiond: PingOne: {logs.REDACTOR.scrub(str(exc))}", file=sys.stderr)
+        return EX_FAIL
+    if args.json:
+        print(json.dumps(result.as_json(), ensure_ascii=False, indent=2, default=str))
+    else:
+        print(f"{'dry run ' if result.dry_run else ''}done in {result.took_s:.3f}s"
+              + (": some operations FAILED" if result.failed else ""))
+    return EX_FAIL if result.failed else EX_OK
 
 
 # -- backup -----------------------------------------------------------------------------------
@@ -520,7 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     with_config(sub.add_parser("run", help="the daemon: cycles forever")).set_defaults(func=cmd_run)
-    with_config(sub.add_parser("once", help="one full cycle, then exit")).set_defaults(func=cmd_once)
+    p = with_config(sub.add_parser("once", help="one full cycle, then exit"))
+    p.add_argument("--full", action="store_true",
+                   help="read every target now (drift repair, adoption) instead of at full_sync_every")
+    p.set_defaults(func=cmd_once)
     p = with_config(sub.add_parser("plan", help="snapshot and plan, apply nothing"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
@@ -536,6 +608,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reload", action="store_true",
                    help="activate a reload the running daemon held because it would remove too much")
     p.set_defaults(func=cmd_approve)
+    p = with_config(sub.add_parser("resync", help="ask the running daemon for a full sync (the targets read "
+                                   "whole) at its next cycle"))
+    p.add_argument("--target", help="only this target")
+    p.set_defaults(func=cmd_resync)
+    p = with_config(sub.add_parser("sync-group", help="push one group and its in-scope members now"))
+    p.add_argument("group", metavar="GROUP", help="PingOne group name or id")
+    p.add_argument("--target", help="only this target")
+    p.add_argument("--dry-run", action="store_true", help="print what would be sent; send and record nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sync_group)
     p = with_config(sub.add_parser("backup", help="copy the state file consistently, also while the daemon "
                                    "runs (SQLite online backup; the copy is 0600)"))
     p.add_argument("path", metavar="PATH", help="where to write the copy (replaced atomically)")

@@ -72,6 +72,9 @@ META_ACCEPT_SHRINK = "source.accept_shrink"
 META_LINKS_GENERATION = "links.generation"
 # Set by `provisiond approve --reload`: the running daemon activates its staged config.
 META_RELOAD_APPROVED = "reload.approved"
+# Set by `provisiond resync` ("resync.requested.<target>" = a fresh token): the next cycle of that
+# target is a full sync; the token is cleared once the target has been read whole.
+META_RESYNC = "resync.requested"
 _MEMBER_OF_RE = re.compile(r'memberOfGroups\[\s*id\s+eq\s+"([^"]+)"\s*\]', re.IGNORECASE)
 
 ProgressHook = Callable[[str, int, int], None]
@@ -307,6 +310,9 @@ class Engine:
         # Called after every HTTP attempt to a target: (target, method, status or None, seconds).
         self.request_observers: list[Callable[[str, str, int | None, float], None]] = []
         self.quarantine_base = QUARANTINE_BASE
+        # Targets whose next cycle reads the target whole whatever `full_sync_every` says (`once --full`).
+        self.full_sync_now: set[str] = set()
+        self._resync_tokens: dict[str, str | None] = {}
         self._last_members: dict[str, AbstractSet[str]] = {}    # the last cycle's snapshot.members
         # A mapping cache (some target's) whose every entry's hash is the one `source_user` holds:
         # set once a snapshot has been saved, cleared while one is being taken.
@@ -591,9 +597,28 @@ class Engine:
             log.warning("target.still_quarantined", reason=reason, error=detail, retry_in_s=q.backoff)
 
     async def _full_sync_due(self, rt: TargetRuntime) -> bool:
+        if await self._resync_requested(rt):
+            return True
         last = await self.store.last_full_sync(rt.config.name)
         every = rt.config.full_sync_every or self.config.daemon.full_sync_every
         return last is None or time.time() - last >= every
+
+    async def _resync_requested(self, rt: TargetRuntime) -> bool:
+        """A full sync asked for: `once --full` (`full_sync_now`) or `provisiond resync` (the state file)."""
+        name = rt.config.name
+        token = await self.store.get_meta(f"{META_RESYNC}.{name}")
+        self._resync_tokens[name] = token or None
+        return name in self.full_sync_now or bool(token)
+
+    async def _resync_done(self, rt: TargetRuntime, log: Any) -> None:
+        """The target was read whole: a resync request seen at the cycle's start is answered (one
+        made while the target was being read stays, for the next cycle)."""
+        name = rt.config.name
+        self.full_sync_now.discard(name)
+        token = self._resync_tokens.pop(name, None)
+        if token is not None and await self.store.get_meta(f"{META_RESYNC}.{name}") == token:
+            await self.store.set_meta(f"{META_RESYNC}.{name}", "")
+            log.info("target.resynced", reason="resync_requested")
 
     async def _target_cycle(self, rt: TargetRuntime, snapshot: Snapshot, complete: bool, cycle_id: int,
                             full: bool, log: Any) -> TargetReport:
@@ -604,6 +629,7 @@ class Engine:
         actual = await self.known_links(rt, desired)                              # c
         if full:
             actual = await self.refresh_actual(rt, actual, desired, log)
+            await self._resync_done(rt, log)
         the_plan = await self.plan_cycle(cx, desired, actual)                     # d
         self.report_plan(cx, desired, the_plan)
         result, after = await self.apply_plan(cx, snapshot, desired, actual, the_plan)   # e

@@ -40,7 +40,7 @@ import aiohttp
 
 from daemon.applier import APPLIED, FAILED, Applier
 from daemon.config import Config, TargetConfig
-from daemon.engine import META_LINKS_GENERATION, build_runtime, source_client
+from daemon.engine import META_LINKS_GENERATION, build_runtime, snapshot_needs, source_client
 from daemon.errors import NotFound
 from daemon.explain import (
     SYNC_USER_KIND,
@@ -52,13 +52,16 @@ from daemon.explain import (
     namesakes,
     pins_for,
     plan_for_user,
+    policy_for,
     user_link,
     user_snapshot,
 )
 from daemon.links import PENDING, Actual, Op
-from daemon.mapping import desired_state, resolve_pins
-from daemon.model import JSON
+from daemon.mapping import Desired, desired_state, resolve_pins
+from daemon.model import JSON, Snapshot
+from daemon.planner import plan
 from daemon.source.pingone import PingOneClient
+from daemon.source.snapshot import take_snapshot
 from daemon.store import Store
 from daemon.target.scim import ScimClient
 
@@ -313,5 +316,178 @@ async def sync_user(config: Config, store: Store, session: aiohttp.ClientSession
         for cfg in targets:
             result.targets.append(await _sync_target(cfg, src, store=store, writes_to=store, session=session,
                                                      dry_run=False, log=log, emit=emit))
+    result.took_s = time.perf_counter() - started
+    return result
+
+
+# -- sync-group: one group and its in-scope members -------------------------------------------
+
+SYNC_GROUP_KIND = "sync-group"    # `cycle.summary.kind` of a cycle written by `provisiond sync-group`
+GroupProgress = Callable[[str, int, int], None]     # (target, done, total), as the engine's hook
+
+
+class UnknownGroup(Exception):
+    """No PingOne group has that id or name."""
+
+
+@dataclass
+class GroupSyncResult:
+    group_id: str
+    group_name: str
+    dry_run: bool
+    complete: bool = True
+    targets: list[TargetSync] = field(default_factory=list)
+    took_s: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return any(t.failed for t in self.targets)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "group_id": self.group_id, "group": self.group_name, "dry_run": self.dry_run,
+            "snapshot_complete": self.complete, "took_s": round(self.took_s, 3), "failed": self.failed,
+            "targets": [{
+                "target": t.target, "pushed": t.in_scope, "skipped": t.skipped, "cycle": t.cycle_id,
+                "operations": [{"seq": op.seq, "kind": op.kind, "op": op.op, "name": op.name, "reason": op.reason,
+                                "status": t.results.get(op.seq, op.status), "skip_reason": op.skip_reason}
+                               for op in t.ops],
+                "events": t.events,
+                "writes": [{"method": m, "path": p} for m, p, _ in t.writes],
+            } for t in self.targets],
+        }
+
+
+def _find_group(groups: Mapping[str, JSON], ref: str) -> JSON | None:
+    if ref in groups:
+        return groups[ref]
+    named = [g for g in groups.values() if g.get("name") == ref]
+    if not named:
+        folded = ref.casefold()
+        named = [g for g in groups.values() if isinstance(g.get("name"), str) and g["name"].casefold() == folded]
+    return named[0] if len(named) == 1 else None
+
+
+def _group_slice(desired: Desired, actual: Actual, group_id: str) -> tuple[Desired, Actual]:
+    """The desired state and links reduced to one group and its in-scope members: the planner
+    then creates, updates or re-enables those members and sets the group's membership, and
+    plans no removal of any user nor of any other group."""
+    want = desired.groups[group_id]
+    users = {sid: desired.users[sid] for sid in want.members if sid in desired.users}
+    part = Desired(users=users, groups={group_id: want}, present_users=desired.present_users,
+                   present_groups=desired.present_groups, in_scope=len(users))
+    links = Actual({sid: actual.users[sid] for sid in users if sid in actual.users},
+                   {group_id: actual.groups[group_id]} if group_id in actual.groups else {})
+    return part, links
+
+
+async def _sync_group_target(cfg: TargetConfig, snap: Snapshot, group_id: str, *, store: Store,
+                             writes_to: Store, session: aiohttp.ClientSession, dry_run: bool, log: Any,
+                             emit: Emit, progress: GroupProgress | None) -> TargetSync:
+    name = cfg.name
+    out = TargetSync(name)
+    rt = build_runtime(cfg, session)
+    client: ScimClient = DryRunClient(rt.client) if dry_run else rt.client
+    pins = resolve_pins(snap, rt.rules, await pins_for(store, name))
+    desired = desired_state(snap, rt.rules, pins)
+    if group_id not in desired.groups:
+        out.skipped = "not_pushed"
+        emit(f"{name}: the group is not pushed to this target (its `groups` do not select it); nothing is sent")
+        return out
+    out.in_scope = True
+    actual = await store.load_links(name)
+    part, links = _group_slice(desired, actual, group_id)
+    managed = len(actual.users)
+    the_plan = plan(part, links, policy_for(cfg, max_deletes=cfg.max_deletes.limit(managed),
+                                            approved=await store.approved(name)),
+                    complete=snap.complete, now=time.time())
+    out.ops = the_plan.ops
+    members = len(part.groups[group_id].members)
+    if not the_plan.ops:
+        emit(f"{name}: {members} in-scope member(s); nothing to do: the target already holds what PingOne says")
+        return out
+    emit(f"{name}: {members} in-scope member(s); {len(the_plan.pending())} operation(s)"
+         + (" (dry run)" if dry_run else ""))
+    for op in the_plan.ops:
+        note = "" if op.status == PENDING else f"  [{op.status}: {op.skip_reason}]"
+        emit(f"  plan: {op.kind} {op.op} {op.name} ({op.reason}){note}")
+    pending = the_plan.pending()
+    if not pending:
+        return out
+    cycle_id = await writes_to.start_cycle(name, full_sync=False, kind=SYNC_GROUP_KIND)
+    out.cycle_id = cycle_id
+    await writes_to.save_plan(cycle_id, name, the_plan.ops)
+
+    def observe(event: str, fields: dict[str, Any]) -> None:
+        out.events.append({"event": event, **{k: v for k, v in fields.items() if k != "target"}})
+        detail = f" HTTP {fields['http_status']}" if fields.get("http_status") else ""
+        if fields.get("error"):
+            detail += f": {fields['error']}"
+        who = fields.get("user") or fields.get("group")
+        emit(f"  {'would be ' if dry_run else ''}{event} {who} -> target id {fields.get('target_id')} "
+             f"({fields.get('reason')}, {fields.get('outcome')}){detail}")
+
+    source_updated = {sid: u["updatedAt"] for sid, u in snap.users.items()
+                      if sid in part.users and isinstance(u.get("updatedAt"), str)}
+    applier = Applier(
+        target=name, cycle_id=cycle_id, client=client, store=writes_to, log=log.bind(target=name, cycle=cycle_id),
+        limiter=rt.limiter, users=dict(actual.users), groups=dict(actual.groups), paths=rt.rules.paths,
+        can_create=cfg.actions.create, active_false_deletes=cfg.active_false_deletes, observer=observe,
+        source_updated=source_updated,
+        progress=(lambda done, total: progress(name, done, total)) if progress is not None else None)
+    result = await applier.apply(the_plan.ops)
+    out.results = {seq: o.status for seq, o in result.outcomes.items()}
+    if isinstance(client, DryRunClient):
+        out.writes = list(client.writes)
+    counts = result.counts()
+    await writes_to.finish_cycle(cycle_id, "success" if not counts.get(FAILED) else "partial_failure", {
+        "kind": SYNC_GROUP_KIND, "group": group_id, "operations": counts, "dry_run": dry_run})
+    if counts.get(APPLIED) and not dry_run:
+        await store.set_meta(f"{META_LINKS_GENERATION}.{name}", uuid.uuid4().hex)
+    return out
+
+
+async def sync_group(config: Config, store: Store, session: aiohttp.ClientSession, ref: str, *,
+                     target: str | None = None, dry_run: bool = False, log: Any, emit: Emit = print,
+                     progress: GroupProgress | None = None) -> GroupSyncResult:
+    """Push one PingOne group (by id or name) and its in-scope members to every target that
+    pushes it (or `target`) now, through the planner and the applier as a cycle does.
+
+    PingOne is read as a cycle reads it, but only for the groups this needs: every user (the
+    listing), the group, the targets' scope groups and, with nesting, the groups below them.
+    Members who left the group are removed from it (from a complete read only); no user is
+    deprovisioned and no other group is touched. Raises UnknownGroup, KeyError (no such target)
+    and the source's RemoteError."""
+    started = time.perf_counter()
+    targets = [config.target(target)] if target is not None else list(config.targets)
+    source = source_client(config, session)
+    groups = {str(g["id"]): g for g in await source.list_groups()}
+    group = _find_group(groups, ref)
+    if group is None:
+        raise UnknownGroup(f"no PingOne group {ref!r} (or several share that name: give its id)")
+    group_id = str(group["id"])
+    names, ids, transitive = snapshot_needs(targets)
+    ids.add(group_id)
+    for cfg in targets:
+        ids.update((await pins_for(store, cfg.name)).values())
+    snap = await take_snapshot(source, group_names=names, group_ids=ids, transitive=transitive, log=None)
+    result = GroupSyncResult(group_id, str(group.get("name")), dry_run, snap.complete)
+    emit(f"group {result.group_name} ({group_id}): read from PingOne with {len(snap.users)} users"
+         + ("" if snap.complete else " (the read was incomplete: no member is removed)"))
+    if dry_run:
+        with tempfile.TemporaryDirectory(prefix="provisiond-dry-run-") as scratch:
+            writes_to = await Store.open(Path(scratch) / "dry-run.db")
+            try:
+                for cfg in targets:
+                    result.targets.append(await _sync_group_target(
+                        cfg, snap, group_id, store=store, writes_to=writes_to, session=session, dry_run=True,
+                        log=log, emit=emit, progress=progress))
+            finally:
+                await writes_to.close()
+    else:
+        for cfg in targets:
+            result.targets.append(await _sync_group_target(
+                cfg, snap, group_id, store=store, writes_to=store, session=session, dry_run=False, log=log,
+                emit=emit, progress=progress))
     result.took_s = time.perf_counter() - started
     return result
