@@ -428,7 +428,8 @@ class Applier:
                 raise
             target_id = str(existing["id"])
             current = read_user(existing, self.paths)
-            changed = {p: v for p, v in attrs.items() if current.get(p) != v}
+            create_only = op.payload.get("create_only", ())      # the target keeps its own values
+            changed = {p: v for p, v in attrs.items() if current.get(p) != v and p not in create_only}
             active = read_active(existing)
             if changed or not active:
                 await self.client.update_user(target_id, changed, full=attrs, active=True, attempts=attempts)

@@ -318,6 +318,8 @@ class TargetConfig:
     membership: str = DEFAULT_MEMBERSHIP
     scope: Scope = field(default_factory=Scope)
     mapping: tuple[tuple[str, str], ...] = ()
+    # mapped paths written on create only (`{ expr = "…", create_only = true }`): never updated
+    create_only: frozenset[str] = frozenset()
     require_email_username: bool = False
     timeout: float = DEFAULT_TIMEOUT
     full_sync_every: float | None = None
@@ -1171,6 +1173,7 @@ def _parse_target(ctx: _Ctx, index: int, raw: object) -> TargetConfig:
         membership=table.string("membership", DEFAULT_MEMBERSHIP, choices=MEMBERSHIPS),
         scope=_scope(table, "scope"),
         mapping=_mapping(table, "mapping", profile),
+        create_only=_create_only(table, "mapping"),
         require_email_username=table.boolean("require_email_username", profile.require_email_username),
         timeout=table.duration("timeout", DEFAULT_TIMEOUT),
         full_sync_every=table.opt_duration("full_sync_every"),
@@ -1286,7 +1289,9 @@ def _flatten(
 ) -> None:
     for key, value in raw.items():
         path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):  # name.givenName = "…" written without quotes is a nested table
+        if isinstance(value, dict) and MAPPING_EXPR in value:   # { expr = "…", create_only = true }
+            out.append((path, value))
+        elif isinstance(value, dict):  # name.givenName = "…" written without quotes is a nested table
             if prefix:
                 raise ctx.error(_join(where, path), "too deeply nested; quote the attribute path")
             _flatten(ctx, where, value, path, out)
@@ -1315,6 +1320,8 @@ def _mapping(table: _Table, key: str, profile: ProfileDefaults) -> tuple[tuple[s
         if value is False:
             merged.pop(folded, None)
             continue
+        if isinstance(value, dict):
+            value = _mapping_entry(table.ctx, at, value)
         if not isinstance(value, str):
             raise table.ctx.error(
                 at, f"expected a JMESPath expression (string) or false, got {_type_name(value)}"
@@ -1325,6 +1332,35 @@ def _mapping(table: _Table, key: str, profile: ProfileDefaults) -> tuple[tuple[s
     if "username" not in merged:
         raise table.ctx.error(_join(where, "userName"), "userName must be mapped")
     return tuple(merged.values())
+
+
+MAPPING_EXPR = "expr"
+MAPPING_CREATE_ONLY = "create_only"
+
+
+def _mapping_entry(ctx: _Ctx, at: str, raw: dict[str, Any]) -> object:
+    """`{ expr = "…", create_only = true }`: the expression (checked by the caller)."""
+    sub = _Table(ctx, at, raw, (MAPPING_EXPR, MAPPING_CREATE_ONLY))
+    sub.boolean(MAPPING_CREATE_ONLY, False)
+    return raw[MAPPING_EXPR]
+
+
+def _create_only(table: _Table, key: str) -> frozenset[str]:
+    """The mapped paths marked `create_only = true` (spelled as the mapping keeps them);
+    `_mapping` has validated the table already."""
+    raw = table.get(key, {})
+    if not isinstance(raw, dict):
+        return frozenset()
+    entries: list[tuple[str, object]] = []
+    _flatten(table.ctx, table.key(key), raw, "", entries)
+    marked = {path.lower() for path, value in entries
+              if isinstance(value, dict) and value.get(MAPPING_CREATE_ONLY) is True}
+    if not marked:
+        return frozenset()
+    if "username" in marked:
+        raise table.ctx.error(_join(table.key(key), "userName"), "userName cannot be create_only: it identifies "
+                              "the user in the target")
+    return frozenset(marked)
 
 
 def _check_scim_path(ctx: _Ctx, at: str, path: str) -> None:
@@ -1446,7 +1482,9 @@ def _target_plain(target: TargetConfig, show: Callable[[Secret], str]) -> dict[s
         scope = {"groups": _refs_plain(target.scope.groups)}
         if target.scope.filter is not None:
             scope["filter"] = target.scope.filter
-    mapping: dict[str, Any] = dict(target.mapping)
+    mapping: dict[str, Any] = {path: ({MAPPING_EXPR: expr, MAPPING_CREATE_ONLY: True}
+                                      if path.lower() in target.create_only else expr)
+                               for path, expr in target.mapping}
     present = {path.lower() for path, _ in target.mapping}
     profile = PROFILES.get(target.profile)
     for path, _expr in profile.mapping if profile else ():

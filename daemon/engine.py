@@ -53,7 +53,7 @@ from daemon.mapping import (
     username_key,
 )
 from daemon.model import JSON, UNCHANGED, Members, Snapshot, shared
-from daemon.planner import Policy, plan
+from daemon.planner import Policy, in_sync, plan
 from daemon.ratelimit import RateGovernor
 from daemon.source.pingone import PingOneClient
 from daemon.source.snapshot import UserHook, take_snapshot
@@ -161,6 +161,7 @@ def rules_for(target: TargetConfig) -> Rules:
         groups=tuple(selector(g) for g in target.groups),
         transitive=target.membership == "transitive",
         require_email_username=target.require_email_username,
+        create_only=frozenset(path for path, _ in target.mapping if path.lower() in target.create_only),
     )
 
 
@@ -912,7 +913,8 @@ class Engine:
                 u["failed"] += 1
             elif link is None:
                 u["unsynced"] += 1
-            elif (link.attrs is want.attrs or link.attrs == want.attrs) and link.active == want.active:
+            elif (link.attrs is want.attrs or in_sync(want.attrs, link.attrs, desired.create_only)) \
+                    and link.active == want.active:
                 u["success"] += 1
             elif not want.active and link.active is False:
                 u["success"] += 1

@@ -143,6 +143,7 @@ class Desired:
     present_users: Collection[str] = ()    # every user id in the snapshot (deleted vs left scope)
     present_groups: Collection[str] = ()
     in_scope: int = 0
+    create_only: frozenset[str] = frozenset()    # mapped paths written on create only (`Rules.create_only`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +177,8 @@ class Rules:
     groups: tuple[GroupSelector, ...] = ()
     transitive: bool = True
     require_email_username: bool = False
+    # mapped paths sent in the POST only: never updated, never drift (the target owns them after)
+    create_only: frozenset[str] = frozenset()
     # the mapped paths, in order: one tuple shared by every `Attrs` of this rule
     keys: tuple[str, ...] = field(init=False, default=())
 
@@ -192,6 +195,7 @@ class Rules:
         groups: tuple[GroupSelector, ...] = (),
         transitive: bool = True,
         require_email_username: bool = False,
+        create_only: frozenset[str] = frozenset(),
     ) -> Rules:
         items = mapping.items() if isinstance(mapping, Mapping) else mapping
         compiled = tuple((path, jmespath.compile(expr)) for path, expr in items)
@@ -204,6 +208,7 @@ class Rules:
             groups=groups,
             transitive=transitive,
             require_email_username=require_email_username,
+            create_only=create_only,
         )
 
     @property
@@ -416,7 +421,8 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
     `content_hash` of the user) and a `cache` kept by the caller for these same rules, a user
     whose JSON did not change is not mapped again; a user the snapshot holds as `UNCHANGED` must
     be in the cache (put there by `cache_user` while the snapshot was taken)."""
-    desired = Desired(present_users=snapshot.users.keys(), present_groups=snapshot.groups.keys())
+    desired = Desired(present_users=snapshot.users.keys(), present_groups=snapshot.groups.keys(),
+                      create_only=rules.create_only)
     children = snapshot.children()
     admitted = scope_members(snapshot, rules, children, pins)
     member_cache: dict[str, AbstractSet[str]] = {}

@@ -89,11 +89,29 @@ def changed_attributes(desired: Mapping[str, Any], applied: Mapping[str, Any]) -
     return {path: value for path, value in desired.items() if applied.get(path) != value}
 
 
+def in_sync(desired: Mapping[str, Any], applied: Mapping[str, Any], create_only: AbstractSet[str]) -> bool:
+    """Do the applied attributes match the desired ones, create-only paths aside (the target
+    owns those once the user exists)?"""
+    if not create_only:
+        return desired == applied
+    return not any(applied.get(path) != value for path, value in desired.items() if path not in create_only)
+
+
+def for_update(desired: Mapping[str, Any], applied: Mapping[str, Any], create_only: AbstractSet[str]) -> dict[str, Any]:
+    """The attributes of an update, enable or disable (a PUT sends them whole): the desired ones,
+    with create-only paths kept at the value the target holds as far as provisiond knows."""
+    out = dict(desired)
+    for path in create_only:
+        if path in out:
+            out[path] = applied.get(path)
+    return out
+
+
 def plan(desired: Desired, actual: Actual, policy: Policy, *, complete: bool, now: float) -> Plan:
     """Compare and order. `complete` False: no removal of any kind is planned."""
     b = _Builder()
     deferred = 0
-    _plan_users(b, desired, actual, policy)
+    _plan_users(b, desired, actual, policy, desired.create_only)
     if complete:
         _plan_user_removals(b, desired, actual, policy, now)
     else:
@@ -113,19 +131,25 @@ def _with_seq(op: Op, seq: int) -> Op:
               op.payload, op.status, op.skip_reason)
 
 
-def _plan_users(b: _Builder, desired: Desired, actual: Actual, policy: Policy) -> None:
+def _plan_users(b: _Builder, desired: Desired, actual: Actual, policy: Policy,
+                create_only: AbstractSet[str] = frozenset()) -> None:
     for sid, want in desired.users.items():
         link = actual.users.get(sid)
         if link is None:
             if want.active:
-                b.add(PHASE_USERS, "user", "create", sid, None, want.user_name, NEW_IN_SCOPE,
-                      {"attrs": dict(want.attrs), "active": True}, policy.create)
+                payload: dict[str, Any] = {"attrs": dict(want.attrs), "active": True}
+                if create_only:     # an adoption on 409 updates the rest, not these
+                    payload["create_only"] = sorted(create_only)
+                b.add(PHASE_USERS, "user", "create", sid, None, want.user_name, NEW_IN_SCOPE, payload, policy.create)
             continue
+        if create_only and want.attrs is not link.attrs:
+            want = replace(want, attrs=for_update(want.attrs, link.attrs, create_only))
         _plan_linked_user(b, want, link, policy)
 
 
 def _plan_linked_user(b: _Builder, want: DesiredUser, link: UserLink, policy: Policy) -> None:
     # The engine makes a link share the mapped attributes when they are equal: then nothing changed.
+    # Create-only paths hold the link's own values here (`for_update`): they never differ.
     changed = {} if want.attrs is link.attrs else changed_attributes(want.attrs, link.attrs)
     if want.active and not link.active:
         back = link.disabled_reason in (LEFT_SCOPE, DELETED_IN_SOURCE)
