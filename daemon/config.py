@@ -243,14 +243,17 @@ class Actions:
 
 @dataclass(frozen=True, slots=True)
 class GroupRef:
-    """A PingOne group chosen by name or by id (exactly one of them)."""
+    """PingOne groups chosen by name or by id, or by a rule: a name prefix or a SCIM filter over
+    the group's attributes (exactly one of the four)."""
 
     name: str | None = None
     id: str | None = None
+    prefix: str | None = None
+    filter: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.name is None) == (self.id is None):
-            raise ValueError("GroupRef needs exactly one of name and id")
+        if sum(v is not None for v in (self.name, self.id, self.prefix, self.filter)) != 1:
+            raise ValueError("GroupRef needs exactly one of name, id, prefix and filter")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1254,16 +1257,33 @@ def _group_refs(table: _Table, where: str, raw: object) -> tuple[GroupRef, ...]:
                 raise table.ctx.error(at, "a group name must be a non-empty string")
             ref = GroupRef(name=entry)
         elif isinstance(entry, dict):
-            sub = _Table(table.ctx, at, entry, ("id", "name"))
-            if sub.has("id") == sub.has("name"):
-                raise table.ctx.error(at, 'write exactly one of { id = "…" } or { name = "…" }')
-            ref = GroupRef(name=sub.opt_string("name"), id=sub.opt_string("id"))
+            sub = _Table(table.ctx, at, entry, GROUP_REF_KEYS)
+            if sum(sub.has(key) for key in GROUP_REF_KEYS) != 1:
+                raise table.ctx.error(at, 'write exactly one of { id = "…" }, { name = "…" }, { prefix = "…" } '
+                                          'or { filter = "…" }')
+            ref = GroupRef(name=sub.opt_string("name"), id=sub.opt_string("id"), prefix=sub.opt_string("prefix"),
+                           filter=sub.opt_string("filter"))
+            if ref.filter is not None:
+                _check_group_rule(sub, ref.filter)
         else:
             raise table.ctx.error(at, f'expected a group name or {{ id = "…" }}, got {_type_name(entry)}')
         if ref in refs:
             raise table.ctx.error(at, "listed twice")
         refs.append(ref)
     return tuple(refs)
+
+
+GROUP_REF_KEYS = ("id", "name", "prefix", "filter")
+
+
+def _check_group_rule(sub: _Table, text: str) -> None:
+    """A group rule's filter must parse and use what provisiond evaluates over a PingOne group."""
+    from daemon.pingone_filter import GROUP_RULE_DIALECT, UnsupportedFilter, compile_filter
+
+    try:
+        compile_filter(text, GROUP_RULE_DIALECT)
+    except UnsupportedFilter as exc:
+        raise sub.error("filter", f"{_shown(text)} is not a valid group filter: {exc.detail}") from exc
 
 
 def _scope(table: _Table, key: str) -> Scope:
@@ -1410,7 +1430,16 @@ def _secret_items(cfg: Config) -> Iterator[tuple[str, Secret]]:
 
 
 def _refs_plain(refs: Sequence[GroupRef]) -> list[Any]:
-    return [ref.name if ref.name is not None else {"id": ref.id} for ref in refs]
+    def plain(ref: GroupRef) -> Any:
+        if ref.name is not None:
+            return ref.name
+        if ref.prefix is not None:
+            return {"prefix": ref.prefix}
+        if ref.filter is not None:
+            return {"filter": ref.filter}
+        return {"id": ref.id}
+
+    return [plain(ref) for ref in refs]
 
 
 def _plain(cfg: Config, show: Callable[[Secret], str]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -53,6 +53,7 @@ from daemon.mapping import (
     username_key,
 )
 from daemon.model import JSON, UNCHANGED, Members, Snapshot, shared
+from daemon.pingone_filter import GROUP_RULE_DIALECT, compile_filter
 from daemon.planner import Policy, in_sync, plan
 from daemon.ratelimit import RateGovernor
 from daemon.source.pingone import PingOneClient
@@ -152,7 +153,8 @@ class CycleReport:
 
 def rules_for(target: TargetConfig) -> Rules:
     def selector(ref: GroupRef) -> GroupSelector:
-        return GroupSelector(name=ref.name, id=ref.id)
+        rule = compile_filter(ref.filter, GROUP_RULE_DIALECT) if ref.filter is not None else None
+        return GroupSelector(name=ref.name, id=ref.id, prefix=ref.prefix, rule=rule)
 
     return Rules.compile(
         target.mapping,
@@ -189,6 +191,12 @@ def source_client(config: Config, session: aiohttp.ClientSession) -> PingOneClie
         session, api_url=src.api_url, auth_url=src.auth_url, environment_id=src.environment_id,
         client_id=src.client_id, client_secret=src.client_secret.reveal(), client_auth=src.client_auth,
         page_size=src.page_size, timeout=src.timeout)
+
+
+def group_rules(rules: Iterable[Rules]) -> list[Callable[[JSON], bool]]:
+    """The group rules (prefix, filter) of these targets' `groups` and `scope.groups`: the
+    snapshot reads the members of every PingOne group one of them matches."""
+    return [selector.matches for r in rules for selector in (*r.scope_groups, *r.groups) if selector.is_rule]
 
 
 def snapshot_needs(targets: Sequence[TargetConfig]) -> tuple[set[str], set[str], bool]:
@@ -355,6 +363,7 @@ class Engine:
             keep = None if keys is None or keep is None else keep | keys
         try:
             return await take_snapshot(self.source, group_names=names, group_ids=ids, transitive=transitive,
+                                       group_rules=group_rules(rt.rules for rt in self.runtimes.values()),
                                        log=self.log, keep=keep, on_user=on_user,
                                        previous_members=previous_members, canonical=canonical)
         except RemoteError as exc:

@@ -196,7 +196,9 @@ def scope_verdict(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str], cfg
     if rules.scope_groups:
         admitted = False
         for selector in rules.scope_groups:
-            group = selector.find(snapshot, pins)
+            chosen = selector.select(snapshot, pins)     # a rule may select several: the one admitting
+            group = next((g for g in chosen if user_id in snapshot.member_ids(
+                g["id"], transitive=rules.transitive, children=children)), chosen[0] if chosen else None)
             entry: dict[str, Any] = {"selector": selector.label(), "group_id": None, "member": False, "via": None}
             if group is not None:
                 gid = group["id"]

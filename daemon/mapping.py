@@ -148,8 +148,31 @@ class Desired:
 
 @dataclass(frozen=True, slots=True)
 class GroupSelector:
+    """One entry of `groups` or `scope.groups`: a group by name or id, or a rule (a name prefix or a
+    filter over the group's attributes) that selects every PingOne group matching it now."""
+
     name: str | None = None
     id: str | None = None
+    prefix: str | None = None
+    rule: CompiledFilter | None = None
+
+    @property
+    def is_rule(self) -> bool:
+        return self.prefix is not None or self.rule is not None
+
+    def matches(self, group: JSON) -> bool:
+        """Does this rule select `group`? (False for a name or id selector.)"""
+        if self.prefix is not None:
+            name = group.get("name")
+            return isinstance(name, str) and name.startswith(self.prefix)
+        return self.rule is not None and self.rule.matches(group)
+
+    def select(self, snapshot: Snapshot, pins: Mapping[str, str] | None = None) -> list[JSON]:
+        """Every group this selects: the one named or ided (if it exists), or all that match the rule."""
+        if self.is_rule:
+            return [g for _, g in sorted(snapshot.groups.items()) if self.matches(g)]
+        found = self.find(snapshot, pins)
+        return [found] if found is not None else []
 
     def find(self, snapshot: Snapshot, pins: Mapping[str, str] | None = None) -> JSON | None:
         """The group this selects. A name once resolved is pinned to its id (`pins`), so that a
@@ -164,6 +187,10 @@ class GroupSelector:
         return snapshot.group_by_name(self.name)
 
     def label(self) -> str:
+        if self.prefix is not None:
+            return f"prefix:{self.prefix}"
+        if self.rule is not None:
+            return f"filter:{self.rule.text}"
         return self.name if self.name is not None else f"id:{self.id}"
 
 
@@ -379,8 +406,7 @@ def scope_members(snapshot: Snapshot, rules: Rules, children: dict[str, set[str]
         return None
     out: set[str] = set()
     for selector in rules.scope_groups:
-        group = selector.find(snapshot, pins)
-        if group is not None:
+        for group in selector.select(snapshot, pins):
             out |= snapshot.member_ids(group["id"], transitive=rules.transitive, children=children)
     return out
 
@@ -489,19 +515,24 @@ def desired_state(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | No
     desired.users = mapped
 
     provisioned = desired.users.keys()
+    selected: list[JSON] = []
     for selector in rules.groups:
-        group = selector.find(snapshot, pins)
-        if group is None:
+        found = selector.select(snapshot, pins)
+        if not found and not selector.is_rule:    # a rule that matches nothing is not missing
             desired.missing_groups.append(selector.label())
-            continue
+        selected.extend(found)
+    for group in selected:
         group_id = group["id"]
+        if group_id in desired.groups:
+            continue          # selected twice (by name and by a rule)
         name = group.get("name")
         if not isinstance(name, str) or not name:
             continue
-        found = members_of(group_id)
+        member_ids = members_of(group_id)
         # Without a copy when every member is provisioned: then it is the snapshot's own set (for a
         # group with no nested groups), one set for the snapshot, the desired state and the links.
-        members = found if provisioned >= found else Members.of(m for m in found if m in provisioned)
+        members = (member_ids if provisioned >= member_ids
+                   else Members.of(m for m in member_ids if m in provisioned))
         direct = snapshot.members.get(group_id)
         if direct is not None:
             members = shared(members, direct)

@@ -40,7 +40,14 @@ import aiohttp
 
 from daemon.applier import APPLIED, FAILED, Applier
 from daemon.config import Config, TargetConfig
-from daemon.engine import META_LINKS_GENERATION, build_runtime, snapshot_needs, source_client
+from daemon.engine import (
+    META_LINKS_GENERATION,
+    build_runtime,
+    group_rules,
+    rules_for,
+    snapshot_needs,
+    source_client,
+)
 from daemon.errors import NotFound
 from daemon.explain import (
     SYNC_USER_KIND,
@@ -470,7 +477,8 @@ async def sync_group(config: Config, store: Store, session: aiohttp.ClientSessio
     ids.add(group_id)
     for cfg in targets:
         ids.update((await pins_for(store, cfg.name)).values())
-    snap = await take_snapshot(source, group_names=names, group_ids=ids, transitive=transitive, log=None)
+    snap = await take_snapshot(source, group_names=names, group_ids=ids, transitive=transitive, log=None,
+                               group_rules=group_rules(rules_for(t) for t in targets))
     result = GroupSyncResult(group_id, str(group.get("name")), dry_run, snap.complete)
     emit(f"group {result.group_name} ({group_id}): read from PingOne with {len(snap.users)} users"
          + ("" if snap.complete else " (the read was incomplete: no member is removed)"))

@@ -116,6 +116,20 @@ DEFAULT_GROUP_DIALECT = FilterDialect(
     },
 )
 
+# A target's group rule (`groups = [{ filter = 'name sw "ZPA-"' }]`), which provisiond evaluates
+# itself over the PingOne groups it lists: the group's string attributes, with every string operator.
+GROUP_RULE_DIALECT = FilterDialect(
+    attributes={
+        "name": STRING_OPS,
+        "description": STRING_OPS,
+        "externalId": STRING_OPS,
+        "sourceId": STRING_OPS,
+        "id": frozenset({"eq"}),
+        "population.id": frozenset({"eq"}),
+    },
+    any_custom=True,
+)
+
 
 # --- the predicate tree --------------------------------------------------------------------------
 

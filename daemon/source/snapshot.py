@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Set
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence, Set
 
 import anyio
 import structlog
@@ -53,6 +53,7 @@ async def take_snapshot(
     on_user: UserHook | None = None,
     previous_members: Mapping[str, Set[str]] | None = None,
     canonical: Callable[[str], str] = sys.intern,
+    group_rules: Sequence[Callable[[JSON], bool]] = (),
 ) -> Snapshot:
     """Read PingOne into a `Snapshot`; `complete` is False if anything could not be read.
 
@@ -62,6 +63,8 @@ async def take_snapshot(
     the same set object (so that the links and the desired state, which share it, hold one copy).
     `canonical`: the one string object to hold for a user id, wherever it appears (the users
     listing, member lists): `sys.intern` unless the caller knows them already.
+    `group_rules`: predicates over a group's JSON (a target's `{ prefix }` / `{ filter }` rules);
+    every group one of them matches is wanted too.
     """
     earlier = previous_members or {}
     snap = Snapshot(started_at=time.time())
@@ -123,6 +126,8 @@ async def take_snapshot(
         wanted = {gid for gid in group_ids if gid in snap.groups}
         wanted.update(gid for gid, group in snap.groups.items()
                       if isinstance(group.get("name"), str) and group["name"] in names)
+        if group_rules:
+            wanted.update(gid for gid, group in snap.groups.items() if any(rule(group) for rule in group_rules))
         if transitive and snap.groups:
             parents: dict[str, frozenset[str]] = {}
 
