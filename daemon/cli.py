@@ -25,6 +25,7 @@ from daemon.engine import META_ACCEPT_SHRINK, META_RELOAD_APPROVED, CycleReport,
 from daemon.http_session import http_session
 from daemon.links import PENDING, Op, Plan
 from daemon.lock import StateLock, StateLocked
+from daemon.progress import ApplyProgress, ProgressSink, is_terminal
 from daemon.store import Store, StoreError
 
 EX_OK = 0
@@ -79,10 +80,13 @@ async def opened_engine(cfg: Config) -> AsyncIterator[Engine]:
         await store.close()
 
 
-async def _once(cfg: Config, full: bool = False) -> CycleReport:
+async def _once(cfg: Config, full: bool = False, progress: ProgressSink | None = None) -> CycleReport:
     async with opened_engine(cfg) as engine:
         if full:    # read every target now: drift repair and adoption, whatever full_sync_every says
             engine.full_sync_now = set(engine.runtimes)
+        if progress is not None:
+            engine.progress = progress.update
+            engine.observers.append(progress.observe)
         return await engine.cycle()
 
 
@@ -96,7 +100,8 @@ def cmd_once(args: argparse.Namespace, cfg: Config) -> int:
         print(f"provisiond: {exc}", file=sys.stderr)
         return EX_FAIL
     try:
-        report = anyio.run(_once, cfg, bool(getattr(args, "full", False)))
+        with ApplyProgress(sys.stderr) as progress:     # live on a terminal, plain lines otherwise
+            report = anyio.run(_once, cfg, bool(getattr(args, "full", False)), progress)
     finally:
         lock.release()
     return EX_FAIL if report.failed else EX_OK
@@ -331,8 +336,10 @@ async def _sync_group(cfg: Config, args: argparse.Namespace) -> Any:
     try:
         async with http_session() as session:
             emit = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
-            return await sync_group(cfg, store, session, args.group, target=args.target, dry_run=args.dry_run,
-                                    log=logs.get_logger(command="sync-group"), emit=emit)
+            with ApplyProgress(sys.stderr) as progress:
+                return await sync_group(cfg, store, session, args.group, target=args.target,
+                                        dry_run=args.dry_run, log=logs.get_logger(command="sync-group"), emit=emit,
+                                        progress=progress)
     finally:
         await store.close()
 
@@ -418,8 +425,9 @@ async def _sync_user(cfg: Config, args: argparse.Namespace) -> Any:
     try:
         async with http_session() as session:
             emit = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
-            return await sync_user(cfg, store, session, args.user, target=args.target, dry_run=args.dry_run,
-                                   log=logs.get_logger(command="sync-user"), emit=emit)
+            with ApplyProgress(sys.stderr) as progress:
+                return await sync_user(cfg, store, session, args.user, target=args.target, dry_run=args.dry_run,
+                                       log=logs.get_logger(command="sync-user"), emit=emit, progress=progress)
     finally:
         await store.close()
 
@@ -508,14 +516,22 @@ async def _demo(args: argparse.Namespace) -> int:
             try:
                 async with http_session() as session:
                     engine = Engine(cfg, store, session, log=logs.get_logger())
-                    engine.progress = _progress_printer()
+                    live = is_terminal(sys.stderr)    # a live display on stderr; else plain lines here
+                    if not live:
+                        engine.progress = _progress_printer()
                     step = 0
                     while not stop.is_set() and (args.cycles == 0 or step < args.cycles):
                         step += 1
                         if step > 1:
                             for line in mutate(sandbox.directory, rng, step):
                                 print(f"  PingOne: {line}", flush=True)
-                        report = await engine.cycle()
+                        if live:
+                            with ApplyProgress(sys.stderr, live=True) as progress:
+                                engine.progress = progress.update
+                                engine.observers[:] = [progress.observe]
+                                report = await engine.cycle()
+                        else:
+                            report = await engine.cycle()
                         print_cycle(step, report, sandbox)
                         if args.cycles and step >= args.cycles:
                             break

@@ -67,6 +67,7 @@ from daemon.links import PENDING, Actual, Op
 from daemon.mapping import Desired, desired_state, resolve_pins
 from daemon.model import JSON, Snapshot
 from daemon.planner import plan
+from daemon.progress import ProgressSink
 from daemon.source.pingone import PingOneClient
 from daemon.source.snapshot import take_snapshot
 from daemon.store import Store
@@ -212,7 +213,8 @@ async def _read_source(source: PingOneClient, store: Store, ref: str, *, nested:
 
 
 async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, writes_to: Store,
-                       session: aiohttp.ClientSession, dry_run: bool, log: Any, emit: Emit) -> TargetSync:
+                       session: aiohttp.ClientSession, dry_run: bool, log: Any, emit: Emit,
+                       progress: ProgressSink | None = None) -> TargetSync:
     name = cfg.name
     out = TargetSync(name)
     rt = build_runtime(cfg, session)
@@ -267,6 +269,8 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
             detail += f" {fields['scim_type']}"
         if fields.get("error"):
             detail += f": {fields['error']}"
+        if progress is not None:
+            progress.observe(event, {**fields, "target": name})
         who = fields.get("user") or fields.get("group")
         prefix = "would be " if dry_run else ""
         emit(f"  {prefix}{event} {who} -> target id {fields.get('target_id')} "
@@ -277,7 +281,8 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
         target=name, cycle_id=cycle_id, client=client, store=writes_to, log=log.bind(target=name, cycle=cycle_id),
         limiter=rt.limiter, users=dict(actual.users), groups=dict(glinks), paths=rt.rules.paths,
         can_create=cfg.actions.create, active_false_deletes=cfg.active_false_deletes,
-        observer=observe, source_updated=source_updated)
+        observer=observe, source_updated=source_updated,
+        progress=(lambda done, total: progress.update(name, done, total)) if progress is not None else None)
     result = await applier.apply(the_plan.ops)
     out.results = {seq: o.status for seq, o in result.outcomes.items()}
     if isinstance(client, DryRunClient):
@@ -297,7 +302,7 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
 
 async def sync_user(config: Config, store: Store, session: aiohttp.ClientSession, ref: str, *,
                     target: str | None = None, dry_run: bool = False, log: Any,
-                    emit: Emit = print) -> SyncResult:
+                    emit: Emit = print, progress: ProgressSink | None = None) -> SyncResult:
     """Fetch one user from PingOne and provision it in every target (or `target`) now.
 
     Raises UnknownUser, KeyError (no such target), the source's RemoteError (PingOne unreadable)
@@ -316,13 +321,14 @@ async def sync_user(config: Config, store: Store, session: aiohttp.ClientSession
             try:
                 for cfg in targets:
                     result.targets.append(await _sync_target(cfg, src, store=store, writes_to=writes_to,
-                                                             session=session, dry_run=True, log=log, emit=emit))
+                                                             session=session, dry_run=True, log=log, emit=emit,
+                                                             progress=progress))
             finally:
                 await writes_to.close()
     else:
         for cfg in targets:
             result.targets.append(await _sync_target(cfg, src, store=store, writes_to=store, session=session,
-                                                     dry_run=False, log=log, emit=emit))
+                                                     dry_run=False, log=log, emit=emit, progress=progress))
     result.took_s = time.perf_counter() - started
     return result
 
@@ -330,7 +336,6 @@ async def sync_user(config: Config, store: Store, session: aiohttp.ClientSession
 # -- sync-group: one group and its in-scope members -------------------------------------------
 
 SYNC_GROUP_KIND = "sync-group"    # `cycle.summary.kind` of a cycle written by `provisiond sync-group`
-GroupProgress = Callable[[str, int, int], None]     # (target, done, total), as the engine's hook
 
 
 class UnknownGroup(Exception):
@@ -390,7 +395,7 @@ def _group_slice(desired: Desired, actual: Actual, group_id: str) -> tuple[Desir
 
 async def _sync_group_target(cfg: TargetConfig, snap: Snapshot, group_id: str, *, store: Store,
                              writes_to: Store, session: aiohttp.ClientSession, dry_run: bool, log: Any,
-                             emit: Emit, progress: GroupProgress | None) -> TargetSync:
+                             emit: Emit, progress: ProgressSink | None) -> TargetSync:
     name = cfg.name
     out = TargetSync(name)
     rt = build_runtime(cfg, session)
@@ -430,6 +435,8 @@ async def _sync_group_target(cfg: TargetConfig, snap: Snapshot, group_id: str, *
         detail = f" HTTP {fields['http_status']}" if fields.get("http_status") else ""
         if fields.get("error"):
             detail += f": {fields['error']}"
+        if progress is not None:
+            progress.observe(event, {**fields, "target": name})
         who = fields.get("user") or fields.get("group")
         emit(f"  {'would be ' if dry_run else ''}{event} {who} -> target id {fields.get('target_id')} "
              f"({fields.get('reason')}, {fields.get('outcome')}){detail}")
@@ -441,7 +448,7 @@ async def _sync_group_target(cfg: TargetConfig, snap: Snapshot, group_id: str, *
         limiter=rt.limiter, users=dict(actual.users), groups=dict(actual.groups), paths=rt.rules.paths,
         can_create=cfg.actions.create, active_false_deletes=cfg.active_false_deletes, observer=observe,
         source_updated=source_updated,
-        progress=(lambda done, total: progress(name, done, total)) if progress is not None else None)
+        progress=(lambda done, total: progress.update(name, done, total)) if progress is not None else None)
     result = await applier.apply(the_plan.ops)
     out.results = {seq: o.status for seq, o in result.outcomes.items()}
     if isinstance(client, DryRunClient):
@@ -456,7 +463,7 @@ async def _sync_group_target(cfg: TargetConfig, snap: Snapshot, group_id: str, *
 
 async def sync_group(config: Config, store: Store, session: aiohttp.ClientSession, ref: str, *,
                      target: str | None = None, dry_run: bool = False, log: Any, emit: Emit = print,
-                     progress: GroupProgress | None = None) -> GroupSyncResult:
+                     progress: ProgressSink | None = None) -> GroupSyncResult:
     """Push one PingOne group (by id or name) and its in-scope members to every target that
     pushes it (or `target`) now, through the planner and the applier as a cycle does.
 
