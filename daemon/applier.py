@@ -503,6 +503,12 @@ class Applier:
         except NotFound:
             self._drop_user(op.source_id)
             return APPLIED, op.target_id, {"reason": "already_gone"}
+        except Conflict as exc:
+            # A standing refusal (ZIA: the user is linked to an admin account): the user and its
+            # link stay; the engine keeps the refusal and asks again only at a full sync.
+            reason = self.client.profile.delete_refused_reason
+            return SKIPPED, op.target_id, {"skip_reason": reason, "reason": reason,
+                                           "http_status": exc.status, "error": exc.detail}
         self._drop_user(op.source_id)
         return APPLIED, op.target_id, {}
 

@@ -212,6 +212,9 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                   f"they imply); release with `provisiond approve --target {t['target']}`")
         if s.get("deferred_removals"):
             print(f"  deferred: {s['deferred_removals']} removal(s) not planned (snapshot incomplete or shrunk)")
+        if s.get("refused"):
+            print("  refused: " + ", ".join(f"{n} user delete(s) ({reason})" for reason, n in sorted(s["refused"].items()))
+                  + "; the target refuses them for good: asked again at the next full sync")
         for f in t["recent_failures"]:
             status = f" HTTP {f['http_status']}" if f["http_status"] else ""
             print(f"  failed: {f['kind']} {f['op']} {f['name']}{status}"

@@ -37,6 +37,7 @@ from typing import Any
 import aiohttp
 import anyio
 
+from daemon import refusals
 from daemon.applier import APPLIED, FAILED, Applier, ApplyResult, Observer, TargetUnhealthy
 from daemon.backoff import RetryPolicy
 from daemon.config import Config, GroupRef, TargetConfig
@@ -671,6 +672,8 @@ class Engine:
         """Step d: the plan (planner, pure), saved before anything is sent."""
         with gc_paused():
             the_plan = await self.make_plan(cx.rt, desired, actual, cx.complete)
+        # Standing refusals (ZIA admin-linked deletes) are not sent again before a full sync.
+        refusals.hold(the_plan, await refusals.load(self.store, cx.rt.config.name), full_sync=cx.full)
         await self.store.save_plan(cx.cycle_id, cx.rt.config.name, the_plan.ops)
         return the_plan
 
@@ -743,6 +746,7 @@ class Engine:
             await self.store.consume_approval(name)   # an approval releases held removals once
         counts = result.counts()
         summary = self.summarize(desired, after, the_plan, result, snapshot_complete=cx.complete)
+        summary["refused"] = await self._standing_refusals(rt, the_plan, result, after, desired)
         if rt.unmanaged is None:
             known = await self.store.get_meta(f"unmanaged.{name}")
             rt.unmanaged = int(known) if known is not None else None
@@ -763,6 +767,20 @@ class Engine:
                                         "started": cx.started, "finished": time.time(),
                                         "queue": 0, "reason": result.stopped.reason if result.stopped else None})
         return report
+
+    async def _standing_refusals(self, rt: TargetRuntime, the_plan: Plan, result: ApplyResult,
+                                 after: Actual, desired: Desired) -> dict[str, int]:
+        """Keep the refusals that stand after this apply (said once: a later skip of the same
+        delete is logged at debug), and count them by reason for `status`."""
+        name = rt.config.name
+        refused = await refusals.load(self.store, name)
+        now = refusals.after_apply(refused, the_plan, result.outcomes, after.users.keys(), desired.users,
+                                   reason=rt.client.profile.delete_refused_reason)
+        if now != refused:
+            await refusals.save(self.store, name, now)
+        for sid, reason in now.items():
+            rt.reported[f"user:{sid}:delete"] = reason
+        return refusals.counts(now)
 
     def eta(self, rt: TargetRuntime, operations: int) -> float:
         """Seconds an apply of `operations` should take at this target's rate and concurrency."""

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from daemon import refusals
 from daemon.config import Config, TargetConfig
 from daemon.engine import rules_for
 from daemon.links import HELD, PENDING, REMOVALS_HELD, Actual, GroupLink, Op, Plan, UserLink
@@ -339,6 +340,9 @@ async def _explain_target(store: Store, cfg: TargetConfig, rules: Rules, pins: M
     last_cycle = await last_daemon_cycle(store, name)
     held_last = any(op["cycle"] == last_cycle and op["status"] == HELD for op in history)
     approved = await store.approved(name)
+    refused = (await refusals.load(store, name)).get(user_id)    # a standing refusal (admin_linked)
+    if refused is not None:
+        refusals.hold(the_plan, {user_id: refused}, full_sync=False)
     ops = the_plan.ops
     if held_last and not approved:
         ops = [replace(op, status=HELD, skip_reason=REMOVALS_HELD) if op.is_removal and op.status == PENDING
@@ -364,6 +368,7 @@ async def _explain_target(store: Store, cfg: TargetConfig, rules: Rules, pins: M
         "groups": memberships,
         "last_operations": history,
         "held": held_last and not approved,
+        "refused": refused,
         "approval_pending": approved,
         "next_cycle": {"operations": next_ops, "summary": _next_summary(next_ops, scope, want, skip, link)},
     }
@@ -459,6 +464,9 @@ def render_explanation(data: dict[str, Any]) -> str:
                     detail += f" ({op['skip_reason']})"
                 lines.append(f"    cycle {op['cycle']} {_when(op['finished'] or op['started'])} "
                              f"{op['kind']} {op['op']} ({op['reason']}): {op['status']}{detail}")
+        if t.get("refused"):
+            lines.append(f"  refused: the target refuses to delete this user ({t['refused']}); "
+                         "provisiond asks again at the next full sync")
         lines.append(f"  next cycle: {t['next_cycle']['summary']}")
         if t["held"]:
             lines.append(f"  held: release with `provisiond approve --target {t['target']}`")

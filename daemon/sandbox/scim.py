@@ -7,7 +7,8 @@ without Retry-After, the profile's token bucket, hangs) come from `daemon.sandbo
 Routes, under `prefix` (default `/v2`): `/Users`, `/Users/{id}`, `/Users/.search`, the same for
 `/Groups`, `/.search`, `/ServiceProviderConfig`, `/ResourceTypes[/{id}]`, `/Schemas[/{id}]`.
 Inspection, never faulted nor authenticated, under `/_admin`: `GET state`, `GET counters`,
-`GET requests`, `POST faults`, `POST reset`.
+`GET requests`, `POST faults`, `POST reset`, `POST admin_users` (mark a user admin-linked:
+`{"userName": "…"}` or `{"id": "…"}`, `"linked": false` to unmark; zia refuses its DELETE with 409).
 
 Run one on its own: `python -m daemon.sandbox.scim --profile zpa --port 8443`; the first line printed
 on stdout is its base URL.
@@ -108,6 +109,13 @@ class ScimProfile:
     group_name_unique: bool = True     # 409 on duplicate group displayName (UNCONFIRMED for Zscaler)
     member_output_value_only: bool = False  # zpa: group members echoed as [{value}] only
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # request bodies beyond this: 413 (UNCONFIRMED)
+    # zia (zscaler-scim.md §9): a user linked to a ZIA admin account is not deleted by SCIM; DELETE
+    # answers 409 "Admin user cannot be deleted". Mark one with `mark_admin` or POST /_admin/admin_users.
+    admin_delete_refused: bool = False
+    # zpa: a PUT/PATCH that changes userName answers 400 scimType `mutability`. UNCONFIRMED: IBM's
+    # connector lists ZPA's userName as not modifiable (§2.4, §8.9); whether ZPA really refuses
+    # the change, and with which status, is not documented. Default for zpa: refuse.
+    username_immutable: bool = False
 
 
 _BASE = ScimProfile(
@@ -125,6 +133,7 @@ PROFILES: dict[str, ScimProfile] = {
         group_list_members=False, group_put_merges=True, active_false_deletes=True, rate_limit_rps=50.0,
         max_groups_per_user=1000, member_cap_silently_drops=True, nested_groups=False,
         hoist_enterprise_attributes=True, member_output_value_only=True,
+        username_immutable=True,              # UNCONFIRMED (see the knob)
         # UNCONFIRMED whether ZPA has discovery endpoints at all or whether they need auth (§2.1).
         discovery_requires_auth=True,
     ),
@@ -133,7 +142,7 @@ PROFILES: dict[str, ScimProfile] = {
         _BASE, name="zia", default_page_size=1000, max_page_size=1000, search_max_page_size=100,
         rate_limit_rps=5.0, registered_domains=("example.com",), max_groups_per_user=127,
         reject_empty_members=True, department_top_level=True, discovery_requires_auth=False,
-        nested_groups=False, hoist_enterprise_attributes=True,
+        nested_groups=False, hoist_enterprise_attributes=True, admin_delete_refused=True,
     ),
 }
 
@@ -604,6 +613,7 @@ class ScimEmulator:
         self._hidden_until: dict[str, float] = {}  # id -> monotonic time it becomes visible
         self._order: dict[str, list[str]] = {}   # "Users"/"Groups" -> ids in creation order (cache)
         self._next_numeric = DEFAULT_FIRST_NUMERIC_ID
+        self.admin_linked: set[str] = set()   # user ids linked to an admin account (zia)
         self._inflight: set[asyncio.Task[Any]] = set()  # cancelled on shutdown, so hung requests end
 
     # -- Python API for tests ------------------------------------------------------------------
@@ -639,6 +649,14 @@ class ScimEmulator:
 
     def delete_user(self, user_id: str) -> bool:
         return self._delete_user(user_id)
+
+    def mark_admin(self, user_id: str, linked: bool = True) -> None:
+        """Link (or unlink) the user to an admin account: with `admin_delete_refused`, its DELETE
+        answers 409. The mark goes with the user."""
+        if linked:
+            self.admin_linked.add(user_id)
+        else:
+            self.admin_linked.discard(user_id)
 
     def delete_group(self, group_id: str) -> bool:
         return self._delete_group(group_id)
@@ -683,6 +701,7 @@ class ScimEmulator:
         app.router.add_get(ADMIN_PREFIX + "/requests", self._admin_requests)
         app.router.add_post(ADMIN_PREFIX + "/faults", self._admin_faults)
         app.router.add_post(ADMIN_PREFIX + "/reset", self._admin_reset)
+        app.router.add_post(ADMIN_PREFIX + "/admin_users", self._admin_admin_users)
         return app
 
     @web.middleware
@@ -927,6 +946,7 @@ class ScimEmulator:
         self._drop_memberships(uid)
         self._hidden_until.pop(uid, None)
         self._order.pop("Users", None)
+        self.admin_linked.discard(uid)
         return True
 
     def _delete_group(self, gid: str) -> bool:
@@ -1166,9 +1186,15 @@ class ScimEmulator:
     async def _get_user(self, request: web.Request) -> web.StreamResponse:
         return self._user_reply(request, self._found_user(request))
 
+    def _check_username_change(self, existing: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
+        """zpa (UNCONFIRMED, see `username_immutable`): a write may not change userName, not even its case."""
+        if self.profile.username_immutable and attrs.get("userName") != existing.get("userName"):
+            raise ScimError(400, "userName cannot be modified", "mutability")
+
     async def _replace_user(self, request: web.Request) -> web.StreamResponse:
         existing = self._found_user(request)
         attrs = self._clean_user(await self._body(request))
+        self._check_username_change(existing, attrs)
         user = self._commit_user(attrs, existing)
         reply = self._user_reply(request, user)
         self._after_user_write(user)
@@ -1179,13 +1205,18 @@ class ScimEmulator:
         body = await self._body(request)
         candidate = copy.deepcopy({k: v for k, v in existing.items() if k not in ("id", "meta", "schemas")})
         apply_patch(candidate, get_value(body, "Operations"))
-        user = self._commit_user(self._clean_user(candidate), existing)
+        attrs = self._clean_user(candidate)
+        self._check_username_change(existing, attrs)
+        user = self._commit_user(attrs, existing)
         reply = self._user_reply(request, user)
         self._after_user_write(user)
         return reply
 
     async def _delete_user_route(self, request: web.Request) -> web.StreamResponse:
         self._found_user(request)
+        if self.profile.admin_delete_refused and request.match_info["id"] in self.admin_linked:
+            # zia, zscaler-scim.md §9: the body beyond status and detail is UNCONFIRMED.
+            raise ScimError(409, "Admin user cannot be deleted")
         self._delete_user(request.match_info["id"])
         return web.Response(status=204)
 
@@ -1363,7 +1394,23 @@ class ScimEmulator:
                 return web.json_response({"error": f"unknown fault {key!r}"}, status=400)
         return web.json_response(self._faults_doc())
 
+    async def _admin_admin_users(self, request: web.Request) -> web.StreamResponse:
+        """Mark users admin-linked: `{"userName": "…"}` or `{"id": "…"}`, `"linked": false` unmarks."""
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "body must be an object"}, status=400)
+        user = (self.users.get(str(body["id"])) if body.get("id") is not None
+                else self.user_by_username(str(body.get("userName", ""))))
+        if user is None:
+            return web.json_response({"error": "no such user"}, status=404)
+        self.mark_admin(user["id"], bool(body.get("linked", True)))
+        return web.json_response({"admin_linked": sorted(self.admin_linked)})
+
     async def _admin_reset(self, request: web.Request) -> web.StreamResponse:
+        self.admin_linked.clear()
         self.users.clear()
         self.groups.clear()
         self._user_index.clear()

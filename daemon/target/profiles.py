@@ -39,6 +39,10 @@ class TargetProfile:
     # an empty multi-valued attribute out). ZPA's examples never show members: UNCONFIRMED there,
     # so a missing key means "unknown" and provisiond keeps its own membership state.
     group_get_returns_members: bool = True
+    # A 409 to DELETE /Users/{id} is a standing refusal for that user, not a conflict to retry:
+    # the user stays, the delete is `skipped` with this reason and tried again only at the next
+    # full sync. ZIA answers so for a user linked to an admin account (zscaler-scim.md §9).
+    delete_refused_reason: str = "delete_refused"
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.membership_batch < 1:
@@ -80,6 +84,7 @@ PROFILES: dict[str, TargetProfile] = {
         requests_per_second=5.0,              # documented 5/s per tenant, shared by all workers
         update_method="patch",
         require_email_username=True,
+        delete_refused_reason="admin_linked", # 409 "Admin user cannot be deleted" (§9)
     ),
     "generic": TargetProfile(
         name="generic",

@@ -485,7 +485,53 @@ async def test_zpa_memberships_beyond_the_cap_are_silently_not_stored() -> None:
         assert em.group_by_name("g3")["members"] == []
 
 
+async def test_zpa_refuses_a_username_change_by_patch_or_put_unless_the_knob_is_off() -> None:
+    async with running("zpa", rate_limit_rps=None) as (em, c):
+        u = await c.user("a@example.com", displayName="A")
+        status, body, _ = await c.patch(f"/Users/{u['id']}",
+                                        {"op": "replace", "path": "userName", "value": "b@example.com"})
+        assert_error(status, body, 400, "mutability")
+        status, body, _ = await c.call("PUT", f"/Users/{u['id']}", {"userName": "A@example.com"})
+        assert_error(status, body, 400, "mutability")      # a change of case too
+        assert em.users[u["id"]]["userName"] == "a@example.com"
+        status, body, _ = await c.patch(f"/Users/{u['id']}",
+                                        {"op": "replace", "path": "displayName", "value": "B"})
+        assert status == 200 and body["displayName"] == "B"   # other attributes still change
+    assert profile_settings("zpa").username_immutable is True
+    async with running("zpa", rate_limit_rps=None, username_immutable=False) as (em, c):
+        u = await c.user("a@example.com")
+        status, body, _ = await c.patch(f"/Users/{u['id']}",
+                                        {"op": "replace", "path": "userName", "value": "b@example.com"})
+        assert status == 200 and body["userName"] == "b@example.com"
+
+
 # --- ZIA quirks -------------------------------------------------------------------------------------
+
+
+async def test_zia_refuses_to_delete_an_admin_linked_user_with_409_marked_over_admin() -> None:
+    async with running("zia", rate_limit_rps=None) as (em, c):
+        a = await c.user("admin@example.com")
+        b = await c.user("b@example.com")
+        async with c.session.post(c.base.rsplit("/v2", 1)[0] + "/_admin/admin_users",
+                                  json={"userName": "ADMIN@example.com"}) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["admin_linked"] == [a["id"]]
+        status, body, _ = await c.call("DELETE", f"/Users/{a['id']}")
+        assert_error(status, body, 409)
+        assert body["detail"] == "Admin user cannot be deleted"
+        assert a["id"] in em.users
+        # a disable still goes through (it disables the linked admin too, §9)
+        status, body, _ = await c.patch(f"/Users/{a['id']}", {"op": "replace", "path": "active", "value": False})
+        assert status == 200 and body["active"] is False
+        assert (await c.call("DELETE", f"/Users/{b['id']}"))[0] == 204
+        async with c.session.post(c.base.rsplit("/v2", 1)[0] + "/_admin/admin_users",
+                                  json={"id": a["id"], "linked": False}) as resp:
+            assert (await resp.json())["admin_linked"] == []
+        assert (await c.call("DELETE", f"/Users/{a['id']}"))[0] == 204
+    async with running("generic") as (em, c):
+        a = await c.user("admin@example.com")
+        em.mark_admin(a["id"])
+        assert (await c.call("DELETE", f"/Users/{a['id']}"))[0] == 204   # only zia refuses
 
 
 async def test_zia_refuses_unregistered_domains() -> None:

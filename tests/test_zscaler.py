@@ -1,0 +1,140 @@
+"""Zscaler quirks end to end (zscaler-scim.md): the real daemon against the zpa/zia emulators,
+outcomes read back from the targets over SCIM HTTP, and from `provisiond once` / `status`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from daemon.sandbox.scim import DEFAULT_TOKEN, ScimEmulator
+from daemon.sandbox.runner import ZIA_TOKEN, ZPA_TOKEN
+from tests.harness import Harness, harness
+from tests.safety import cli
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def scim_base(h: Harness, target: str) -> str:
+    em = h.emulator(target)
+    return em.base_url + em.prefix
+
+
+async def scim_get(h: Harness, target: str, path: str, params: dict[str, str] | None = None) -> tuple[int, Any]:
+    """GET over SCIM HTTP with the target's own token: what the target really holds."""
+    token = {"zpa": ZPA_TOKEN, "zia": ZIA_TOKEN}.get(target, DEFAULT_TOKEN)
+    async with aiohttp.ClientSession() as session, session.get(
+            scim_base(h, target) + path, params=params, headers={"Authorization": f"Bearer {token}"}) as resp:
+        raw = await resp.read()
+        return resp.status, (json.loads(raw) if raw else None)
+
+
+async def find_user(h: Harness, target: str, user_name: str) -> dict[str, Any] | None:
+    status, body = await scim_get(h, target, "/Users", {"filter": f'userName eq "{user_name}"'})
+    assert status == 200, body
+    found = [r for r in body["Resources"] if r["userName"].lower() == user_name.lower()]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def events(stdout: bytes, name: str, **match: Any) -> list[dict[str, Any]]:
+    out = []
+    for line in stdout.decode().splitlines():
+        if line.startswith("{"):
+            e = json.loads(line)
+            if e.get("event") == name and all(e.get(k) == v for k, v in match.items()):
+                out.append(e)
+    return out
+
+
+def deletes(em: ScimEmulator) -> list[dict[str, Any]]:
+    return [r for r in em.request_log if r["method"] == "DELETE"]
+
+
+def set_in_target_section(config: Path, target: str, key: str, value: str) -> None:
+    """Rewrite `key = …` in one [[target]] section of the config file."""
+    text = config.read_text(encoding="utf-8")
+    head, sep, rest = text.partition(f'name = "{target}"\n')
+    assert sep, target
+    lines = rest.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("[[target]]"):
+            lines.insert(i, f"{key} = {value}")
+            break
+        if line.startswith(f"{key} ="):
+            lines[i] = f"{key} = {value}"
+            break
+    else:
+        lines.append(f"{key} = {value}")
+    config.write_text(head + sep + "\n".join(lines), encoding="utf-8")
+
+
+def set_daemon_key(config: Path, key: str, value: str) -> None:
+    text = config.read_text(encoding="utf-8")
+    lines = [f"{key} = {value}" if line.startswith(f"{key} =") else line for line in text.split("\n")]
+    config.write_text("\n".join(lines), encoding="utf-8")
+
+
+# -- ZIA admin-linked users (item 11) -----------------------------------------------------------------
+
+
+async def test_zia_admin_linked_user_delete_is_a_standing_refusal_counted_in_status(tmp_path: Path) -> None:
+    async with harness(tmp_path, zia={"remove_action": "delete"}) as h:
+        cfg = h.config_path
+        set_in_target_section(cfg, "zia", "remove_action", '"delete"')
+        assert not (await h.cycle()).failed
+        zia = h.emulator("zia")
+        scope = h.directory.group_by_name("ZIA Users")["id"]
+        uid = sorted(h.directory.direct_member_ids(scope))[0]
+        name = h.directory.users[uid]["username"]
+        linked = await find_user(h, "zia", name)
+        assert linked is not None
+        async with aiohttp.ClientSession() as session, session.post(
+                zia.base_url + "/_admin/admin_users", json={"userName": name}) as resp:
+            assert resp.status == 200
+        h.directory.delete_user(uid)
+
+        # The DELETE is refused with 409: skipped (admin_linked), not failed; the user stays.
+        zia.reset_counters()
+        second = await cli("once", "-c", str(cfg))
+        assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+        (skipped,) = events(second.stdout, "user.skipped", target="zia", user=name)
+        assert (skipped["reason"], skipped["http_status"], skipped["outcome"]) == ("admin_linked", 409, "skipped")
+        assert not events(second.stdout, "user.delete_failed")
+        assert len(deletes(zia)) == 1
+        assert await find_user(h, "zia", name) is not None
+
+        # Not asked again in an ordinary cycle; counted in status.
+        zia.reset_counters()
+        third = await cli("once", "-c", str(cfg))
+        assert third.returncode == 0
+        assert deletes(zia) == []
+        status = await cli("status", "-c", str(cfg), "--json")
+        targets = {t["target"]: t for t in json.loads(status.stdout)["targets"]}
+        assert targets["zia"]["summary"]["refused"] == {"admin_linked": 1}
+        assert targets["zia"]["outcome"] == "success"
+        human = (await cli("status", "-c", str(cfg))).stdout.decode()
+        assert "refused: 1 user delete(s) (admin_linked)" in human
+        why = await cli("why", name, "-c", str(cfg), "--target", "zia")
+        assert why.returncode == 0, why.stdout.decode() + why.stderr.decode()
+        assert "refused: the target refuses to delete this user (admin_linked)" in why.stdout.decode()
+        assert "user delete (deleted_in_source) [skipped: admin_linked]" in why.stdout.decode()
+
+        # A full sync asks again: still refused, one DELETE, still counted. (In process from
+        # here: a new runtime for the retargeted zia reads its links from the state file.)
+        h.retarget("zia", full_sync_every=0.001)
+        await h.cycle()
+        assert h.target_report("zia").full_sync
+        assert len(deletes(zia)) == 1
+        assert h.events("user.skipped", target="zia", user=name, reason="admin_linked")
+        assert h.target_report("zia").summary["refused"] == {"admin_linked": 1}
+
+        # Unlinked from the admin: the next full sync deletes it and the refusal is gone.
+        zia.mark_admin(str(linked["id"]), False)
+        await h.cycle()
+        assert h.events("user.deleted", target="zia", user=name)
+        assert await find_user(h, "zia", name) is None
+        assert h.target_report("zia").summary["refused"] == {}
