@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from daemon.errors import Conflict, Forbidden, NotFound, RemoteError, TransientError, Unauthorized
+from daemon.errors import BadRequest, Conflict, Forbidden, NotFound, RemoteError, TransientError, Unauthorized
 from daemon.links import PENDING, PHASE_GROUPS, PHASE_MEMBER_ADD, PHASE_USERS, GroupLink, Op, UserLink
 from daemon.store import Outcome, Store
 from daemon.target.resource import read_active, read_user
@@ -565,8 +565,10 @@ class Applier:
         chunk: list[str] = []         # source ids resolved, not yet sent
         chunk_ids: list[str] = []     # their target ids, without repeats
         seen: set[str] = set()
+        refused: list[str] = []       # target ids the target refused one by one (400)
+        refusal: list[BadRequest] = []
 
-        async def send(sids: list[str], ids: list[str]) -> None:
+        async def post(ids: list[str]) -> None:
             nonlocal requests
             async with self.limiter:
                 if self.health.stopped is not None:   # nothing more is sent to a stopped target
@@ -578,6 +580,29 @@ class Applier:
                 except NotFound:
                     self._drop_group(op.source_id)
                     raise
+                except BadRequest:
+                    requests += 1
+                    raise
+
+        async def send(sids: list[str], ids: list[str], *, top: bool = True) -> None:
+            """A chunk refused with 400 (ZIA refuses the whole PATCH for one user over its groups
+            cap) is split in halves until the members at fault are alone: the rest go in. A chunk
+            every member of which is refused is a systematic refusal, not one member's: raised."""
+            try:
+                await post(ids)
+            except BadRequest as exc:
+                if len(ids) == 1:
+                    refused.append(ids[0])
+                    refusal[:] = [exc]
+                    return
+                before = len(refused)
+                half = len(ids) // 2
+                for part in (ids[:half], ids[half:]):
+                    part_set = set(part)
+                    await send([s for s in sids if self.users[s].target_id in part_set], part, top=False)
+                if top and len(refused) - before == len(ids):
+                    raise exc from None
+                return
             added.extend(sids)
 
         try:
@@ -608,6 +633,13 @@ class Applier:
             current = self.groups.get(op.source_id)
             if added and current is not None:
                 self._link_group(replace(current, members=current.members | set(added)))
+        if refused:
+            # The others went in (and are linked, above); the op fails for the members refused.
+            first = refusal[0]
+            shown = ", ".join(refused[:10]) + (", …" if len(refused) > 10 else "")
+            raise BadRequest(f"{len(refused)} of {resolved} member(s) refused (target ids {shown}); the others "
+                             f"were added: {first.detail}", method=first.method, path=first.path,
+                             scim_type=first.scim_type)
         if not resolved:
             return SKIPPED, group_id, {"skip_reason": "dependency_failed", "reason": "members_not_created",
                                        "members": 0}

@@ -212,6 +212,10 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                   f"they imply); release with `provisiond approve --target {t['target']}`")
         if s.get("deferred_removals"):
             print(f"  deferred: {s['deferred_removals']} removal(s) not planned (snapshot incomplete or shrunk)")
+        if s.get("group_limit"):
+            gl = s["group_limit"]
+            print(f"  group limit: {gl['memberships']} membership(s) of {gl['users']} user(s) not sent: beyond the "
+                  f"target's groups-per-user cap (group_limit)")
         if s.get("refused"):
             print("  refused: " + ", ".join(f"{n} user delete(s) ({reason})" for reason, n in sorted(s["refused"].items()))
                   + "; the target refuses them for good: asked again at the next full sync")

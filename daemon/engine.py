@@ -42,7 +42,7 @@ from daemon.applier import APPLIED, FAILED, Applier, ApplyResult, Observer, Targ
 from daemon.backoff import RetryPolicy
 from daemon.config import Config, GroupRef, TargetConfig
 from daemon.errors import Forbidden, RemoteError, TransientError, Unauthorized
-from daemon.links import HELD, PENDING, Actual, GroupLink, Op, Plan, UserLink
+from daemon.links import GROUP_LIMIT, HELD, PENDING, Actual, GroupLink, Op, Plan, UserLink
 from daemon.mapping import (
     Desired,
     GroupSelector,
@@ -711,6 +711,7 @@ class Engine:
                     f"{op.kind}.skipped", source_id=op.source_id, target_id=op.target_id,
                     **{("user" if op.kind == "user" else "group"): op.name}, op=op.op, outcome="skipped",
                     reason=op.skip_reason, planned_reason=op.reason)
+        report_capped(the_plan, desired, report_skip)
         rt.reported = reported
 
     async def apply_plan(self, cx: CycleContext, snapshot: Snapshot, desired: Desired, actual: Actual,
@@ -747,6 +748,7 @@ class Engine:
         counts = result.counts()
         summary = self.summarize(desired, after, the_plan, result, snapshot_complete=cx.complete)
         summary["refused"] = await self._standing_refusals(rt, the_plan, result, after, desired)
+        summary["group_limit"] = capped_counts(the_plan)
         if rt.unmanaged is None:
             known = await self.store.get_meta(f"unmanaged.{name}")
             rt.unmanaged = int(known) if known is not None else None
@@ -795,7 +797,8 @@ class Engine:
             create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,
             deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action, delete_after=cfg.delete_after,
             group_membership=cfg.group_membership, max_deletes=cfg.max_deletes.limit(managed),
-            approved=await self.store.approved(cfg.name))
+            approved=await self.store.approved(cfg.name),
+            max_groups_per_user=rt.client.profile.max_groups_per_user)
         return plan(desired, actual, policy, complete=complete, now=time.time())
 
     # -- recovery and actual state --------------------------------------------------------
@@ -976,6 +979,26 @@ class Engine:
         return {"users": u, "groups": g, "operations": ops, "held": the_plan.removals_held,
                 "deferred_removals": the_plan.removals_deferred, "snapshot_complete": snapshot_complete,
                 "missing_groups": desired.missing_groups}
+
+
+def report_capped(the_plan: Plan, desired: Desired, report: Callable[[str, str], Any]) -> None:
+    """One `group.member_skipped` event per membership beyond the target's groups-per-user cap
+    (`group_limit`), at info when it starts and at debug while it lasts."""
+    for op in the_plan.ops:
+        if op.op != "add_members":
+            continue
+        for sid in op.payload.get("capped", ()):
+            want = desired.users.get(sid)
+            report(f"member:{op.source_id}:{sid}", GROUP_LIMIT)(
+                "group.member_skipped", source_id=op.source_id, target_id=op.target_id, group=op.name,
+                member_source_id=sid, user=want.user_name if want is not None else None, op=op.op,
+                outcome="skipped", reason=GROUP_LIMIT, limit=op.payload.get("limit"))
+
+
+def capped_counts(the_plan: Plan) -> dict[str, int]:
+    """Memberships (and their users) beyond the target's groups-per-user cap, for `status`."""
+    capped = [sid for op in the_plan.ops if op.op == "add_members" for sid in op.payload.get("capped", ())]
+    return {"memberships": len(capped), "users": len(set(capped))} if capped else {}
 
 
 def held_ops(the_plan: Plan) -> int:

@@ -26,6 +26,7 @@ from daemon.mapping import Desired, Rules, desired_state, resolve_pins
 from daemon.model import JSON, Snapshot
 from daemon.planner import Policy, plan
 from daemon.store import Store
+from daemon.target.profiles import profile_for
 
 DEFAULT_HISTORY = 10              # last operations shown per target
 SYNC_USER_KIND = "sync-user"      # `cycle.summary.kind` of a cycle written by `provisiond sync-user`
@@ -166,7 +167,8 @@ def policy_for(cfg: TargetConfig, *, max_deletes: int | None = None, approved: b
     return Policy(create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,
                   deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action,
                   delete_after=cfg.delete_after, group_membership=cfg.group_membership,
-                  max_deletes=max_deletes, approved=approved)
+                  max_deletes=max_deletes, approved=approved,
+                  max_groups_per_user=profile_for(cfg.profile).max_groups_per_user)
 
 
 def plan_for_user(desired: Desired, actual: Actual, user_id: str, cfg: TargetConfig, *, now: float,
@@ -350,12 +352,15 @@ async def _explain_target(store: Store, cfg: TargetConfig, rules: Rules, pins: M
     failed_last = {(op["kind"], op["op"]) for op in history
                    if op["status"] == "failed" and op["cycle"] == (history[0]["cycle"] if history else None)}
     next_ops = [_describe(op, failed_last) for op in ops]
+    capped = {op.source_id: op.payload.get("limit") for op in ops
+              if op.op == "add_members" and user_id in op.payload.get("capped", ())}
     memberships = []
     for gid, group in desired.groups.items():
         glink = links.get(gid)
         memberships.append({"group": group.display_name, "group_id": gid, "linked": glink is not None,
                             "should_be_member": user_id in group.members,
-                            "member_in_target": glink is not None and user_id in glink.members})
+                            "member_in_target": glink is not None and user_id in glink.members,
+                            "group_limit": capped.get(gid)})
     return {
         "target": name,
         "profile": cfg.profile,
@@ -449,7 +454,9 @@ def render_explanation(data: dict[str, Any]) -> str:
         for g in t["groups"]:
             have = "member" if g["member_in_target"] else "not a member"
             want = "should be" if g["should_be_member"] else "should not be"
-            lines.append(f"  group {g['group']}: {have} in the target, {want}")
+            limit = (f"; not sent: beyond the target's limit of {g['group_limit']} groups per user (group_limit)"
+                     if g.get("group_limit") else "")
+            lines.append(f"  group {g['group']}: {have} in the target, {want}{limit}")
         if t["last_operations"]:
             lines.append("  last operations:")
             for op in t["last_operations"]:

@@ -44,6 +44,7 @@ MEMBERSHIP_CHANGED = "membership_changed"
 FOREIGN_MEMBERS = "foreign_members"
 ACTION_DISABLED = "action_disabled"
 REMOVALS_HELD = "removals_held"
+GROUP_LIMIT = "group_limit"             # a membership beyond the target's groups-per-user cap
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from daemon.links import (
     ENABLED_IN_SOURCE,
     FOREIGN_MEMBERS,
     GROUP_DELETED_IN_SOURCE,
+    GROUP_LIMIT,
     GROUP_RENAMED,
     GROUP_UNSELECTED,
     HELD,
@@ -70,6 +71,7 @@ class Policy:
     group_membership: str = "overwrite"     # overwrite | merge
     max_deletes: int | None = None          # removals allowed this cycle (None = no limit)
     approved: bool = False                  # the operator released held removals once
+    max_groups_per_user: int | None = None  # the target's cap (ZIA 127): memberships beyond it are skipped
 
 
 class _Builder:
@@ -120,6 +122,8 @@ def plan(desired: Desired, actual: Actual, policy: Policy, *, complete: bool, no
     # disabled user that was never provisioned is not added, and is not retried every cycle.
     created = {op.source_id for op in b.ops if op.kind == "user" and op.op == "create"}
     deferred += _plan_groups(b, desired, actual, policy, complete, Provisionable(actual.users.keys(), created))
+    if policy.max_groups_per_user is not None:
+        _cap_memberships(b, actual, policy.max_groups_per_user)
     ops = sorted(b.ops, key=lambda o: (o.phase, 0 if o.kind == "user" else 1, o.name, o.source_id))
     result = Plan(ops=[_with_seq(op, i + 1) for i, op in enumerate(ops)], removals_deferred=deferred)
     _hold_removals(result, policy)
@@ -257,6 +261,41 @@ def _plan_linked_group(b: _Builder, want: DesiredGroup, link: GroupLink, policy:
           MEMBERSHIP_CHANGED if to_remove else FOREIGN_MEMBERS,
           {"source_ids": to_remove, "target_ids": foreign}, policy.update)
     return 0
+
+
+def _cap_memberships(b: _Builder, actual: Actual, cap: int) -> None:
+    """Keep every user within the target's groups-per-user cap (ZIA: 127, beyond it ZIA refuses
+    the whole member PATCH). A user's memberships are those provisiond holds (its group links)
+    plus the adds planned, group by group in name order; the adds beyond the cap move from the
+    op's `source_ids` to its `capped` list (`group_limit`), and an add left with no member is
+    `skipped`. Memberships already held are never given up for new ones, so nothing flaps;
+    member removals run after the adds, so a swap at the cap completes a cycle later."""
+    adds = [i for i, op in enumerate(b.ops) if op.op == "add_members" and op.status == PENDING]
+    if not adds:
+        return
+    wanted: set[str] = set()
+    for i in adds:
+        wanted.update(str(s) for s in b.ops[i].payload["source_ids"])
+    held = dict.fromkeys(wanted, 0)
+    for link in actual.groups.values():
+        members = link.members
+        for sid in (members if len(members) < len(wanted) else wanted):
+            if sid in held and sid in members:
+                held[sid] += 1
+    for i in sorted(adds, key=lambda i: (b.ops[i].name, b.ops[i].source_id)):
+        op = b.ops[i]
+        kept: list[str] = []
+        capped: list[str] = []
+        for sid in (str(s) for s in op.payload["source_ids"]):
+            if held[sid] < cap:
+                held[sid] += 1
+                kept.append(sid)
+            else:
+                capped.append(sid)
+        if capped:
+            payload = {**op.payload, "source_ids": kept, "capped": capped, "limit": cap}
+            b.ops[i] = replace(op, payload=payload) if kept else replace(
+                op, payload=payload, status=SKIPPED, skip_reason=GROUP_LIMIT)
 
 
 def _hold_removals(result: Plan, policy: Policy) -> None:

@@ -455,3 +455,35 @@ def test_phases_run_create_groups_adds_removes_disables_deletes_in_that_order() 
     assert p.counts() == {"user.create": 1, "user.update": 1, "user.enable": 1, "group.create": 1,
                           "group.rename": 1, "group.add_members": 2, "group.remove_members": 1,
                           "user.disable": 1, "user.delete": 2, "group.delete": 1}
+
+
+# -- the target's groups-per-user cap ---------------------------------------------------------------
+
+
+def test_memberships_beyond_the_groups_per_user_cap_are_capped_in_name_order_keeping_those_held() -> None:
+    users = [want("u1"), want("u2")]
+    # u1 already holds "Z held" (a link); it wants A, B and C besides: with a cap of 3, A and B go
+    # in and C is capped; u2 holds nothing and fits everywhere.
+    groups = [wgroup("gz", "Z held", ["u1"]), wgroup("ga", "A", ["u1", "u2"]), wgroup("gb", "B", ["u1"]),
+              wgroup("gc", "C", ["u1", "u2"])]
+    a = actual([link("u1"), link("u2")], [glink("gz", "Z held", ["u1"]), glink("ga", "A"), glink("gb", "B"),
+                                          glink("gc", "C")])
+    p = run(desired(users, groups), a, Policy(max_groups_per_user=3))
+    adds = {o.name: o for o in p.ops if o.op == "add_members"}
+    assert adds["A"].payload["source_ids"] == ["u1", "u2"] and "capped" not in adds["A"].payload
+    assert adds["B"].payload["source_ids"] == ["u1"]
+    assert adds["C"].payload["source_ids"] == ["u2"] and adds["C"].payload["capped"] == ["u1"]
+    assert adds["C"].payload["limit"] == 3 and adds["C"].status == PENDING
+    # without a cap nothing is capped
+    p = run(desired(users, groups), a)
+    assert all("capped" not in o.payload for o in p.ops)
+
+
+def test_an_add_whose_every_member_is_over_the_cap_is_skipped_with_group_limit() -> None:
+    users = [want("u1")]
+    groups = [wgroup("ga", "A", ["u1"]), wgroup("gb", "B", ["u1"])]
+    a = actual([link("u1")], [glink("ga", "A", ["u1"]), glink("gb", "B")])
+    p = run(desired(users, groups), a, Policy(max_groups_per_user=1))
+    add = only(p)
+    assert (add.op, add.status, add.skip_reason) == ("add_members", SKIPPED, "group_limit")
+    assert add.payload["capped"] == ["u1"] and add.payload["source_ids"] == []

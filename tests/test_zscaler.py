@@ -10,8 +10,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemon.sandbox.scim import DEFAULT_TOKEN, ScimEmulator
+from daemon.config import GroupRef
+from daemon.explain import explain, render_explanation
 from daemon.sandbox.runner import ZIA_TOKEN, ZPA_TOKEN
+from daemon.sandbox.scim import DEFAULT_TOKEN, ScimEmulator
 from tests.harness import Harness, harness
 from tests.safety import cli
 
@@ -138,3 +140,105 @@ async def test_zia_admin_linked_user_delete_is_a_standing_refusal_counted_in_sta
         assert h.events("user.deleted", target="zia", user=name)
         assert await find_user(h, "zia", name) is None
         assert h.target_report("zia").summary["refused"] == {}
+
+
+# -- ZIA's groups-per-user cap (item 4) ---------------------------------------------------------------
+
+
+async def member_group_ids(h: Harness, target: str, user_id: str) -> set[str]:
+    """The target groups that list the user, read back over SCIM HTTP."""
+    status, body = await scim_get(h, target, "/Groups", {"filter": f'members.value eq "{user_id}"',
+                                                        "count": "1000"})
+    assert status == 200, body
+    return {g["id"] for g in body["Resources"]}
+
+
+async def group_member_ids(h: Harness, target: str, name: str) -> set[str]:
+    status, body = await scim_get(h, target, "/Groups", {"filter": f'displayName eq "{name}"'})
+    assert status == 200 and len(body["Resources"]) == 1, body
+    status, group = await scim_get(h, target, f"/Groups/{body['Resources'][0]['id']}")
+    assert status == 200, group
+    return {m["value"] for m in group.get("members", [])}
+
+
+async def test_zia_memberships_beyond_127_groups_are_skipped_before_sending_and_the_rest_go_in(
+        tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        d = h.directory
+        scope = d.group_by_name("ZIA Users")["id"]
+        heavy, light = sorted(d.direct_member_ids(scope))[:2]
+        names = [f"Cap {i:03d}" for i in range(130)]
+        for name in names:
+            gid = d.add_group(name)["id"]
+            d.add_member(gid, heavy)
+            d.add_member(gid, light)
+        h.retarget("zia", groups=(GroupRef(name="ZIA Users"), *(GroupRef(name=n) for n in names)))
+        report = await h.cycle()
+        zia = h.emulator("zia")
+        assert not report.failed, [e for e in h.last_logs if e.get("outcome") == "failed"][:3]
+        assert not [r for r in zia.request_log if r.get("status") == 400]    # nothing refused: checked first
+        heavy_name = d.users[heavy]["username"]
+        heavy_tid = (await find_user(h, "zia", heavy_name))["id"]            # type: ignore[index]
+        light_tid = (await find_user(h, "zia", d.users[light]["username"]))["id"]   # type: ignore[index]
+        # 131 groups wanted (130 + ZIA Users); the cap keeps 127, in name order: Cap 000-126
+        assert len(await member_group_ids(h, "zia", heavy_tid)) == 127
+        assert len(await member_group_ids(h, "zia", light_tid)) == 127
+        # every other member of the groups beyond their cap went in
+        scope_members = {(await find_user(h, "zia", d.users[u]["username"]) or {}).get("id")
+                         for u in d.direct_member_ids(scope)}
+        assert await group_member_ids(h, "zia", "ZIA Users") == scope_members - {heavy_tid, light_tid}
+        assert await group_member_ids(h, "zia", "Cap 129") == set()
+        assert await group_member_ids(h, "zia", "Cap 126") == {heavy_tid, light_tid}
+        skipped = h.events("group.member_skipped", target="zia", reason="group_limit")
+        assert sorted(e["group"] for e in skipped if e["user"] == heavy_name) == [
+            "Cap 127", "Cap 128", "Cap 129", "ZIA Users"]
+        assert len(skipped) == 8
+        assert all(e["log_level"] == "info" and e["limit"] == 127 for e in skipped)
+        assert h.target_report("zia").summary["group_limit"]["memberships"] == len(skipped)
+
+        # The next cycle sends nothing and says it again only at debug (logged per transition).
+        report = await h.cycle()
+        assert zia.writes() == 0
+        again = h.events("group.member_skipped", target="zia", user=heavy_name)
+        assert len(again) == 4 and all(e["log_level"] == "debug" for e in again)
+        assert h.target_report("zia").summary["group_limit"]["users"] >= 1
+
+        # `why` says which memberships are not sent and why.
+        text = render_explanation(await explain(h.store, h.config, heavy_name, "zia"))
+        assert text.count("not sent: beyond the target's limit of 127 groups per user (group_limit)") == 4
+        assert "[skipped: group_limit]" in text
+
+
+async def test_a_member_chunk_refused_with_400_is_split_so_only_the_member_at_fault_stays_out(
+        tmp_path: Path) -> None:
+    async with harness(tmp_path, zia={"membership_batch": 5}) as h:
+        d = h.directory
+        zia = h.emulator("zia")
+        scope = d.group_by_name("ZIA Users")["id"]
+        members = sorted(d.direct_member_ids(scope))
+        assert len(members) > 10            # several chunks of 5
+        # Provision the users first (no group pushed yet), then give one of them a group that the
+        # daemon does not know of, at a target-side cap of 1: ZIA refuses any chunk holding it.
+        h.retarget("zia", groups=())
+        assert not (await h.cycle()).failed
+        at_fault = members[0]
+        at_fault_tid = (await find_user(h, "zia", d.users[at_fault]["username"]))["id"]  # type: ignore[index]
+        zia.put_group({"displayName": "Set by hand", "members": [{"value": at_fault_tid}]})
+        zia.profile.max_groups_per_user = 1
+        h.retarget("zia", groups=(GroupRef(name="ZIA Users"),))
+
+        report = await h.cycle()
+        (failed,) = h.events("group.add_members_failed", target="zia", group="ZIA Users")
+        assert failed["http_status"] == 400
+        assert f"1 of {len(members)} member(s) refused (target ids {at_fault_tid})" in failed["error"]
+        expected = {(await find_user(h, "zia", d.users[u]["username"]) or {}).get("id") for u in members}
+        assert await group_member_ids(h, "zia", "ZIA Users") == expected - {at_fault_tid}
+        assert h.target_report("zia").failed == 1 and report.failed
+        refused = [r for r in zia.request_log if r["method"] == "PATCH" and r.get("status") == 400]
+        assert 1 <= len(refused) <= 4       # one chunk of 5 halved down to the one member: no more
+
+        # Next cycle: only the member at fault is tried again (one request, refused again).
+        await h.cycle()
+        patches = [r for r in zia.request_log if r["method"] == "PATCH"]
+        assert len(patches) == 1 and patches[0].get("status") == 400
+        assert await group_member_ids(h, "zia", "ZIA Users") == expected - {at_fault_tid}
