@@ -183,6 +183,7 @@ class Applier:
         self._flushing = False
         self._unfinished: dict[str, dict[str, int]] = {"user": {}, "group": {}}
         self._waiters: dict[tuple[str, str], list[anyio.Event]] = {}
+        self._group_locks: dict[str, anyio.Lock] = {}
 
     async def apply(self, ops: Iterable[Op]) -> ApplyResult:
         pending = [op for op in ops if op.status == PENDING]
@@ -459,14 +460,83 @@ class Applier:
         assert op.target_id is not None
         attrs = dict(op.payload["attrs"])
         active = link.active if link is not None else True
+        changed = dict(op.payload["changed"])
+        if "userName" in changed and not self.client.profile.username_mutable:
+            return await self._user_recreate(op, attrs, active, attempts)
         try:
-            await self.client.update_user(op.target_id, dict(op.payload["changed"]), full=attrs,
+            await self.client.update_user(op.target_id, changed, full=attrs,
                                           active=active, attempts=attempts)
         except NotFound:
             return await self._recreate(op, attrs, attempts)
+        except BadRequest as exc:
+            if exc.scim_type == "mutability" and "userName" in changed:
+                return await self._user_recreate(op, attrs, active, attempts)   # the target refused it
+            raise
         base = link or UserLink(op.source_id, op.target_id, op.name, attrs, True)
         self._link_user(replace(base, attrs=attrs, user_name=op.name))
         return APPLIED, op.target_id, {"changed": sorted(op.payload["changed"])}
+
+    async def _user_recreate(self, op: Op, attrs: dict[str, Any], active: bool, attempts: list[int]
+                             ) -> tuple[str, str | None, dict[str, Any]]:
+        """A userName change the target refuses (the profile's `username_mutable` false, ZPA; or a
+        400 `mutability`): create the account under the new userName, move the old one's
+        memberships to it, then delete the old one (`user.recreated`, `username_changed`).
+
+        A change of case only cannot have both accounts at once (userNames are unique without
+        regard to case): the old one is deleted first. A new userName already taken in the target
+        is taken over only when no other link holds that object (the account this path created
+        before an interruption); otherwise the change fails and the old account stays."""
+        old_id = op.target_id
+        assert old_id is not None
+        link = self.users.get(op.source_id)
+        before = link.user_name if link is not None else None
+        groups = [g for g in self.groups.values() if op.source_id in g.members]
+        case_only = before is not None and before.lower() == op.name.lower()
+        if case_only:
+            await self._delete_old_account(old_id, attempts)
+        try:
+            created = await self.client.create_user(attrs, active=active, attempts=attempts)
+            new_id = str(created["id"])
+        except Conflict:
+            existing = await self.client.find_user(op.name)
+            held = existing is not None and any(
+                u.target_id == str(existing["id"]) for sid, u in self.users.items() if sid != op.source_id)
+            if existing is None or held or str(existing["id"]) == old_id:
+                raise
+            new_id = str(existing["id"])
+            if read_active(existing) != active:
+                await self.client.set_active(new_id, active, full=attrs, attempts=attempts)
+        self._link_user(UserLink(op.source_id, new_id, op.name, attrs, active))
+        moved = 0
+        for group in groups:
+            await self._finished("group", group.source_id)    # its create or rename in this plan
+            async with self._group_lock(group.source_id):
+                try:
+                    await self.client.add_members(group.target_id, [new_id], attempts=attempts)
+                    moved += 1
+                except RemoteError:
+                    # Not moved: the group's link forgets the member, so the next plan adds it.
+                    current = self.groups.get(group.source_id)
+                    if current is not None:
+                        self._link_group(replace(current, members=current.members - {op.source_id}))
+        if not case_only:
+            await self._delete_old_account(old_id, attempts)
+        return APPLIED, new_id, {"event": "recreated", "reason": "username_changed", "before": before,
+                                 "old_target_id": old_id, "memberships_moved": moved,
+                                 "memberships": len(groups)}
+
+    async def _delete_old_account(self, target_id: str, attempts: list[int]) -> None:
+        try:
+            await self.client.delete_user(target_id, attempts=attempts)
+        except NotFound:
+            pass
+
+    def _group_lock(self, source_id: str) -> anyio.Lock:
+        """One member PATCH at a time on a group, whoever sends it (member adds, recreates)."""
+        lock = self._group_locks.get(source_id)
+        if lock is None:
+            lock = self._group_locks[source_id] = anyio.Lock()
+        return lock
 
     async def _user_enable(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
         assert op.target_id is not None
@@ -576,7 +646,8 @@ class Applier:
                         raise _NotStarted
                     raise _StoppedMidway(self.health.stopped.reason)
                 try:
-                    requests += await self.client.add_members(group_id, ids, attempts=attempts)
+                    async with self._group_lock(op.source_id):
+                        requests += await self.client.add_members(group_id, ids, attempts=attempts)
                 except NotFound:
                     self._drop_group(op.source_id)
                     raise

@@ -328,6 +328,10 @@ class TargetConfig:
     full_sync_every: float | None = None
     allow_insecure_http: bool = False
     active_false_deletes: bool = False
+    # The target's profile knobs (daemon.target.profiles) where the file overrides them: both
+    # are UNCONFIRMED facts about Zscaler (zscaler-scim.md §6, §8). None: the profile's.
+    username_mutable: bool | None = None
+    max_groups_per_user: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -654,6 +658,8 @@ _TARGET_KEYS: Final = (
     "full_sync_every",
     "allow_insecure_http",
     "active_false_deletes",
+    "username_mutable",
+    "max_groups_per_user",
 )
 # Keys that belong to one auth method only.
 _AUTH_KEYS: Final[dict[str, tuple[str, ...]]] = {
@@ -1182,6 +1188,9 @@ def _parse_target(ctx: _Ctx, index: int, raw: object) -> TargetConfig:
         full_sync_every=table.opt_duration("full_sync_every"),
         allow_insecure_http=insecure,
         active_false_deletes=table.boolean("active_false_deletes", profile.active_false_deletes),
+        username_mutable=(table.boolean("username_mutable", True) if table.has("username_mutable") else None),
+        max_groups_per_user=(table.integer("max_groups_per_user", 1, 1, 1_000_000)
+                             if table.has("max_groups_per_user") else None),
     )
 
 
@@ -1556,6 +1565,10 @@ def _target_plain(target: TargetConfig, show: Callable[[Secret], str]) -> dict[s
         plain["full_sync_every"] = format_duration(target.full_sync_every)
     plain["allow_insecure_http"] = target.allow_insecure_http
     plain["active_false_deletes"] = target.active_false_deletes
+    if target.username_mutable is not None:
+        plain["username_mutable"] = target.username_mutable
+    if target.max_groups_per_user is not None:
+        plain["max_groups_per_user"] = target.max_groups_per_user
     return plain
 
 

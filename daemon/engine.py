@@ -176,7 +176,8 @@ def build_runtime(target: TargetConfig, session: aiohttp.ClientSession) -> Targe
                      password=reveal(target.password), token_url=target.token_url,
                      client_id=target.client_id, client_secret=reveal(target.client_secret))
     profile = profile_for(target.profile, active_false_deletes=target.active_false_deletes,
-                          page_size=target.page_size, membership_batch=target.membership_batch)
+                          page_size=target.page_size, membership_batch=target.membership_batch,
+                          **profile_overrides(target))
     governor = RateGovernor(target.requests_per_second, target.burst)
     client = ScimClient(
         session, target.base_url, auth, profile=profile, governor=governor,
@@ -184,6 +185,16 @@ def build_runtime(target: TargetConfig, session: aiohttp.ClientSession) -> Targe
         group_match_filter=target.group_match_filter, page_size=target.page_size,
         membership_batch=target.membership_batch, update_method=target.update_method)
     return TargetRuntime(target, rules_for(target), client, governor, anyio.CapacityLimiter(target.concurrency))
+
+
+def profile_overrides(target: TargetConfig) -> dict[str, Any]:
+    """The profile knobs the target's config sets (`username_mutable`, `max_groups_per_user`)."""
+    out: dict[str, Any] = {}
+    if target.username_mutable is not None:
+        out["username_mutable"] = target.username_mutable
+    if target.max_groups_per_user is not None:
+        out["max_groups_per_user"] = target.max_groups_per_user
+    return out
 
 
 def source_client(config: Config, session: aiohttp.ClientSession) -> PingOneClient:

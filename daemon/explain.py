@@ -20,7 +20,7 @@ from typing import Any
 
 from daemon import refusals
 from daemon.config import Config, TargetConfig
-from daemon.engine import rules_for
+from daemon.engine import profile_overrides, rules_for
 from daemon.links import HELD, PENDING, REMOVALS_HELD, Actual, GroupLink, Op, Plan, UserLink
 from daemon.mapping import Desired, Rules, desired_state, resolve_pins
 from daemon.model import JSON, Snapshot
@@ -168,7 +168,7 @@ def policy_for(cfg: TargetConfig, *, max_deletes: int | None = None, approved: b
                   deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action,
                   delete_after=cfg.delete_after, group_membership=cfg.group_membership,
                   max_deletes=max_deletes, approved=approved,
-                  max_groups_per_user=profile_for(cfg.profile).max_groups_per_user)
+                  max_groups_per_user=profile_for(cfg.profile, **profile_overrides(cfg)).max_groups_per_user)
 
 
 def plan_for_user(desired: Desired, actual: Actual, user_id: str, cfg: TargetConfig, *, now: float,

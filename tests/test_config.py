@@ -935,3 +935,18 @@ def test_config_file_is_not_touched_by_loading(write: Writer) -> None:
     before = (path.read_bytes(), os.stat(path).st_mode)
     load_config(path, environ={})
     assert (path.read_bytes(), os.stat(path).st_mode) == before
+
+
+def test_username_mutable_and_max_groups_per_user_override_the_profile_only_when_set(write: Writer) -> None:
+    from daemon.engine import profile_overrides
+    from daemon.target.profiles import profile_for
+
+    plain = load_text(write, MINIMAL).targets[0]
+    assert (plain.username_mutable, plain.max_groups_per_user) == (None, None)
+    zpa = profile_for("zpa", **profile_overrides(plain))
+    assert (zpa.username_mutable, zpa.max_groups_per_user) == (False, 1000)
+    cfg = load_text(write, MINIMAL + "username_mutable = true\nmax_groups_per_user = 50\n").targets[0]
+    assert (cfg.username_mutable, cfg.max_groups_per_user) == (True, 50)
+    zpa = profile_for("zpa", **profile_overrides(cfg))
+    assert (zpa.username_mutable, zpa.max_groups_per_user) == (True, 50)
+    assert "max_groups_per_user" in str(error_for(write, MINIMAL + "max_groups_per_user = 0\n"))

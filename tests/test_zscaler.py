@@ -242,3 +242,73 @@ async def test_a_member_chunk_refused_with_400_is_split_so_only_the_member_at_fa
         patches = [r for r in zia.request_log if r["method"] == "PATCH"]
         assert len(patches) == 1 and patches[0].get("status") == 400
         assert await group_member_ids(h, "zia", "ZIA Users") == expected - {at_fault_tid}
+
+
+# -- userName changes where the target refuses them (item 10) ------------------------------------------
+
+
+async def test_a_username_change_on_zpa_is_create_move_memberships_delete(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        d = h.directory
+        zpa = h.emulator("zpa")
+        contractors = d.group_by_name("ZPA Contractors")["id"]
+        scope = d.group_by_name("ZPA Users")["id"]
+        # a user in scope who is also in the second pushed group (so two memberships move)
+        uid = sorted(d.direct_member_ids(scope))[0]
+        if uid not in d.direct_member_ids(contractors):
+            d.add_member(contractors, uid)
+        assert not (await h.cycle()).failed
+        old_name = d.users[uid]["username"]
+        old = await find_user(h, "zpa", old_name)
+        assert old is not None
+        old_groups = await member_group_ids(h, "zpa", old["id"])
+        assert len(old_groups) == 2
+        d.update_user(uid, username="renamed.person@example.com")
+
+        assert not (await h.cycle()).failed
+        (event,) = h.events("user.recreated", target="zpa")
+        assert (event["reason"], event["before"], event["user"]) == (
+            "username_changed", old_name, "renamed.person@example.com")
+        assert (event["old_target_id"], event["memberships_moved"]) == (old["id"], 2)
+        new = await find_user(h, "zpa", "renamed.person@example.com")
+        assert new is not None and new["id"] != old["id"]
+        assert await find_user(h, "zpa", old_name) is None
+        assert (await scim_get(h, "zpa", f"/Users/{old['id']}"))[0] == 404
+        # the same groups hold the new account (ZPA lists members on a get by id)
+        for gid in old_groups:
+            status, group = await scim_get(h, "zpa", f"/Groups/{gid}")
+            assert status == 200, group
+            assert {m["value"] for m in group["members"]} >= {new["id"]}
+        assert await member_group_ids(h, "zpa", new["id"]) == old_groups
+        # the profile says ZPA refuses the change: it was never attempted (no refused request)
+        assert not [r for r in zpa.request_log if r.get("status") == 400]
+        # and the next cycle has nothing to do
+        await h.cycle()
+        assert zpa.writes() == 0
+
+
+async def test_a_username_change_refused_with_400_mutability_is_applied_as_a_recreate(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        d = h.directory
+        zia = h.emulator("zia")
+        assert not (await h.cycle()).failed
+        zia.profile.username_immutable = True    # this ZIA refuses (the zia profile expects it not to)
+        scope = d.group_by_name("ZIA Users")["id"]
+        uid = sorted(d.direct_member_ids(scope))[0]
+        old_name = d.users[uid]["username"]
+        old = await find_user(h, "zia", old_name)
+        assert old is not None
+        d.update_user(uid, username=old_name.upper().replace("@EXAMPLE.COM", "@example.com"))   # case only
+
+        assert not (await h.cycle()).failed
+        refused = [r for r in zia.request_log if r.get("status") == 400]
+        assert len(refused) == 1 and refused[0]["method"] == "PATCH"
+        (event,) = h.events("user.recreated", target="zia")
+        assert event["reason"] == "username_changed"
+        new = await find_user(h, "zia", d.users[uid]["username"])
+        assert new is not None and new["id"] != old["id"]
+        assert new["userName"] == d.users[uid]["username"]        # the new case, exactly
+        assert (await scim_get(h, "zia", f"/Users/{old['id']}"))[0] == 404
+        assert new["id"] in await group_member_ids(h, "zia", "ZIA Users")
+        await h.cycle()
+        assert zia.writes() == 0
