@@ -8,6 +8,11 @@ A waiting member add holds no concurrency slot; every request still goes through
 limiter, and one group never has two PATCHes in flight. Phases 4, 5 and 6 (member removals,
 disables, deletes) then run one after another, each after the previous has finished.
 
+A member chunk the target refuses with 400 is split in halves until the members at fault are
+alone (the rest go in); a userName change the target refuses is applied as create, move the
+memberships, delete the old account (`user.recreated`); a DELETE answered 409 is a standing
+refusal, `skipped` (ZIA admin-linked users, `daemon.refusals`).
+
 Each operation is journaled `in_flight` before its request and its outcome written after it
 (in batches, by a flush that runs beside the workers); links change only on success. A failure
 is contained to its entity: it is recorded, logged with who, what and why, and the others go on.
