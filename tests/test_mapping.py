@@ -455,3 +455,41 @@ def test_source_keys_cover_every_field_the_mapping_and_the_filter_read() -> None
 @pytest.mark.parametrize("expression", ["@", "*", "values(@)[0]", "keys(@)", "to_string(@)"])
 def test_an_expression_that_can_read_the_whole_user_keeps_every_key(expression: str) -> None:
     assert Rules.compile({"userName": "username", "x": expression}).source_keys() is None
+
+
+# -- groups chosen by rule ---------------------------------------------------------------------
+
+RULED = snapshot(
+    [user("u1"), user("u2"), user("u3")],
+    groups={"g1": "ZPA-Finance", "g2": "ZPA-Sales", "g3": "Other", "g4": "zpa-lower"},
+    members={"g1": {"u1"}, "g2": {"u2"}, "g3": {"u3"}, "g4": {"u3"}},
+)
+
+
+def rule(text: str) -> GroupSelector:
+    from daemon.pingone_filter import GROUP_RULE_DIALECT, compile_filter
+
+    return GroupSelector(rule=compile_filter(text, GROUP_RULE_DIALECT))
+
+
+@pytest.mark.parametrize(
+    ("case", "selectors", "expected"),
+    [
+        ("a prefix selects every group whose name starts with it (case-sensitive)",
+         (GroupSelector(prefix="ZPA-"),), {"g1", "g2"}),
+        ("a filter with sw", (rule('name sw "ZPA-"'),), {"g1", "g2"}),
+        ("a filter with or", (rule('name eq "Other" or name ew "Sales"'),), {"g2", "g3"}),
+        ("a rule and a name selecting the same group: pushed once",
+         (GroupSelector(name="ZPA-Finance"), GroupSelector(prefix="ZPA-")), {"g1", "g2"}),
+        ("a rule that matches nothing", (GroupSelector(prefix="Nope-"),), set()),
+    ],
+)
+def test_groups_chosen_by_rule(case: str, selectors: tuple[GroupSelector, ...], expected: set[str]) -> None:
+    desired = desired_state(RULED, rules(groups=selectors))
+    assert set(desired.groups) == expected, case
+    assert desired.missing_groups == [], case     # a rule matching nothing is not a missing group
+
+
+def test_a_scope_rule_admits_the_members_of_every_matching_group() -> None:
+    desired = desired_state(RULED, rules(scope_groups=(GroupSelector(prefix="ZPA-"),)))
+    assert set(desired.users) == {"u1", "u2"}

@@ -487,3 +487,48 @@ def test_an_add_whose_every_member_is_over_the_cap_is_skipped_with_group_limit()
     add = only(p)
     assert (add.op, add.status, add.skip_reason) == ("add_members", SKIPPED, "group_limit")
     assert add.payload["capped"] == ["u1"] and add.payload["source_ids"] == []
+
+
+# -- create-only mapping entries -----------------------------------------------------------------
+
+CREATE_ONLY = frozenset({"title"})
+
+
+def with_create_only(d: Desired) -> Desired:
+    d.create_only = CREATE_ONLY
+    return d
+
+
+def test_a_create_only_attribute_is_in_the_create_payload() -> None:
+    p = run(with_create_only(desired([want("u1", title="Intern")])), actual())
+    (op,) = p.ops
+    assert (op.op, op.payload["attrs"]["title"], op.payload["create_only"]) == ("create", "Intern", ["title"])
+
+
+@pytest.mark.parametrize(
+    ("case", "wanted", "applied", "expected"),
+    [
+        ("only the create-only value differs: nothing to do", {"title": "Engineer"}, {"title": "Intern"}, None),
+        ("the target changed it on its own: nothing to do", {"title": "Intern"}, {"title": "Set by target"}, None),
+        ("another attribute changed: updated without the create-only one",
+         {"title": "Engineer", "displayName": "New"}, {"title": "Intern"}, {"displayName": "New"}),
+    ],
+)
+def test_a_create_only_attribute_is_never_updated_nor_drift(case: str, wanted: dict[str, Any],
+                                                           applied: dict[str, Any],
+                                                           expected: dict[str, Any] | None) -> None:
+    p = run(with_create_only(desired([want("u1", **wanted)])), actual([link("u1", **applied)]))
+    if expected is None:
+        assert p.ops == [], case
+        return
+    (op,) = p.ops
+    assert op.op == "update" and op.payload["changed"] == expected, case
+    # the whole attributes (a PUT body) keep the value the target holds
+    assert op.payload["attrs"]["title"] == applied["title"], case
+
+
+def test_a_re_enable_keeps_the_targets_create_only_value() -> None:
+    p = run(with_create_only(desired([want("u1", title="Engineer")])),
+            actual([link("u1", active=False, disabled_reason=LEFT_SCOPE, title="Intern")]))
+    (op,) = p.ops
+    assert op.op == "enable" and op.payload["attrs"]["title"] == "Intern"

@@ -104,3 +104,22 @@ async def test_once_without_a_terminal_prints_plain_progress_lines_on_stderr(tmp
         assert not ANSI.search(stderr)
         assert f"zpa: applying {applied} operation(s)" in stderr, stderr
         assert re.search(rf"zpa: {applied}/{applied} operations done in [0-9.]+s, [0-9.]+/s, 0 failed", stderr), stderr
+
+
+def test_plain_lines_count_the_failures_reported_by_the_apply() -> None:
+    import io
+
+    from daemon.progress import ApplyProgress
+
+    stream = io.StringIO()
+    with ApplyProgress(stream, every=0.0) as progress:
+        assert not progress.live
+        for done in (1, 2, 3):
+            progress.update("zia", done, 3)
+            if done == 2:
+                progress.observe("user.create_failed", {"target": "zia", "outcome": "failed"})
+            progress.observe("user.created", {"target": "zia", "outcome": "applied"})
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "zia: applying 3 operation(s)"
+    assert re.fullmatch(r"zia: 2/3 operations, [0-9.]+/s, ETA \S+, 0 failed", lines[2]), lines
+    assert re.fullmatch(r"zia: 3/3 operations done in [0-9.]+s, [0-9.]+/s, 1 failed", lines[-1]), lines
