@@ -123,3 +123,13 @@ def test_plain_lines_count_the_failures_reported_by_the_apply() -> None:
     assert lines[0] == "zia: applying 3 operation(s)"
     assert re.fullmatch(r"zia: 2/3 operations, [0-9.]+/s, ETA \S+, 0 failed", lines[2]), lines
     assert re.fullmatch(r"zia: 3/3 operations done in [0-9.]+s, [0-9.]+/s, 1 failed", lines[-1]), lines
+
+
+def test_demo_on_a_terminal_draws_the_live_display_on_stderr() -> None:
+    code, stdout, tty = run_with_pty_stderr("demo", "--cycles", "1", "--users", "80", "--groups", "6",
+                                            "--zia-rps", "500", timeout=90)
+    assert code == 0, stdout[-2000:] + tty[-2000:]
+    assert "cycle 1:" in stdout and "applying" not in stdout    # the plain lines are for a pipe only
+    plain = ANSI.sub("", tty)
+    assert ANSI.search(tty) and re.search(r"zpa\s.*(\d+)/\1", plain) and re.search(r"zia\s.*(\d+)/\1", plain), \
+        plain[-1500:]
