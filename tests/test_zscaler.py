@@ -201,7 +201,9 @@ async def test_zia_memberships_beyond_127_groups_are_skipped_before_sending_and_
         assert zia.writes() == 0
         again = h.events("group.member_skipped", target="zia", user=heavy_name)
         assert len(again) == 4 and all(e["log_level"] == "debug" for e in again)
-        assert h.target_report("zia").summary["group_limit"]["users"] >= 1
+        assert h.target_report("zia").summary["group_limit"] == {"memberships": 8, "users": 2}
+        human = (await cli("status", "-c", str(h.config_path))).stdout.decode()
+        assert "group limit: 8 membership(s) of 2 user(s) not sent" in human
 
         # `why` says which memberships are not sent and why.
         text = render_explanation(await explain(h.store, h.config, heavy_name, "zia"))
