@@ -938,7 +938,8 @@ class Engine:
 
     # -- summary --------------------------------------------------------------------------
 
-    def summarize(self, desired: Desired, after: Actual, the_plan: Plan, result: Any, *,
+    @staticmethod
+    def summarize(desired: Desired, after: Actual, the_plan: Plan, result: Any, *,
                   snapshot_complete: bool) -> dict[str, Any]:
         """PingOne's sync summary (impacted / success / unsynced / partial / failed) plus op counts."""
         failed_users: set[str] = set()

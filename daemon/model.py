@@ -2,6 +2,75 @@
 
 The snapshot keeps PingOne's JSON as it came (mapping expressions run over it), plus the
 membership graph the planner needs. Nothing here performs I/O.
+
+Identity: the invariants memory rests on
+-----------------------------------------
+At 1,000,000 users, what is equal between the snapshot, the mapping caches, the desired state
+and the links is held as one object, and a few places then test `is` before `==`. Every rule
+below names the tests that guard it (`tests/twins.py` builds one target's desired state and
+links both ways: sharing every equal object, or as equal copies of each).
+
+1. `is` is only ever a shortcut for `==`. Where `a is b` skips a comparison, the comparison
+   decides when they are two objects and gives the same answer: no plan, summary or write
+   depends on whether equal values are one object. The shortcuts:
+     planner `_plan_linked_user`   `want.attrs is link.attrs`         (no attribute changed)
+     planner `_plan_linked_group`  `want.members is link.members`     (no member to add or remove)
+     planner `_plan_groups`        `members is wanted.members`        (the desired group as it is)
+     engine  `Engine.summarize`    `link.attrs is want.attrs`, `glink.members is wantg.members`
+     engine  `share_member_sets`, `share_with_desired`, and `shared` here: `is not` only decides
+             whether a value is replaced by an equal one.
+   Guarded by tests/test_planner.py::test_a_plan_over_equal_copies_is_the_plan_over_shared_objects,
+   ::test_a_restricted_member_set_equal_to_the_desired_one_plans_the_same,
+   tests/test_engine.py::test_the_summary_of_equal_copies_is_the_summary_of_shared_objects,
+   ::test_sharing_makes_equal_values_one_object_and_changes_no_plan,
+   tests/test_model.py::test_shared_hands_back_the_other_object_only_when_it_is_equal_and_not_already_the_same.
+
+2. Canonical id strings. A user id is one `str` object wherever it is held: the snapshot's
+   users and member sets, every mapping cache (`MappedUser.source_id`), the desired state and
+   the links. The engine's `_canonical_ids` hands the snapshot the string the first mapping
+   cache holds; `Store.load_links` takes the desired state's. This saves memory only: every
+   lookup hashes and compares by value, so a non-canonical id plans the same.
+   Guarded by tests/test_engine.py::test_every_structure_holds_one_string_object_per_user_id
+   (it holds), tests/test_planner.py::test_a_plan_over_equal_copies_is_the_plan_over_shared_objects
+   and tests/test_model.py::test_member_sets_answer_by_value_whatever_string_objects_hold_the_ids
+   (nothing depends on it).
+
+3. Member sets live across cycles. A group whose PingOne members did not change keeps last
+   cycle's set object (`take_snapshot`'s `previous_members`, compared by value); the desired
+   state takes the snapshot's set when every member is provisioned, and the links take the
+   desired one where equal (`engine.share_member_sets` before planning, `share_with_desired`
+   after the apply, `Store.load_links`). Sets are immutable (`Members`, frozenset): sharing one
+   never lets a change to one side show on the other; the applier builds a new set per change.
+   Guarded by tests/test_engine.py::test_unchanged_member_sets_are_one_object_across_cycles_snapshot_and_links
+   and ::test_sharing_makes_equal_values_one_object_and_changes_no_plan.
+
+4. Links live across cycles. `TargetRuntime.links` is the store's links as the last cycle
+   left them; it is cleared while a cycle runs (until it ends well, SQLite is the truth) and
+   used only while `links.generation.<target>` is what it was read with, which
+   `provisiond sync-user` bumps when it writes links. Link values are frozen dataclasses; the
+   applier replaces entries, never mutates them; a no-op cycle reuses the dicts as they are.
+   Guarded by tests/test_engine.py::test_the_cycle_after_a_successful_one_plans_nothing_and_sends_nothing
+   and tests/test_ondemand.py::test_a_new_user_is_created_in_each_target_and_added_to_its_pushed_groups_only
+   (a link written by another process is not created a second time).
+
+5. `UNCHANGED` is tested with `is` only, never `==`: it equals an empty dict. A user held as
+   `UNCHANGED` has the hash the state file holds and is in every mapping cache with it;
+   `desired_state` takes it from the cache, `Store.save_snapshot` writes nothing for it, and it
+   refuses item assignment. Guarded by tests/source/test_snapshot.py::test_the_placeholder_cannot_be_filled,
+   ::test_every_user_is_hashed_and_the_hook_lets_the_snapshot_drop_its_json,
+   tests/test_mapping.py::test_a_user_held_as_unchanged_is_taken_from_the_cache_filter_result_included,
+   tests/test_engine.py::test_a_no_op_cycle_holds_no_user_json_and_a_changed_user_is_mapped_again;
+   an empty user is not taken for it: tests/test_model.py::test_the_placeholder_equals_an_empty_user_so_only_identity_tells_them_apart,
+   tests/test_mapping.py::test_a_user_whose_json_equals_the_placeholder_is_mapped_not_taken_from_the_cache,
+   tests/test_store.py::test_a_user_whose_json_equals_the_placeholder_is_stored_not_skipped.
+
+6. Identity by design (not shortcuts; an equal object must NOT pass):
+     engine  `_streaming_hook`  `known is cache`: the cache trusted to mirror the state file must
+             be one a target still fills; an equal copy (a reconfigured target) is not trusted and
+             the stored hashes are read: tests/test_engine.py::test_an_equal_copy_of_the_mapping_cache_is_not_trusted_for_what_the_state_file_holds.
+     pingone_filter `_Compare.test`  `current is self.value` for a boolean (`1 == True`, but
+             `enabled eq true` must not admit 1): tests/test_pingone_filter.py::test_a_boolean_matches_only_a_json_boolean_by_identity.
+     mapping `Attrs.__ne__`  `equal is NotImplemented`: the sentinel, not a value.
 """
 
 from __future__ import annotations

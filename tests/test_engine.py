@@ -15,14 +15,19 @@ from typing import Any
 
 import pytest
 
+from daemon.applier import ApplyResult
 from daemon.config import Actions, GroupRef, Scope
+from daemon.engine import Engine, share_member_sets, share_with_desired
+from daemon.links import Actual
 from daemon.model import UNCHANGED
+from daemon.planner import Policy, plan
 from daemon.sandbox.directory import Directory
 from daemon.sandbox.pingone import DEFAULT_CLIENT_SECRET
 from daemon.sandbox.runner import ZIA_TOKEN, ZPA_TOKEN
 from daemon.sandbox.scim import ScimEmulator
 from tests.harness import TARGETS, Harness
 from tests.harness import harness as shared_harness
+from tests.twins import scenario
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -366,6 +371,71 @@ async def test_unchanged_member_sets_are_one_object_across_cycles_snapshot_and_l
             links = h.engine.runtimes[target].links
             assert links is not None
             assert all(links.groups[gid].members is members for gid, members in kept.items())
+
+
+async def test_an_equal_copy_of_the_mapping_cache_is_not_trusted_for_what_the_state_file_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook trusts the cache the last saved snapshot filled only while a target still holds that
+    very object (`known is cache`): after a reconfiguration, even an equal copy of it makes the
+    hook read the stored hashes instead, and the snapshot and the plans come out the same."""
+    async with synced(tmp_path) as h:
+        first = next(iter(h.engine.runtimes))
+        old = h.engine.runtimes[first]
+        h.retarget(first, requests_per_second=old.config.requests_per_second + 1)
+        new = h.engine.runtimes[first]
+        assert new is not old and not new.mapped
+        new.mapped.update(old.mapped)
+        assert new.mapped == old.mapped and new.mapped is not old.mapped
+        reads: list[int] = []
+        source_hashes = h.store.source_hashes
+
+        async def counted() -> dict[str, Any]:
+            found = await source_hashes()
+            reads.append(len(found))
+            return found
+
+        monkeypatch.setattr(h.store, "source_hashes", counted)
+        snap = await h.engine.snapshot(await h.engine._streaming_hook())
+        assert reads == [len(h.directory.users)]
+        assert snap.users and all(user is UNCHANGED for user in snap.users.values())
+        report = await h.cycle()
+        assert not report.failed
+        for target in TARGETS:
+            assert h.target_report(target).plan_counts == {}
+            assert h.emulator(target).writes() == 0
+            assert_in_sync(h, target)
+
+
+def test_the_summary_of_equal_copies_is_the_summary_of_shared_objects() -> None:
+    """`Engine.summarize` counts a user or group in sync by `is` first, then by value: equal copies
+    (other ids, other dicts, a frozenset against a `Members`) summarise as shared objects do."""
+    summaries = []
+    for shared in (True, False):
+        desired, after = scenario(shared=shared)
+        the_plan = plan(desired, after, Policy(), complete=True, now=0.0)
+        summaries.append(Engine.summarize(desired, after, the_plan, ApplyResult(), snapshot_complete=True))
+    assert summaries[1] == summaries[0]
+    assert summaries[0]["users"]["success"] >= 4 and summaries[0]["groups"]["success"] >= 1
+
+
+def test_sharing_makes_equal_values_one_object_and_changes_no_plan() -> None:
+    """`share_member_sets` (before planning) and `share_with_desired` (links kept after the apply)
+    replace a value by the other side's only when the two are equal: the plan stays the same."""
+    desired, actual = scenario(shared=False)
+    before = plan(desired, actual, Policy(), complete=True, now=0.0)
+    share_member_sets(desired, actual)
+    assert desired.groups["g1"].members is actual.groups["g1"].members            # equal: shared
+    assert desired.groups["g2"].members is not actual.groups["g2"].members        # changed: kept
+    assert plan(desired, actual, Policy(), complete=True, now=0.0) == before
+
+    desired, actual = scenario(shared=False)
+    users, groups = dict(actual.users), dict(actual.groups)
+    share_with_desired(users, groups, desired)
+    assert users["u01"].attrs is desired.users["u01"].attrs
+    assert users["u05"].attrs is not desired.users["u05"].attrs
+    assert groups["g3"].members is desired.groups["g3"].members
+    assert groups["g2"].members is not desired.groups["g2"].members
+    assert plan(desired, Actual(users, groups), Policy(), complete=True, now=0.0) == before
 
 
 async def test_a_user_deleted_in_pingone_leaves_the_mapping_caches(tmp_path: Path) -> None:

@@ -320,6 +320,15 @@ def test_a_user_held_as_unchanged_is_taken_from_the_cache_filter_result_included
         desired_state(snap, r, cache={})
 
 
+def test_a_user_whose_json_equals_the_placeholder_is_mapped_not_taken_from_the_cache() -> None:
+    """`user is UNCHANGED`, not `==`: an empty JSON object equals the placeholder, and is mapped as
+    the (useless) user it is rather than looked up in a cache that does not hold it."""
+    snap = snapshot([user("u1")])
+    snap.users["u2"] = {}
+    desired = desired_state(snap, rules(), cache={})
+    assert set(desired.users) == {"u1"} and desired.skipped["u2"].reason == MISSING_USERNAME
+
+
 def test_a_user_outside_the_filter_is_not_reported_skipped_whether_held_as_json_or_not() -> None:
     """Scope first, then mapping: a user the filter excludes is never `skipped`, also when it would
     fail the mapping and the snapshot holds it as UNCHANGED."""

@@ -40,7 +40,8 @@ from daemon.links import (
     UserLink,
 )
 from daemon.mapping import Desired, DesiredGroup, DesiredUser, Skipped
-from daemon.planner import Policy, changed_attributes, plan
+from daemon.planner import Policy, Provisionable, changed_attributes, plan
+from tests.twins import scenario
 
 NOW = 1_700_000_000.0
 DAY = 86400.0
@@ -532,3 +533,53 @@ def test_a_re_enable_keeps_the_targets_create_only_value() -> None:
             actual([link("u1", active=False, disabled_reason=LEFT_SCOPE, title="Intern")]))
     (op,) = p.ops
     assert op.op == "enable" and op.payload["attrs"]["title"] == "Intern"
+
+
+# -- identity: every `is` shortcut has an equal-but-not-identical path (daemon/model.py) -------------
+
+POLICIES = [Policy(), Policy(remove_action="delete", max_deletes=1), Policy(group_membership="overwrite")]
+
+
+@pytest.mark.parametrize("complete", [True, False])
+@pytest.mark.parametrize("policy", POLICIES, ids=["default", "held", "overwrite"])
+def test_a_plan_over_equal_copies_is_the_plan_over_shared_objects(policy: Policy, complete: bool) -> None:
+    """`want.attrs is link.attrs` and `want.members is link.members` only skip a comparison, and
+    ids need not be canonical: equal copies of everything (other id strings, other attribute
+    dicts, a frozenset against a `Members`) plan exactly what shared objects plan."""
+    shared_d, shared_a = scenario(shared=True)
+    copied_d, copied_a = scenario(shared=False)
+    # the shortcuts are taken on one side and not on the other
+    unchanged = [sid for sid in shared_d.users if sid in ("u01", "u02", "u03", "u04")]
+    assert all(shared_d.users[s].attrs is shared_a.users[s].attrs for s in unchanged)
+    assert shared_d.groups["g1"].members is shared_a.groups["g1"].members
+    for sid, want_ in copied_d.users.items():
+        if sid in copied_a.users:
+            assert want_.attrs is not copied_a.users[sid].attrs
+            assert next(k for k in copied_a.users if k == sid) is not sid
+    assert copied_d.groups["g1"].members is not copied_a.groups["g1"].members
+    expected = run(shared_d, shared_a, policy, complete=complete)
+    assert run(copied_d, copied_a, policy, complete=complete) == expected
+    planned = {(o.kind, o.op) for o in expected.ops}
+    assert {("user", "update"), ("user", "create"), ("user", "disable"), ("user", "enable"),
+            ("group", "add_members"), ("group", "rename"), ("group", "create")} <= planned
+    assert not any(o.source_id in ("u01", "u02", "u03", "u04") for o in expected.ops if o.kind == "user")
+    assert not any(o.source_id == "g1" for o in expected.ops)
+
+
+def test_a_restricted_member_set_equal_to_the_desired_one_plans_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_plan_groups` keeps the desired group as it is when `Provisionable.restrict` hands back the
+    same set (`is`); an equal copy in its place plans the same."""
+    d, a = scenario(shared=True)
+    expected = run(d, a)
+    restrict = Provisionable.restrict
+    copies: list[bool] = []
+
+    def restrict_to_a_copy(self: Provisionable, members: Any) -> Any:
+        kept = restrict(self, members)
+        copy = frozenset(kept)
+        copies.append(kept is members)
+        return copy
+
+    monkeypatch.setattr(Provisionable, "restrict", restrict_to_a_copy)
+    assert run(d, a) == expected
+    assert copies and all(copies)       # every group took the copy where it had taken its own set

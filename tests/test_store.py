@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon.links import HELD, PENDING, SKIPPED, GroupLink, Op, UserLink
-from daemon.model import Snapshot
+from daemon.model import UNCHANGED, Snapshot
 from daemon.store import SCHEMA_VERSION, Outcome, Store, StoreError
 
 pytestmark = pytest.mark.timeout(30)
@@ -195,6 +196,16 @@ async def test_the_snapshot_is_stored_incrementally_and_gone_users_dropped_only_
     assert await store.find_source_user("u2") is None
     assert (await store.find_source_user("u0"))["id"] == "u0"  # type: ignore[index]
 
+
+
+async def test_a_user_whose_json_equals_the_placeholder_is_stored_not_skipped(store: Store) -> None:
+    """`user is not UNCHANGED`, not `!=`: an empty JSON object equals the placeholder, and is still
+    written, where `UNCHANGED` itself never is."""
+    snap = Snapshot(users={"u1": {}, "u2": UNCHANGED})
+    assert await store.save_snapshot(snap, {"u1": 7}) == 1
+    assert await store.source_hashes() == {"u1": 7}
+    async with store.db.execute("SELECT id, data FROM source_user") as cur:
+        assert [(r[0], json.loads(r[1])) for r in await cur.fetchall()] == [("u1", {})]
 
 
 async def test_a_version_1_state_file_is_migrated_forward_keeping_its_cycles(tmp_path: Path) -> None:

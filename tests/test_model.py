@@ -1,5 +1,6 @@
-"""`daemon.model.Members`: a sorted tuple that must behave exactly as a frozenset of ids does
-wherever the planner, the applier, the store and the mapping use member sets."""
+"""`daemon.model`: `Members`, a sorted tuple that must behave exactly as a frozenset of ids does
+wherever the planner, the applier, the store and the mapping use member sets; `shared` and
+`UNCHANGED`, the identity the module docstring's invariants rest on."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from collections.abc import Set
 
 import pytest
 
-from daemon.model import Members
+from daemon.model import UNCHANGED, Members, shared
+from tests.twins import twin
 
 
 def cases() -> list[tuple[frozenset[str], frozenset[str]]]:
@@ -58,3 +60,32 @@ def test_it_holds_a_member_in_8_bytes_where_a_frozenset_takes_several_times_that
     compact, table = Members.of(ids), frozenset(ids)
     assert sys.getsizeof(compact) < 8 * len(ids) + 64
     assert sys.getsizeof(table) > 3 * sys.getsizeof(compact)
+
+
+# -- identity (the module docstring's invariants) --------------------------------------------------
+
+def test_shared_hands_back_the_other_object_only_when_it_is_equal_and_not_already_the_same() -> None:
+    value = {"userName": "ada@example.com"}
+    copy = dict(value)
+    assert shared(value, copy) is copy                       # equal, not identical: the other one
+    assert shared(value, value) is value
+    assert shared(value, {"userName": "grace@example.com"}) is value
+    ids = [twin("u01"), twin("u02")]
+    table, compact = frozenset(ids), Members.of(["u01", "u02"])
+    assert shared(table, compact) is compact                 # a frozenset and a Members that are equal
+    assert shared(compact, frozenset({"u01"})) is compact
+
+
+def test_member_sets_answer_by_value_whatever_string_objects_hold_the_ids() -> None:
+    held = Members.of([twin("u01"), twin("u02")])
+    assert "u01" in held and twin("u02") in held and "u03" not in held
+    assert held == frozenset({"u01", "u02"}) == Members.of(["u02", "u01"])
+    assert held - {twin("u01")} == Members.of(["u02"])
+
+
+def test_the_placeholder_equals_an_empty_user_so_only_identity_tells_them_apart() -> None:
+    """`UNCHANGED == {}`: every check for it is `is`, never `==` (tests/test_mapping.py and
+    tests/test_store.py hold an empty user's JSON next to it)."""
+    empty: dict[str, object] = {}
+    assert UNCHANGED == empty and UNCHANGED is not empty
+    assert shared(empty, UNCHANGED) is UNCHANGED              # so it must never be offered to `shared`
