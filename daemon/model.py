@@ -13,6 +13,7 @@ links both ways: sharing every equal object, or as equal copies of each).
 1. `is` is only ever a shortcut for `==`. Where `a is b` skips a comparison, the comparison
    decides when they are two objects and gives the same answer: no plan, summary or write
    depends on whether equal values are one object. The shortcuts:
+     planner `_plan_users`         `want.attrs is not link.attrs`     (create-only paths to mask)
      planner `_plan_linked_user`   `want.attrs is link.attrs`         (no attribute changed)
      planner `_plan_linked_group`  `want.members is link.members`     (no member to add or remove)
      planner `_plan_groups`        `members is wanted.members`        (the desired group as it is)
@@ -47,8 +48,9 @@ links both ways: sharing every equal object, or as equal copies of each).
 4. Links live across cycles. `TargetRuntime.links` is the store's links as the last cycle
    left them; it is cleared while a cycle runs (until it ends well, SQLite is the truth) and
    used only while `links.generation.<target>` is what it was read with, which
-   `provisiond sync-user` bumps when it writes links. Link values are frozen dataclasses; the
-   applier replaces entries, never mutates them; a no-op cycle reuses the dicts as they are.
+   `provisiond sync-user` and `sync-group` bump when they write links. Link values are frozen
+   dataclasses; the applier replaces entries, never mutates them; a no-op cycle reuses the
+   dicts as they are.
    Guarded by tests/test_engine.py::test_the_cycle_after_a_successful_one_plans_nothing_and_sends_nothing
    and tests/test_ondemand.py::test_a_new_user_is_created_in_each_target_and_added_to_its_pushed_groups_only
    (a link written by another process is not created a second time).
@@ -70,6 +72,9 @@ links both ways: sharing every equal object, or as equal copies of each).
              the stored hashes are read: tests/test_engine.py::test_an_equal_copy_of_the_mapping_cache_is_not_trusted_for_what_the_state_file_holds.
      pingone_filter `_Compare.test`  `current is self.value` for a boolean (`1 == True`, but
              `enabled eq true` must not admit 1): tests/test_pingone_filter.py::test_a_boolean_matches_only_a_json_boolean_by_identity.
+     service `reload`  `before is runtime`: a target whose runtime `reconfigure` kept needs
+             nothing; a rebuilt one gives the running cycle's old runtime its new limits:
+             tests/test_service.py::test_sighup_with_a_changed_config_takes_effect_in_the_next_cycle.
      mapping `Attrs.__ne__`  `equal is NotImplemented`: the sentinel, not a value.
 """
 

@@ -406,12 +406,13 @@ async def test_an_equal_copy_of_the_mapping_cache_is_not_trusted_for_what_the_st
             assert_in_sync(h, target)
 
 
-def test_the_summary_of_equal_copies_is_the_summary_of_shared_objects() -> None:
+@pytest.mark.parametrize("create_only", [frozenset(), frozenset({"displayName"})], ids=["all", "create_only"])
+def test_the_summary_of_equal_copies_is_the_summary_of_shared_objects(create_only: frozenset[str]) -> None:
     """`Engine.summarize` counts a user or group in sync by `is` first, then by value: equal copies
     (other ids, other dicts, a frozenset against a `Members`) summarise as shared objects do."""
     summaries = []
     for shared in (True, False):
-        desired, after = scenario(shared=shared)
+        desired, after = scenario(shared=shared, create_only=create_only)
         the_plan = plan(desired, after, Policy(), complete=True, now=0.0)
         summaries.append(Engine.summarize(desired, after, the_plan, ApplyResult(), snapshot_complete=True))
     assert summaries[1] == summaries[0]

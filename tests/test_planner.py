@@ -540,14 +540,17 @@ def test_a_re_enable_keeps_the_targets_create_only_value() -> None:
 POLICIES = [Policy(), Policy(remove_action="delete", max_deletes=1), Policy(group_membership="overwrite")]
 
 
+@pytest.mark.parametrize("create_only", [frozenset(), frozenset({"displayName"})], ids=["all", "create_only"])
 @pytest.mark.parametrize("complete", [True, False])
 @pytest.mark.parametrize("policy", POLICIES, ids=["default", "held", "overwrite"])
-def test_a_plan_over_equal_copies_is_the_plan_over_shared_objects(policy: Policy, complete: bool) -> None:
-    """`want.attrs is link.attrs` and `want.members is link.members` only skip a comparison, and
-    ids need not be canonical: equal copies of everything (other id strings, other attribute
-    dicts, a frozenset against a `Members`) plan exactly what shared objects plan."""
-    shared_d, shared_a = scenario(shared=True)
-    copied_d, copied_a = scenario(shared=False)
+def test_a_plan_over_equal_copies_is_the_plan_over_shared_objects(policy: Policy, complete: bool,
+                                                                  create_only: frozenset[str]) -> None:
+    """`want.attrs is link.attrs` (and `is not` before create-only paths are masked) and
+    `want.members is link.members` only skip a comparison, and ids need not be canonical: equal
+    copies of everything (other id strings, other attribute dicts, a frozenset against a
+    `Members`) plan exactly what shared objects plan."""
+    shared_d, shared_a = scenario(shared=True, create_only=create_only)
+    copied_d, copied_a = scenario(shared=False, create_only=create_only)
     # the shortcuts are taken on one side and not on the other
     unchanged = [sid for sid in shared_d.users if sid in ("u01", "u02", "u03", "u04")]
     assert all(shared_d.users[s].attrs is shared_a.users[s].attrs for s in unchanged)
@@ -564,6 +567,8 @@ def test_a_plan_over_equal_copies_is_the_plan_over_shared_objects(policy: Policy
             ("group", "add_members"), ("group", "rename"), ("group", "create")} <= planned
     assert not any(o.source_id in ("u01", "u02", "u03", "u04") for o in expected.ops if o.kind == "user")
     assert not any(o.source_id == "g1" for o in expected.ops)
+    (update,) = [o for o in expected.ops if o.op == "update"]
+    assert sorted(update.payload["changed"]) == sorted({"title", "displayName"} - create_only)
 
 
 def test_a_restricted_member_set_equal_to_the_desired_one_plans_the_same(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ def twin(text: str) -> str:
     return out
 
 
-def scenario(*, shared: bool) -> tuple[Desired, Actual]:
+def scenario(*, shared: bool, create_only: frozenset[str] = frozenset()) -> tuple[Desired, Actual]:
     """One target in most of the states the planner knows, with the desired state and the links
     sharing every equal object (`shared`: canonical ids, one attributes dict, one member set), or
     holding equal copies of each (other id strings, other dicts, a frozenset where the other
@@ -51,7 +51,7 @@ def scenario(*, shared: bool) -> tuple[Desired, Actual]:
         ("u02", {}, {}, True, True, None),
         ("u03", {}, {}, True, True, None),
         ("u04", {}, {}, True, True, None),
-        ("u05", {"title": "Engineer"}, {}, True, True, None),           # attributes changed
+        ("u05", {"title": "Engineer", "displayName": "Renamed"}, {}, True, True, None),   # changed
         ("u06", {}, {}, False, True, None),                             # disabled in PingOne
         ("u10", {}, {}, True, False, DISABLED_IN_SOURCE),               # enabled again
     ):
@@ -84,5 +84,5 @@ def scenario(*, shared: bool) -> tuple[Desired, Actual]:
     glinks[lid("g5")] = GroupLink(lid("g5"), "tg-g5", "Gone", members(["u01"], side="link"))
     present = {wid(k) for k in ("u01", "u02", "u03", "u04", "u05", "u06", "u07", "u08", "u10")}
     desired = Desired(users=users, groups=groups, present_users=present,
-                      present_groups=set(groups), in_scope=len(users))
+                      present_groups=set(groups), in_scope=len(users), create_only=create_only)
     return desired, Actual(users=links, groups=glinks)
