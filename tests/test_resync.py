@@ -83,10 +83,13 @@ async def test_resync_asks_the_running_daemon_for_a_full_sync_at_its_next_cycle(
             assert result.returncode == 0, out(result)
             assert "next cycle of zpa reads the target whole" in result.stdout.decode()
             await until(lambda: d.named("target.resynced", since=mark), "target.resynced", explain=d.describe)
+            await until(lambda: [e for e in d.named("cycle.finished", since=mark) if e["full_sync"]],
+                        "the full sync's cycle.finished", explain=d.describe)
             assert await given_name(url, token, victim) == before
-            resynced = [e for e in d.named("cycle.finished", since=mark) if e["full_sync"]]
-            assert len(resynced) == 1
             # answered once: the cycles after are not full syncs again
+            await until(lambda: len(d.named("cycle.summary", since=mark)) >= 1, "the cycle's summary",
+                        explain=d.describe)
+            assert len([e for e in d.named("cycle.finished", since=mark) if e["full_sync"]]) == 1
             mark = len(d.events)
             await until(lambda: len(d.named("cycle.finished", since=mark)) >= 2, "two more cycles",
                         explain=d.describe)
