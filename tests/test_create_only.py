@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from tests.test_backup import scim_users
 from tests.test_resync import scim
 from tests.test_service import run_command, world, write_config
-from tests.test_standby import scim_users
 
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 DEPARTMENT = f"{ENTERPRISE}:department"

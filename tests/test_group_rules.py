@@ -11,9 +11,9 @@ import subprocess
 from pathlib import Path
 
 from daemon.sandbox.directory import Directory
+from tests.test_backup import scim_users
 from tests.test_resync import scim
 from tests.test_service import run_command, world, write_config
-from tests.test_standby import scim_users
 
 
 def out(result: subprocess.CompletedProcess[bytes]) -> str:

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.test_backup import scim_users
 from tests.test_service import daemon_running, ready, run_command, stop, until, world, write_config
-from tests.test_standby import scim_users
 
 DRIFTED = "Drifted-Behind-Our-Back"
 
