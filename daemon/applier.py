@@ -41,6 +41,8 @@ from daemon.target.scim import ScimClient
 FLUSH_EVERY = 200
 UNHEALTHY_WINDOW = 20       # the last N request outcomes considered
 UNHEALTHY_RATIO = 0.8       # transient failures among them that stop the apply
+REQUEST_WINDOW = 10         # the last N HTTP attempts considered (retries included)
+REQUEST_RATIO = 0.8         # unanswered (timeout, connection) or 5xx among them that stop the apply
 
 APPLIED = "applied"
 FAILED = "failed"
@@ -86,7 +88,12 @@ class ApplyResult:
 
 @dataclass
 class _Health:
+    """Whether the target still works, from two windows: operations (after their retries) and
+    single HTTP attempts. A target whose requests mostly time out stops the apply after a few
+    request timeouts, not after 20 operations that each spent all their retries."""
+
     recent: deque[bool] = field(default_factory=lambda: deque(maxlen=UNHEALTHY_WINDOW))
+    requests: deque[bool] = field(default_factory=lambda: deque(maxlen=REQUEST_WINDOW))
     stopped: TargetUnhealthy | None = None
 
     def record(self, transient_failure: bool) -> None:
@@ -95,6 +102,22 @@ class _Health:
                 and sum(self.recent) >= UNHEALTHY_RATIO * UNHEALTHY_WINDOW):
             self.stopped = TargetUnhealthy(
                 "mostly_failing", f"{sum(self.recent)} of the last {UNHEALTHY_WINDOW} operations failed transiently")
+
+    def record_request(self, status: int | None) -> None:
+        """One HTTP attempt: None (no answer: timeout, connection trouble) and 5xx count as failing."""
+        self.requests.append(status is None or status >= 500)
+        if (self.stopped is None and len(self.requests) == REQUEST_WINDOW
+                and sum(self.requests) >= REQUEST_RATIO * REQUEST_WINDOW):
+            self.stopped = TargetUnhealthy(
+                "mostly_failing", f"{sum(self.requests)} of the last {REQUEST_WINDOW} requests got no answer "
+                                  "(timeout, connection) or a 5xx")
+
+    def finish(self) -> None:
+        """At the end of an apply: one in which every operation that was sent failed transiently
+        (all of them, even fewer than a window) is a failing target, not a partial failure."""
+        if self.stopped is None and self.recent and all(self.recent):
+            self.stopped = TargetUnhealthy(
+                "mostly_failing", f"all {len(self.recent)} operations sent failed transiently")
 
 
 class _NotStarted(Exception):
@@ -180,6 +203,8 @@ class Applier:
         self._group_upserts: dict[str, GroupLink] = {}
         self._group_drops: set[str] = set()
         self._lock = anyio.Lock()
+        self._to_mark: list[int] = []
+        self._mark_lock = anyio.Lock()
         self._done = 0
         self._total = 0
         # The stage running now: its task group (flushes run in it, beside the workers), and
@@ -193,18 +218,38 @@ class Applier:
     async def apply(self, ops: Iterable[Op]) -> ApplyResult:
         pending = [op for op in ops if op.status == PENDING]
         self._total = len(pending)
+        observed = self.client.on_request
+
+        def on_request(method: str, status: int | None, seconds: float) -> None:
+            self.health.record_request(status)
+            if observed is not None:
+                observed(method, status, seconds)
+
+        self.client.on_request = on_request
         try:
             for stage in _stages(pending):
-                await self.store.mark_in_flight(self.cycle_id, [op.seq for op in stage])
                 await self._run_stage(stage)
                 await self._flush()
         finally:
+            self.client.on_request = observed
             # Stopped midway (SIGTERM, grace expired): what finished is recorded with its links,
-            # so the next start neither repeats it nor loses it; the rest stays in_flight.
+            # so the next start neither repeats it nor loses it; what was sent and not answered
+            # stays in_flight, what was never sent stays pending.
             with anyio.CancelScope(shield=True):
                 await self._flush()
+        self.health.finish()
         self.result.stopped = self.health.stopped
         return self.result
+
+    async def _mark_sent(self, op: Op) -> None:
+        """Journal `op` in flight before its first request (group commit: the operations that
+        reach this point together are written in one transaction)."""
+        self._to_mark.append(op.seq)
+        async with self._mark_lock:
+            if not self._to_mark:
+                return            # written by the one who held the lock before
+            seqs, self._to_mark = self._to_mark, []
+            await self.store.mark_in_flight(self.cycle_id, seqs)
 
     async def _run_stage(self, stage: list[Op]) -> None:
         queued = [op for op in stage if not _is_member_add(op)]
@@ -296,6 +341,7 @@ class Applier:
         if self.health.stopped is None:
             async with self.limiter:
                 if self.health.stopped is None:   # again: it may have stopped while this waited
+                    await self._mark_sent(op)
                     done = await self._attempt(op, started, self._dispatch)
         if done is None:
             self._skip_stopped(op, started)
@@ -650,6 +696,8 @@ class Applier:
                     if not requests:
                         raise _NotStarted
                     raise _StoppedMidway(self.health.stopped.reason)
+                if not requests:
+                    await self._mark_sent(op)
                 try:
                     async with self._group_lock(op.source_id):
                         requests += await self.client.add_members(group_id, ids, attempts=attempts)

@@ -21,7 +21,15 @@ import anyio
 
 from daemon import logs
 from daemon.config import Config, ConfigError, load_config, resolve_config_path
-from daemon.engine import META_ACCEPT_SHRINK, META_RELOAD_APPROVED, CycleReport, Engine
+from daemon.engine import (
+    META_ACCEPT_SHRINK,
+    META_RELOAD_APPROVED,
+    META_SOURCE_ERROR,
+    META_SOURCE_FAILING_SINCE,
+    META_SOURCE_LAST_COMPLETE,
+    CycleReport,
+    Engine,
+)
 from daemon.http_session import http_session
 from daemon.links import PENDING, Op, Plan
 from daemon.lock import StateLock, StateLocked
@@ -171,7 +179,7 @@ async def _status(cfg: Config) -> dict[str, Any]:
     store = await Store.open(cfg.daemon.state_path)
     try:
         cycles = await store.latest_cycles()
-        out: dict[str, Any] = {"targets": []}
+        out: dict[str, Any] = {"source": await _source_state(store), "targets": []}
         for c in cycles:
             c["held"] = await store.held_count(c["target"])
             c["managed_users"] = await store.managed_count(c["target"], "user")
@@ -184,6 +192,31 @@ async def _status(cfg: Config) -> dict[str, Any]:
         await store.close()
 
 
+async def _source_state(store: Store) -> dict[str, Any]:
+    """What the last cycles said about PingOne (`Engine.record_source`)."""
+    def number(text: str | None) -> float | None:
+        try:
+            return float(text) if text is not None else None
+        except ValueError:
+            return None
+
+    since = number(await store.get_meta(META_SOURCE_FAILING_SINCE))
+    return {"ok": since is None, "last_complete": number(await store.get_meta(META_SOURCE_LAST_COMPLETE)),
+            "failing_since": since, "error": await store.get_meta(META_SOURCE_ERROR) if since is not None else None}
+
+
+def source_line(source: dict[str, Any], now: float | None = None) -> str | None:
+    """The first line of `status`: PingOne failing (since when, why), or read completely (when)."""
+    last = source.get("last_complete")
+    if source.get("failing_since") is not None:
+        failing_for = max(0, round((time.time() if now is None else now) - source["failing_since"]))
+        return (f"SOURCE FAILING: PingOne has not been read completely since {_when(source['failing_since'])} "
+                f"({failing_for}s; last complete snapshot {_when(last)}): {source.get('error')}")
+    if last is not None:
+        return f"source PingOne: ok (last complete snapshot {_when(last)})"
+    return None
+
+
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
@@ -194,6 +227,9 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str))
         return EX_OK
+    line = source_line(data["source"])
+    if line is not None:
+        print(line)
     if not data["targets"]:
         print("no cycle has run yet")
     for t in data["targets"]:

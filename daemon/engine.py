@@ -67,6 +67,7 @@ from daemon.target.scim import ScimClient
 
 QUARANTINE_BASE = 60.0
 QUARANTINE_CAP = 3600.0
+RECOVERY_LOG_EVERY = 5.0      # seconds between two `recovery.progress` lines
 META_LAST_GOOD_USERS = "source.last_good_users"
 META_ACCEPT_SHRINK = "source.accept_shrink"
 # Bumped by another process that writes a target's links (`provisiond sync-user`), so that a
@@ -77,6 +78,14 @@ META_RELOAD_APPROVED = "reload.approved"
 # Set by `provisiond resync` ("resync.requested.<target>" = a fresh token): the next cycle of that
 # target is a full sync; the token is cleared once the target has been read whole.
 META_RESYNC = "resync.requested"
+# What `status` and the daemon's health read about PingOne (written by every cycle's snapshot):
+# when the last complete snapshot ended, and since when (and why) the source has been failing.
+META_SOURCE_LAST_COMPLETE = "source.last_complete"
+META_SOURCE_FAILING_SINCE = "source.failing_since"
+META_SOURCE_ERROR = "source.error"
+# A target cycle that applied everything it planned from an incomplete snapshot: not a success,
+# since what PingOne could not say (removals, users on unread pages) was not done.
+SOURCE_INCOMPLETE = "source_incomplete"
 _MEMBER_OF_RE = re.compile(r'memberOfGroups\[\s*id\s+eq\s+"([^"]+)"\s*\]', re.IGNORECASE)
 
 ProgressHook = Callable[[str, int, int], None]
@@ -135,6 +144,7 @@ class CycleContext:
     complete: bool         # the gate's answer: removals may be planned from this snapshot
     log: Any               # bound to the target and the cycle
     started: float
+    source_complete: bool = True   # PingOne was read whole (else the outcome is SOURCE_INCOMPLETE)
 
 
 @dataclass
@@ -144,12 +154,36 @@ class CycleReport:
     snapshot_users: int = 0
     snapshot_complete: bool = True
     targets: list[TargetReport] = field(default_factory=list)
-    source_error: str | None = None
+    source_error: str | None = None        # PingOne could not be read at all
+    source_incomplete: str | None = None   # it was read, but not all of it: the first problems
+
+    @property
+    def source_problem(self) -> str | None:
+        """Why this cycle's snapshot is not a complete picture of PingOne, or None."""
+        if self.source_error is not None:
+            return self.source_error
+        if self.source_incomplete is not None:
+            return f"snapshot incomplete: {self.source_incomplete}"
+        return None
 
     @property
     def failed(self) -> bool:
-        return self.source_error is not None or any(
+        return self.source_problem is not None or any(
             t.failed or t.outcome in ("failed", "quarantined") for t in self.targets)
+
+    @property
+    def outcome(self) -> str:
+        """One word for the whole cycle: `source_failed`, `source_incomplete`, `failed` (some
+        target failed or is quarantined), `partial_failure` (some entities failed) or `success`."""
+        if self.source_error is not None:
+            return "source_failed"
+        if self.source_incomplete is not None:
+            return SOURCE_INCOMPLETE
+        if any(t.outcome in ("failed", "quarantined", "aborted") for t in self.targets):
+            return "failed"
+        if any(t.failed or t.outcome == "partial_failure" for t in self.targets):
+            return "partial_failure"
+        return "success"
 
 
 def rules_for(target: TargetConfig) -> Rules:
@@ -197,12 +231,12 @@ def profile_overrides(target: TargetConfig) -> dict[str, Any]:
     return out
 
 
-def source_client(config: Config, session: aiohttp.ClientSession) -> PingOneClient:
+def source_client(config: Config, session: aiohttp.ClientSession, log: Any = None) -> PingOneClient:
     src = config.source
     return PingOneClient(
         session, api_url=src.api_url, auth_url=src.auth_url, environment_id=src.environment_id,
         client_id=src.client_id, client_secret=src.client_secret.reveal(), client_auth=src.client_auth,
-        page_size=src.page_size, timeout=src.timeout)
+        page_size=src.page_size, timeout=src.timeout, log=log)
 
 
 def group_rules(rules: Iterable[Rules]) -> list[Callable[[JSON], bool]]:
@@ -324,8 +358,10 @@ class Engine:
         self.log = log
         self.config = config
         self.runtimes: dict[str, TargetRuntime] = {}
-        self.source = source_client(config, session)
+        self.source = source_client(config, session, log)
         self.progress: ProgressHook | None = None
+        # Told (target, done, total) as a recovery looks up what an interrupted cycle sent.
+        self.recovery: ProgressHook | None = None
         # Called with every entity event of an apply and with `cycle.finished` (metrics, health).
         self.observers: list[Observer] = []
         # Called after every HTTP attempt to a target: (target, method, status or None, seconds).
@@ -355,7 +391,7 @@ class Engine:
                 runtime.quarantine = previous.quarantine
             self.runtimes[target.name] = runtime
         if config.source != self.config.source:
-            self.source = source_client(config, self.session)
+            self.source = source_client(config, self.session, self.log)
         self.config = config
 
     # -- the cycle ------------------------------------------------------------------------
@@ -444,7 +480,7 @@ class Engine:
     async def gate(self, snapshot: Snapshot) -> bool:
         """May removals be planned from this snapshot? Logs why not."""
         if not snapshot.complete:
-            self.log.warning("snapshot.incomplete", users=len(snapshot.users), problems=snapshot.problems[:10],
+            self.log.warning("snapshot.incomplete", user_count=len(snapshot.users), problems=snapshot.problems[:10],
                              problem_count=len(snapshot.problems))
             return False
         last = await self.store.get_meta(META_LAST_GOOD_USERS)
@@ -454,7 +490,7 @@ class Engine:
             previous = int(last)
             floor = previous * (1.0 - self.config.daemon.max_source_shrink)
             if previous > 0 and count < floor:
-                self.log.warning("snapshot.shrunk", users=count, last_good_users=previous,
+                self.log.warning("snapshot.shrunk", user_count=count, last_good_users=previous,
                                  shrink_pct=round(100.0 * (previous - count) / previous, 1),
                                  max_source_shrink_pct=round(100 * self.config.daemon.max_source_shrink, 1))
                 return False
@@ -464,21 +500,14 @@ class Engine:
         return True
 
     async def cycle(self, *, targets: Sequence[str] | None = None) -> CycleReport:
+        """One cycle, every target joined (`once`, tests); `run` schedules the two halves itself:
+        `source_step`, then each target's `target_cycle` on its own."""
         report = CycleReport(started=time.time())
         self.log.info("cycle.started", targets=[t for t in self.runtimes if targets is None or t in targets])
-        try:
-            snapshot = await self.cycle_snapshot()                        # 1
-        except SourceUnavailable as exc:
-            report.source_error = str(exc)
-            report.finished = time.time()
-            self.log.error("snapshot.failed", error=str(exc))
+        taken = await self.source_step(report)                            # 1, 2
+        if taken is None:
             return report
-        complete = await self.gate(snapshot)                              # 2
-        await self.save_snapshot(snapshot)
-        report.snapshot_users = len(snapshot.users)
-        report.snapshot_complete = complete
-        self.log.info("snapshot.taken", users=len(snapshot.users), groups=len(snapshot.groups),
-                      complete=complete, duration_ms=round((snapshot.finished_at - snapshot.started_at) * 1000))
+        snapshot, complete = taken
         chosen = [rt for name, rt in self.runtimes.items() if targets is None or name in targets]
         report.targets = await self.run_targets(chosen, snapshot, complete)   # 3
         report.finished = time.time()
@@ -514,6 +543,42 @@ class Engine:
             for rt in chosen:
                 tg.start_soon(run, rt)
         return [results[rt.config.name] for rt in chosen]
+
+    async def source_step(self, report: CycleReport) -> tuple[Snapshot, bool] | None:
+        """Snapshot PingOne, gate it and save it; (snapshot, removals allowed), or None when
+        PingOne could not be read at all. `report` gets the source's problems."""
+        try:
+            snapshot = await self.cycle_snapshot()                        # 1
+        except SourceUnavailable as exc:
+            report.source_error = str(exc)
+            report.finished = time.time()
+            self.log.error("snapshot.failed", error=str(exc))
+            await self.record_source(report)
+            return None
+        complete = await self.gate(snapshot)                              # 2
+        if not snapshot.complete:
+            shown = "; ".join(snapshot.problems[:3])
+            more = len(snapshot.problems) - 3
+            report.source_incomplete = shown + (f" (and {more} more)" if more > 0 else "")
+        await self.record_source(report)
+        await self.save_snapshot(snapshot)
+        report.snapshot_users = len(snapshot.users)
+        report.snapshot_complete = complete
+        self.log.info("snapshot.taken", user_count=len(snapshot.users), group_count=len(snapshot.groups),
+                      complete=complete, duration_ms=round((snapshot.finished_at - snapshot.started_at) * 1000))
+        return snapshot, complete
+
+    async def record_source(self, report: CycleReport) -> None:
+        """Write what `status` says about PingOne: the last complete snapshot, or since when and
+        why it has been failing (kept from the first failing cycle until a complete one)."""
+        problem = report.source_problem
+        if problem is None:
+            await self.store.set_meta(META_SOURCE_LAST_COMPLETE, repr(report.finished or time.time()))
+            await self.store.delete_meta(META_SOURCE_FAILING_SINCE, META_SOURCE_ERROR)
+            return
+        if await self.store.get_meta(META_SOURCE_FAILING_SINCE) is None:
+            await self.store.set_meta(META_SOURCE_FAILING_SINCE, repr(report.started))
+        await self.store.set_meta(META_SOURCE_ERROR, problem[:500])
 
     async def preview(self) -> tuple[dict[str, Plan], bool]:
         """Snapshot and plan every target from what SQLite knows; write nothing, send nothing."""
@@ -645,7 +710,7 @@ class Engine:
     async def _target_cycle(self, rt: TargetRuntime, snapshot: Snapshot, complete: bool, cycle_id: int,
                             full: bool, log: Any) -> TargetReport:
         """Steps 3a-3f for one target; `target_cycle` wraps them in quarantine and failure handling."""
-        cx = CycleContext(rt, cycle_id, full, complete, log, time.time())
+        cx = CycleContext(rt, cycle_id, full, complete, log, time.time(), snapshot.complete)
         await self.recover(rt, log)                                               # a
         desired = await self.desire(rt, snapshot)                                 # b
         actual = await self.known_links(rt, desired)                              # c
@@ -766,13 +831,15 @@ class Engine:
         summary["unmanaged_users"] = rt.unmanaged   # as of the last full sync
         failed = counts.get(FAILED, 0)
         outcome = "success" if not failed else "partial_failure"
+        if outcome == "success" and not cx.source_complete:
+            outcome = SOURCE_INCOMPLETE
         if result.stopped is not None:
             outcome = "quarantined"
         await self.store.finish_cycle(cx.cycle_id, outcome, summary)
         log.info("cycle.finished", outcome=outcome, applied=counts.get(APPLIED, 0), failed=failed,
                  skipped=counts.get("skipped", 0) + sum(1 for op in the_plan.ops if op.status != PENDING),
                  held=the_plan.removals_held, users=summary["users"], groups=summary["groups"],
-                 full_sync=cx.full)
+                 full_sync=cx.full, **({"reason": result.stopped.reason} if result.stopped is not None else {}))
         report = TargetReport(name, cx.cycle_id, outcome, cx.full, the_plan.counts(), counts, summary, failed)
         if result.stopped is not None:
             self._quarantine(rt, result.stopped.reason, result.stopped.detail, log)
@@ -815,36 +882,74 @@ class Engine:
     # -- recovery and actual state --------------------------------------------------------
 
     async def recover(self, rt: TargetRuntime, log: Any) -> None:
-        """Resolve what an interrupted cycle left in flight, before anything new is created."""
+        """Resolve what an interrupted cycle left in flight, before anything new is created.
+
+        Only creates that were sent (journaled `in_flight`) may exist in the target unlinked: each
+        is looked up by name, at the target's concurrency. A found object is linked at once and
+        its operation closed, so that a stop during recovery loses nothing already looked up;
+        `recovery.progress` is logged every RECOVERY_LOG_EVERY seconds and the `recovery` hook
+        (STATUS=, /healthz) is told of every lookup.
+        """
         name = rt.config.name
         unfinished = await self.store.unfinished_ops(name)
         if not unfinished:
             return
         rt.links = None
         links = await self.store.load_links(name)
-        users: list[UserLink] = []
-        groups: list[GroupLink] = []
-        for op in unfinished:
-            if op["status"] != "in_flight" or op["op"] != "create":
-                continue
-            if op["kind"] == "user" and op["source_id"] not in links.users:
-                found = await rt.client.find_user(op["name"])
-                if found is not None:
-                    attrs = op["payload"].get("attrs", {})
-                    users.append(UserLink(op["source_id"], str(found["id"]), op["name"],
-                                          read_user(found, rt.rules.paths) or attrs, read_active(found)))
-                    log.info("user.recovered", source_id=op["source_id"], target_id=found["id"], user=op["name"],
-                             op="create", outcome="applied", reason="found_after_interruption")
-            elif op["kind"] == "group" and op["source_id"] not in links.groups:
-                found = await rt.client.find_group(op["name"])
-                if found is not None:
-                    groups.append(GroupLink(op["source_id"], str(found["id"]), op["name"], frozenset()))
-                    log.info("group.recovered", source_id=op["source_id"], target_id=found["id"], group=op["name"],
-                             op="create", outcome="applied", reason="found_after_interruption")
-        await self.store.write_links(name, users=users, groups=groups)
+        lookups = [op for op in unfinished if op["status"] == "in_flight" and op["op"] == "create"
+                   and op["source_id"] not in (links.users if op["kind"] == "user" else links.groups)]
+        total = len(lookups)
+        found_users = found_groups = 0
+        done = 0
+        started = last_log = time.monotonic()
+        hook = self.recovery
+        if total:
+            log.info("recovery.started", lookups=total, unfinished=len(unfinished), concurrency=rt.config.concurrency)
+            if hook is not None:
+                hook(name, 0, total)
+
+        async def look_up(op: dict[str, Any]) -> None:
+            nonlocal found_users, found_groups, done, last_log
+            async with rt.limiter:
+                found = await (rt.client.find_user(op["name"]) if op["kind"] == "user"
+                               else rt.client.find_group(op["name"]))
+            user: UserLink | None = None
+            group: GroupLink | None = None
+            if found is not None and op["kind"] == "user":
+                attrs = op["payload"].get("attrs", {})
+                user = UserLink(op["source_id"], str(found["id"]), op["name"],
+                                read_user(found, rt.rules.paths) or attrs, read_active(found))
+                found_users += 1
+            elif found is not None:
+                group = GroupLink(op["source_id"], str(found["id"]), op["name"], frozenset())
+                found_groups += 1
+            await self.store.recovered(name, op["cycle"], op["seq"], user=user, group=group)
+            if found is not None:
+                kind = op["kind"]
+                log.info(f"{kind}.recovered", source_id=op["source_id"], target_id=found["id"],
+                         **{kind: op["name"]}, op="create", outcome="applied", reason="found_after_interruption")
+            done += 1
+            if hook is not None:
+                hook(name, done, total)
+            now = time.monotonic()
+            if now - last_log >= RECOVERY_LOG_EVERY and done < total:
+                last_log = now
+                log.info("recovery.progress", done=done, lookups=total, found=found_users + found_groups,
+                         elapsed_s=round(now - started, 1))
+
+        queue = iter(lookups)
+
+        async def worker() -> None:
+            for op in queue:
+                await look_up(op)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(total, max(1, int(rt.limiter.total_tokens)))):
+                tg.start_soon(worker)
         closed = await self.store.supersede(name)
-        log.info("cycle.resumed", unfinished=len(unfinished), recovered_users=len(users),
-                 recovered_groups=len(groups), superseded=closed)
+        log.info("cycle.resumed", unfinished=len(unfinished), lookups=total, recovered_users=found_users,
+                 recovered_groups=found_groups, superseded=closed,
+                 took_s=round(time.monotonic() - started, 3))
 
     async def refresh_actual(self, rt: TargetRuntime, actual: Actual, desired: Desired, log: Any) -> Actual:
         """Read the target whole; links follow what is really there (drift), matches are adopted."""
@@ -932,7 +1037,7 @@ class Engine:
                      outcome="applied", reason="same_name_in_target", foreign_members=len(foreign))
         await self.store.write_links(name, users=users.values(), groups=groups.values(),
                                      drop_users=dropped, drop_groups=dropped_groups)
-        log.info("target.read", users=len(by_id), groups=len(by_gid), unmanaged_users=unmanaged,
+        log.info("target.read", user_count=len(by_id), group_count=len(by_gid), unmanaged_users=unmanaged,
                  missing=len(dropped) + len(dropped_groups))
         return Actual(users=users, groups=groups)
 

@@ -51,6 +51,25 @@ class StateLock:
         self._fd = None
 
 
+def lock_holder(state_path: str) -> int | None:
+    """The pid of the process holding `state_path`'s lock (0 when unknown), or None when free.
+
+    Read-only: a shared flock tried and dropped at once, nothing written."""
+    try:
+        fd = os.open(state_path + LOCK_SUFFIX, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None                  # no lock file: nobody ever held it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_pid(fd: int) -> int | None:
     text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
     return int(text) if text.isdigit() else None

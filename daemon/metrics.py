@@ -21,6 +21,7 @@ What is measured, from the engine's observer events (`daemon.applier` entity eve
     provisiond_cycles_total{target,outcome}                 counter
     provisiond_cycle_duration_seconds{target}               histogram
     provisiond_last_success_timestamp_seconds{target}       gauge     end of the last successful cycle
+    provisiond_source_last_complete_timestamp_seconds       gauge     end of the last complete snapshot
     provisiond_propagation_latency_seconds{target}          histogram PingOne updatedAt -> applied
     provisiond_removals_held{target}                        gauge     removals the last cycle held
     provisiond_target_quarantined{target}                   gauge     1 while the target is quarantined
@@ -62,6 +63,9 @@ PROPAGATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 
 # Last-cycle outcomes that make /healthz answer 503. `partial_failure` (some entities failed, the
 # target works) is reported as "degraded" with 200: one refused user must not page anyone.
 DEFAULT_UNHEALTHY_OUTCOMES = frozenset({"quarantined", "failed", "aborted"})
+# Last-cycle outcomes that are "degraded" (200): the target works, not everything was done. An
+# incomplete snapshot turns /healthz 503 only once the source has failed for `source_bound`.
+DEGRADED_OUTCOMES = frozenset({"partial_failure", "source_incomplete"})
 CYCLE_FINISHED = "cycle.finished"
 DEFAULT_SHUTDOWN_TIMEOUT = 1.0   # seconds a scrape in progress may take to finish at stop
 _STAT_KEYS = (("requests", "http_requests"), ("429", "http_429"), ("retries", "http_retries"))
@@ -199,6 +203,9 @@ class Metrics:
                                          "One HTTP attempt to a target, from send to the body read.",
                                          ["target", "method", "status"], namespace=NAMESPACE, registry=r,
                                          buckets=OPERATION_BUCKETS)
+        self.source_complete = Gauge("source_last_complete_timestamp_seconds",
+                                     "End of the last cycle whose PingOne snapshot was complete.",
+                                     namespace=NAMESPACE, registry=r)
         self._clients = _ClientStats()
         r.register(self._clients)
         self._operator = _OperatorGauges()
@@ -242,6 +249,11 @@ class Metrics:
             if at is not None and at >= self.since:
                 self.propagation.labels(target).observe(max(0.0, time.time() - at))
 
+    def observe_source(self, complete: bool, at: float | None = None) -> None:
+        """A cycle's snapshot: the source gauge moves only when it was complete."""
+        if complete:
+            self.source_complete.set(time.time() if at is None else at)
+
     def observe_request(self, target: str, method: str, status: int | None, seconds: float) -> None:
         """An engine request observer: the request latency histogram (status "none": no answer)."""
         self.request_seconds.labels(target, method, str(status) if status is not None else "none").observe(seconds)
@@ -255,13 +267,25 @@ class Metrics:
 
 
 class Health:
-    """Per target: the last cycle's outcome, and whether the engine holds it in quarantine."""
+    """What /healthz answers: per target, the last cycle's outcome and whether the engine holds it
+    in quarantine or is recovering it; the source's state; the state file's.
 
-    def __init__(self, *, unhealthy: frozenset[str] = DEFAULT_UNHEALTHY_OUTCOMES) -> None:
+    Failing (503) when a target is quarantined or its last cycle failed, PingOne has not been read
+    completely for longer than `source_bound` seconds (the service sets twice the interval), or the
+    state file was deleted or replaced under the daemon.
+    """
+
+    def __init__(self, *, unhealthy: frozenset[str] = DEFAULT_UNHEALTHY_OUTCOMES,
+                 source_bound: float = 0.0) -> None:
         self.unhealthy = unhealthy
+        self.source_bound = source_bound
         self.engine: Any = None
         self.last: dict[str, dict[str, Any]] = {}
         self.source_error: str | None = None
+        self.source_failing_since: float | None = None
+        self.source_last_complete: float | None = None
+        self.recovering: dict[str, tuple[int, int]] = {}
+        self.state_problem: str | None = None
 
     def attach(self, engine: Any) -> None:
         self.engine = engine
@@ -271,9 +295,24 @@ class Health:
             self.last[str(fields.get("target"))] = {
                 "outcome": fields.get("outcome"), "reason": fields.get("reason"), "finished": fields.get("finished")}
 
-    def record_source(self, error: str | None) -> None:
-        """The last snapshot's failure (`CycleReport.source_error`), or None once PingOne reads again."""
+    def record_source(self, error: str | None, *, since: float | None = None) -> None:
+        """The last snapshot's problem (`CycleReport.source_problem`), or None once PingOne was
+        read completely. `since`: when the failing cycle started (now when not given); the first
+        failure's time is kept until a complete snapshot."""
+        now = time.time()
         self.source_error = error
+        if error is None:
+            self.source_failing_since = None
+            self.source_last_complete = now
+        elif self.source_failing_since is None:
+            self.source_failing_since = since if since is not None else now
+
+    def record_recovery(self, target: str, done: int, total: int) -> None:
+        """A target's recovery of in-flight operations: `done` of `total` looked up."""
+        if done >= total:
+            self.recovering.pop(target, None)
+        else:
+            self.recovering[target] = (done, total)
 
     def status(self, now: float | None = None) -> tuple[bool, dict[str, Any]]:
         """(healthy, the JSON body of /healthz)."""
@@ -286,6 +325,9 @@ class Health:
             entry: dict[str, Any] = {"last_outcome": last["outcome"] if last else None,
                                      "last_finished": last["finished"] if last else None}
             quarantine = self.engine.runtimes[name].quarantine if self.engine is not None else None
+            if name in self.recovering:
+                done, total = self.recovering[name]
+                entry["recovering"] = {"done": done, "total": total}
             if quarantine is not None and quarantine.active(now):
                 entry["quarantined"] = {"reason": quarantine.reason, "retry_in_s": round(quarantine.until - now, 1)}
                 problems.append(f"{name}: quarantined ({quarantine.reason})")
@@ -293,16 +335,28 @@ class Health:
                 problems.append(f"{name}: last cycle {last['outcome']}"
                                 + (f" ({last['reason']})" if last.get("reason") else ""))
             targets[name] = entry
+        source: dict[str, Any] = {"ok": self.source_error is None, "last_complete": self.source_last_complete}
+        if self.source_error is not None and self.source_failing_since is not None:
+            failing_for = max(0.0, now - self.source_failing_since)
+            source.update(error=self.source_error, failing_since=self.source_failing_since,
+                          failing_for_s=round(failing_for, 1), failing_after_s=self.source_bound)
+            if failing_for >= self.source_bound:
+                problems.append(f"source: failing for {round(failing_for)}s: {self.source_error}")
+        if self.state_problem is not None:
+            problems.append(f"state: {self.state_problem}")
+        degraded = [n for n, e in targets.items() if e["last_outcome"] in DEGRADED_OUTCOMES]
         if self.source_error is not None:
-            problems.append(f"source: {self.source_error}")
-        degraded = [n for n, e in targets.items() if e["last_outcome"] == "partial_failure"]
+            degraded.append("source")
         if problems:
             body: dict[str, Any] = {"status": "failing", "reason": "; ".join(problems)}
+        elif self.recovering:
+            body = {"status": "recovering"}
         elif not self.last:
             body = {"status": "starting"}
         else:
             body = {"status": "degraded" if degraded else "ok"}
         body["targets"] = targets
+        body["source"] = source
         return not problems, body
 
 

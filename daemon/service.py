@@ -2,8 +2,10 @@
 
     start    load the config (bad: message on stderr, exit 78); lock `<state_path>.lock` (held by
              another daemon: message, exit 1); open the state file; READY=1
-    loop     a cycle at once, then one per `interval` measured start to start, plus 0..`jitter`;
-             never two at once: an overrunning cycle is logged (`cycle.overrun`) and followed at once
+    loop     a tick at once, then one per `interval` measured start to start, plus 0..`jitter`: it
+             snapshots PingOne and starts a cycle from it for each target whose previous cycle has
+             ended. Targets never wait for one another: one still running misses the tick
+             (`cycle.overrun` with its `target`) and takes the next one after it ends.
     SIGHUP   RELOADING=1; re-read the config and its secret files. Valid: it applies from the next
              cycle, concurrency and rate limits are resized at once, `config.reloaded` says what
              changed. Invalid: `config.reload_failed`, the old config stays. Then READY=1.
@@ -11,7 +13,8 @@
     SIGINT   flight finish within `grace_period`, then the cycle is cancelled: its unfinished
              operations stay recorded and the next start resumes them. The state file is closed,
              exit 0. A second SIGTERM/SIGINT exits at once.
-    STATUS=  the last cycle's result, or the apply progress ("zpa: applying 1200/5000, ETA 2m").
+    STATUS=  the last cycle's result, the apply progress ("zpa: applying 1200/5000, ETA 2m"), or
+             a recovery's ("zpa: recovering 120/448 operations in flight at the last stop").
     WATCHDOG=1 while the main loop keeps beating (see `daemon.notify`): the idle scheduler beats
              every second, a cycle on every HTTP request that starts or ends and every operation
              applied; a target's Retry-After pause excuses a silent cycle.
@@ -26,7 +29,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Final
 
@@ -37,11 +40,19 @@ from anyio.abc import TaskGroup
 from daemon import logs
 from daemon.config import Config, ConfigError, diff_configs, load_config
 from daemon.durations import format_duration
-from daemon.engine import META_RELOAD_APPROVED, CycleReport, Engine
+from daemon.engine import (
+    META_RELOAD_APPROVED,
+    CycleReport,
+    Engine,
+    TargetReport,
+    TargetRuntime,
+    release_free_memory,
+)
 from daemon.http_session import DEFAULT_HTTP_CONNECTIONS
 from daemon.http_session import http_session as plain_session
 from daemon.lock import StateLock, StateLocked
 from daemon.metrics import Health, Metrics, serve_http
+from daemon.model import Snapshot
 from daemon.notify import Heartbeat, Notifier, NotifyAddressError, watchdog, watchdog_timeout
 from daemon.store import Store, StoreError
 
@@ -52,6 +63,7 @@ EXIT_CONFIG: Final = 78          # EX_CONFIG, as `provisiond once` and `check-co
 MEMORY_STATE: Final = ":memory:"       # an in-memory state (tests) is private to its process: no lock
 DEFAULT_BEAT_EVERY: Final = 1.0          # seconds: the idle scheduler beats the heartbeat this often
 DEFAULT_STATUS_EVERY: Final = 1.0        # seconds between two progress STATUS= updates
+SOURCE_FAILING_INTERVALS: Final = 2     # /healthz fails once PingOne has failed for this many intervals
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 # Keys a reload records but cannot apply to a running daemon.
 RESTART_KEYS: Final = ("daemon.state_path", "daemon.http_listen")
@@ -149,11 +161,26 @@ def report_text(report: CycleReport) -> str:
     """One line for a finished cycle, e.g. "zpa success 12 applied; zia partial_failure 3 failed"."""
     if report.source_error is not None:
         return f"source failed: {report.source_error}"
-    parts: list[str] = []
+    parts: list[str] = ["source incomplete"] if report.source_incomplete is not None else []
     for t in report.targets:
         counts = [f"{n} {k}" for k in ("applied", "failed") if (n := t.results.get(k, 0))]
         parts.append(f"{t.target} {t.outcome}" + (" " + ", ".join(counts) if counts else ""))
     return "; ".join(parts) or "no targets"
+
+
+def source_bound(config: Config) -> float:
+    """Seconds PingOne may fail (no complete snapshot) before /healthz answers 503: two intervals."""
+    return SOURCE_FAILING_INTERVALS * config.daemon.interval
+
+
+@dataclass(slots=True)
+class CycleRun:
+    """One tick's snapshot and the target cycles started from it; summarised when all have ended."""
+
+    number: int
+    report: CycleReport
+    busy: list[str]
+    waiting: set[str] = field(default_factory=set)
 
 
 def next_start(started: float, interval: float, jitter: float,
@@ -181,14 +208,17 @@ class Service:
         self.last_status = ""
         self._engine: Engine | None = None
         self._gate: RequestGate | None = None
-        self._cycle_scope: anyio.CancelScope | None = None
+        self._work_scope: anyio.CancelScope | None = None     # the ticks and every target cycle
+        self._running: dict[str, int] = {}                      # target -> the cycle number it runs
+        self._snapshotting = False
+        self._next_at = 0.0                                     # wall-clock time of the next tick
         self._sleep_scope: anyio.CancelScope | None = None
         self._progress: dict[str, ApplyProgress] = {}
         self._status_at = 0.0
         self._last_line = "no cycle yet"
         self.staged: Config | None = None      # a reload held by its impact preview
         self.metrics = Metrics()
-        self.health = Health()
+        self.health = Health(source_bound=source_bound(config))
 
     @property
     def engine(self) -> Engine:
@@ -204,6 +234,7 @@ class Service:
                 async with http_session(gate) as session, AsyncExitStack() as stack:
                     self._engine = engine = Engine(self.config, store, session, log=self.log)
                     engine.progress = self._on_progress
+                    engine.recovery = self._on_recovery
                     self.metrics.attach(engine)
                     self.health.attach(engine)
                     engine.observers += [self.metrics.observe, self.health.observe]
@@ -232,23 +263,38 @@ class Service:
         return EXIT_OK
 
     # -- scheduling ---------------------------------------------------------------------------
+    #
+    # A tick every `interval` (start to start, plus jitter) snapshots PingOne once, then starts a
+    # cycle from that snapshot for every target whose previous cycle has ended. Target cycles run
+    # side by side in the work group and never wait for one another: a target that hangs or
+    # applies slowly misses ticks (`cycle.overrun` with its name) while the others keep theirs.
+    # `cycle.summary` is logged when every target cycle started from a tick has ended.
 
     async def _schedule(self) -> None:
-        while not self.stopping:
-            started = anyio.current_time()
-            await self._run_cycle()
-            if self.stopping:
-                return
-            daemon = self.engine.config.daemon
-            due = next_start(started, daemon.interval, daemon.jitter)
-            now = anyio.current_time()
-            if now >= due:
-                self.log.warning("cycle.overrun", cycle_number=self.cycles, took_s=round(now - started, 3),
-                                 interval_s=daemon.interval, overrun_s=round(now - due, 3))
-                continue
-            self._set_status(f"idle; last cycle {self._last_line}; next at {_clock_text(time.time() + due - now)}",
-                             force=True)
-            await self._sleep_until(due)
+        with anyio.CancelScope() as work_scope:
+            self._work_scope = work_scope
+            async with anyio.create_task_group() as work:
+                while not self.stopping:
+                    started = anyio.current_time()
+                    await self._tick(work)
+                    if self.stopping:
+                        break
+                    daemon = self.engine.config.daemon
+                    due = next_start(started, daemon.interval, daemon.jitter)
+                    now = anyio.current_time()
+                    if now >= due:
+                        self.log.warning("cycle.overrun", cycle_number=self.cycles, took_s=round(now - started, 3),
+                                         interval_s=daemon.interval, overrun_s=round(now - due, 3))
+                        continue
+                    self._next_at = time.time() + due - now
+                    self._set_status(self._waiting_text(self._next_at), force=True)
+                    await self._sleep_until(due)
+        self._work_scope = None
+
+    def _waiting_text(self, next_at: float) -> str:
+        running = ", ".join(f"{name} (cycle {number})" for name, number in sorted(self._running.items()))
+        head = f"running: {running}; " if running else "idle; "
+        return f"{head}last cycle {self._last_line}; next at {_clock_text(next_at)}"
 
     async def _sleep_until(self, due: float) -> None:
         with anyio.CancelScope() as scope:
@@ -259,39 +305,113 @@ class Service:
         self._sleep_scope = None
         self.heartbeat.beat()
 
-    async def _run_cycle(self) -> None:
+    async def _tick(self, work: TaskGroup) -> None:
+        """Snapshot PingOne, then start a cycle from it for every target not still in one."""
         await self._adopt_staged_if_approved()
+        self._check_state_file()
         self.cycles += 1
         number = self.cycles
         self.heartbeat.beat()
-        self._progress.clear()
+        engine = self.engine
         self._set_status(f"cycle {number} running; last cycle {self._last_line}", force=True)
-        started = time.time()
-        report: CycleReport | None = None
-        with anyio.CancelScope() as scope:
-            self._cycle_scope = scope
-            try:
-                report = await self.engine.cycle()
-                self.health.record_source(report.source_error)
-                self.metrics.record_source(report.source_error)
-            except Exception as exc:   # a defect or a broken state file: log it, try again next interval
-                self.log.error("cycle.crashed", cycle_number=number, error=f"{type(exc).__name__}: {exc}",
-                               exc_info=True)
-                self._last_line = f"{_clock_text(started)} crashed: {type(exc).__name__}"
-        self._cycle_scope = None
-        self.heartbeat.beat()
-        took = round(time.time() - started, 3)
-        if scope.cancelled_caught:
-            self.log.warning("cycle.interrupted", cycle_number=number, took_s=took,
-                             reason="stopping", hint="unfinished operations resume at the next start")
-            self._last_line = f"{_clock_text(started)} interrupted by stop"
+        report = CycleReport(started=time.time())
+        self.log.info("cycle.started", cycle_number=number, targets=list(engine.runtimes),
+                      busy=sorted(self._running))
+        self._snapshotting = True
+        try:
+            taken = await engine.source_step(report)
+        except anyio.get_cancelled_exc_class():
+            self.log.warning("cycle.interrupted", cycle_number=number, took_s=round(time.time() - report.started, 3),
+                             reason="stopping", step="snapshot", hint="unfinished operations resume at the next start")
+            self._last_line = f"{_clock_text(report.started)} interrupted by stop"
+            raise
+        except Exception as exc:   # a defect or a broken state file: log it, try again next interval
+            self.log.error("cycle.crashed", cycle_number=number, step="snapshot",
+                           error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            self._last_line = f"{_clock_text(report.started)} crashed: {type(exc).__name__}"
             return
-        if report is None:
-            return
-        self._last_line = f"{_clock_text(started)} ({took:g}s): {report_text(report)}"
-        self.log.info("cycle.summary", cycle_number=number, took_s=took, failed=report.failed,
-                      source_error=report.source_error,
-                      targets={t.target: {"outcome": t.outcome, **t.results} for t in report.targets})
+        finally:
+            self._snapshotting = False
+        self._record_source(report)
+        # Which targets take this snapshot is decided now that it is here: one whose cycle ended
+        # while it was taken does.
+        idle = [name for name in engine.runtimes if name not in self._running]
+        busy = [name for name in engine.runtimes if name in self._running]
+        run = CycleRun(number, report, busy=busy)
+        for name in busy:
+            self.log.warning("cycle.overrun", cycle_number=number, target=name, running_cycle=self._running[name],
+                             hint="this target's cycle is still running; it takes the next snapshot after it ends")
+        if taken is not None:
+            snapshot, complete = taken
+            for name in idle:
+                run.waiting.add(name)
+                self._running[name] = number
+                work.start_soon(self._target_cycle, run, engine.runtimes[name], snapshot, complete)
+        if not run.waiting:
+            self._summarize(run)
+
+    async def _target_cycle(self, run: CycleRun, rt: TargetRuntime, snapshot: Snapshot, complete: bool) -> None:
+        name = rt.config.name
+        self._progress.pop(name, None)
+        result: TargetReport
+        try:
+            result = await self.engine.target_cycle(rt, snapshot, complete)
+        except anyio.get_cancelled_exc_class():
+            self.log.warning("cycle.interrupted", cycle_number=run.number, target=name,
+                             took_s=round(time.time() - run.report.started, 3), reason="stopping",
+                             hint="unfinished operations resume at the next start")
+            self._last_line = f"{_clock_text(run.report.started)} interrupted by stop"
+            raise
+        except Exception as exc:   # a defect or a broken state file: logged, the next tick tries again
+            self.log.error("cycle.crashed", cycle_number=run.number, target=name,
+                           error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            result = TargetReport(name, None, "crashed")
+        finally:
+            if self._running.get(name) == run.number:
+                del self._running[name]
+            self._progress.pop(name, None)
+            self.heartbeat.beat()
+        run.report.targets.append(result)
+        run.waiting.discard(name)
+        if not run.waiting:
+            self._summarize(run)
+        if self._sleep_scope is not None and not self.stopping:     # between ticks: say what is left
+            self._set_status(self._waiting_text(self._next_at), force=True)
+
+    def _summarize(self, run: CycleRun) -> None:
+        report = run.report
+        report.finished = time.time()
+        report.targets.sort(key=lambda t: t.target)
+        took = round(report.finished - report.started, 3)
+        self._last_line = f"{_clock_text(report.started)} ({took:g}s): {report_text(report)}"
+        self.log.info("cycle.summary", cycle_number=run.number, took_s=took, outcome=report.outcome,
+                      failed=sum(t.failed for t in report.targets), source_error=report.source_problem,
+                      targets=[t.target for t in report.targets], busy=run.busy,
+                      results={t.target: {"outcome": t.outcome, **t.results} for t in report.targets})
+        release_free_memory()
+
+    def _record_source(self, report: CycleReport) -> None:
+        """Health and the source gauge follow every snapshot; the journal, only its transitions."""
+        problem = report.source_problem
+        was_failing = self.health.source_error is not None
+        self.health.record_source(problem, since=report.started)
+        self.metrics.observe_source(problem is None)
+        self.metrics.record_source(problem)
+        if problem is not None and not was_failing:
+            self.log.error("source.failing", error=problem, failing_after_s=self.health.source_bound,
+                           hint="removals are deferred; /healthz turns 503 once it has failed for failing_after_s")
+        elif problem is None and was_failing:
+            self.log.info("source.recovered")
+
+    def _check_state_file(self) -> None:
+        """The state file must still be the one the daemon opened (inode check, every tick)."""
+        problem = self.engine.store.file_problem()
+        if problem is not None and problem != self.health.state_problem:
+            self.log.error("state.replaced", path=self.engine.store.path, problem=problem,
+                           hint="what the daemon writes now is lost at its next start; restart it")
+        elif problem is None and self.health.state_problem is not None:
+            self.log.info("state.restored", path=self.engine.store.path)
+        self.health.state_problem = problem
 
     # -- signals ------------------------------------------------------------------------------
 
@@ -316,13 +436,13 @@ class Service:
         in_flight = self._gate.in_flight if self._gate else 0
         self.notifier.stopping(status=f"stopping ({reason}); {in_flight} request(s) in flight")
         self.log.info("daemon.stopping", signal=reason, grace_period_s=grace, in_flight=in_flight,
-                      cycle_running=self._cycle_scope is not None)
+                      cycle_running=self._snapshotting or bool(self._running), targets_running=sorted(self._running))
         if self._gate is not None:
             self._gate.close()
         if self._sleep_scope is not None:
             self._sleep_scope.cancel()
-        if self._cycle_scope is not None:
-            tg.start_soon(self._drain_then_cancel, self._cycle_scope, grace)
+        if self._work_scope is not None:
+            tg.start_soon(self._drain_then_cancel, self._work_scope, grace)
 
     async def _drain_then_cancel(self, cycle: anyio.CancelScope, grace: float) -> None:
         assert self._gate is not None
@@ -411,6 +531,7 @@ class Service:
         self.log = logs.get_logger()
         engine.log = self.log
         self.config = new
+        self.health.source_bound = source_bound(new)
         diff = diff_configs(old, new)
         restart = [key for key in diff["changed"] if key in RESTART_KEYS]
         self.log.info("config.reloaded", path=self.config_path, **diff, resized=resized,
@@ -434,6 +555,14 @@ class Service:
             entry.done = done
         if now - self._status_at >= DEFAULT_STATUS_EVERY or done == total:
             self._set_status(f"cycle {self.cycles}: " + self.progress_text(now), force=done == total)
+
+    def _on_recovery(self, target: str, done: int, total: int) -> None:
+        self.heartbeat.beat()
+        self.health.record_recovery(target, done, total)
+        now = anyio.current_time()
+        if now - self._status_at >= DEFAULT_STATUS_EVERY or done in (0, total):
+            self._set_status(f"cycle {self.cycles}: {target}: recovering {done}/{total} operations in flight "
+                             "at the last stop", force=done in (0, total))
 
     def progress_text(self, now: float) -> str:
         """ "zpa: applying 1200/5000, ETA 2m; zia: applied 10/10" for the targets applying now."""

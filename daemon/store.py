@@ -32,6 +32,7 @@ import aiosqlite
 import anyio
 
 from daemon.links import Actual, GroupLink, Op, UserLink
+from daemon.lock import lock_holder
 from daemon.mapping import Desired, DesiredGroup, DesiredUser, content_hash
 from daemon.model import UNCHANGED, Members, Snapshot, shared
 
@@ -116,6 +117,44 @@ def _hash_value(text: str) -> Digest:
     return text
 
 
+def _refuse_beside_daemon(path: str) -> None:
+    """A missing state file whose lock a daemon holds was deleted or moved under that daemon: a
+    second, empty state file there would hide it and split the state. StoreError instead."""
+    if path == ":memory:" or Path(path).exists():
+        return
+    holder = lock_holder(path)
+    if holder is not None and holder != os.getpid():
+        raise StoreError(f"{path} does not exist, but provisiond (pid {holder or 'unknown'}) holds its lock: "
+                         "the state file was deleted or moved under the running daemon; restart that daemon "
+                         "rather than create an empty one")
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a state file; None for an in-memory database or a missing file."""
+    if path == ":memory:" or path.startswith("file:"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+_UPSERT_LINK = (
+    "INSERT OR REPLACE INTO target_object(target, kind, source_id, target_id, name, attrs, active, members, "
+    "foreign_members, origin, disabled_reason, disabled_at, last_synced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _user_row(target: str, u: UserLink, now: float) -> tuple[Any, ...]:
+    return (target, "user", u.source_id, u.target_id, u.user_name, _dumps(dict(u.attrs)), int(u.active),
+            "[]", "[]", u.origin, u.disabled_reason, u.disabled_at, now)
+
+
+def _group_row(target: str, g: GroupLink, now: float) -> tuple[Any, ...]:
+    return (target, "group", g.source_id, g.target_id, g.display_name, "{}", 1, _dumps(sorted(g.members)),
+            _dumps(sorted(g.foreign)), g.origin, None, None, now)
+
+
 class Store:
     def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self.db = db
@@ -123,6 +162,7 @@ class Store:
         # One connection serves every target's tasks: writes take turns, so that one
         # target's transaction never swallows (or rolls back) another's statements.
         self._write_lock = anyio.Lock()
+        self._identity = _file_identity(path)     # (device, inode) of the file opened
         # source_group hashes as written (a few thousand at most). The users' are not kept: at
         # 1,000,000 users that map would be ~80 MB, for what the engine's mapping caches already know.
         self._group_hashes: dict[str, Digest] | None = None
@@ -133,6 +173,7 @@ class Store:
         parent = Path(path).parent
         if not parent.is_dir():
             raise StoreError(f"{path}: the directory {parent} does not exist")
+        _refuse_beside_daemon(path)
         old_umask = os.umask(0o077)
         try:
             fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
@@ -156,6 +197,18 @@ class Store:
 
     async def close(self) -> None:
         await self.db.close()
+
+    def file_problem(self) -> str | None:
+        """None while `path` is still the file this store opened; else what happened to it
+        (deleted, or replaced by another file): what is written now would be lost at restart."""
+        if self._identity is None:
+            return None
+        now = _file_identity(self.path)
+        if now is None:
+            return f"{self.path} was deleted under the running daemon"
+        if now != self._identity:
+            return f"{self.path} was replaced by another file under the running daemon"
+        return None
 
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:
@@ -203,6 +256,10 @@ class Store:
 
     async def set_meta(self, key: str, value: str) -> None:
         await self._write("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    async def delete_meta(self, *keys: str) -> None:
+        async with self.transaction() as db:
+            await db.executemany("DELETE FROM meta WHERE key=?", [(k,) for k in keys])
 
     # -- source snapshot ----------------------------------------------------------------------
 
@@ -359,26 +416,15 @@ class Store:
         drop_groups: Iterable[str] = (),
     ) -> None:
         now = time.time()
-        user_rows = [
-            (target, "user", u.source_id, u.target_id, u.user_name, _dumps(dict(u.attrs)), int(u.active),
-             "[]", "[]", u.origin, u.disabled_reason, u.disabled_at, now)
-            for u in users
-        ]
-        group_rows = [
-            (target, "group", g.source_id, g.target_id, g.display_name, "{}", 1, _dumps(sorted(g.members)),
-             _dumps(sorted(g.foreign)), g.origin, None, None, now)
-            for g in groups
-        ]
+        user_rows = [_user_row(target, u, now) for u in users]
+        group_rows = [_group_row(target, g, now) for g in groups]
         drops = [(target, "user", s) for s in drop_users] + [(target, "group", s) for s in drop_groups]
         if not (user_rows or group_rows or drops):
             return
         async with self.transaction() as db:
             rows = user_rows + group_rows
             for i in range(0, len(rows), BATCH):
-                await db.executemany(
-                    "INSERT OR REPLACE INTO target_object(target, kind, source_id, target_id, name, attrs, "
-                    "active, members, foreign_members, origin, disabled_reason, disabled_at, last_synced) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[i:i + BATCH])
+                await db.executemany(_UPSERT_LINK, rows[i:i + BATCH])
             if drops:
                 await db.executemany(
                     "DELETE FROM target_object WHERE target=? AND kind=? AND source_id=?", drops)
@@ -481,6 +527,19 @@ class Store:
                  "name": r[6], "payload": json.loads(r[7]), "status": r[8]}
                 async for r in cur
             ]
+
+    async def recovered(self, target: str, cycle_id: int, seq: int, *, user: UserLink | None = None,
+                        group: GroupLink | None = None) -> None:
+        """One in-flight create looked up after an interruption: its link (when found) and the
+        operation's closing, in one transaction."""
+        now = time.time()
+        async with self.transaction() as db:
+            if user is not None:
+                await db.execute(_UPSERT_LINK, _user_row(target, user, now))
+            if group is not None:
+                await db.execute(_UPSERT_LINK, _group_row(target, group, now))
+            await db.execute("UPDATE operation SET status='superseded', finished=? WHERE cycle_id=? AND seq=? "
+                             "AND status='in_flight'", (now, cycle_id, seq))
 
     async def supersede(self, target: str) -> int:
         """Close what an interrupted cycle left open: the next plan covers it again."""

@@ -363,11 +363,14 @@ async def test_a_cancelled_apply_keeps_every_finished_outcome_and_link(
         finished = run.result.outcomes
         assert 0 < len(finished) < len(run.ops)                  # cancelled midway
         statuses = await stored_statuses(r.store, run.cycle_id)
+        unsent = 0
         for op in run.ops:
             if op.seq in finished:
                 assert statuses[op.seq] == finished[op.seq].status
-            else:
-                assert statuses[op.seq] == "in_flight"
+            else:     # in flight only when sent: the operations the cancel kept from starting stay pending
+                assert statuses[op.seq] in ("in_flight", "pending")
+                unsent += statuses[op.seq] == "pending"
+        assert unsent > 0
         links = await r.store.load_links(TARGET)
         created = {o.source_id for o in run.ops if o.kind == "user" and o.seq in finished}
         assert created and created <= set(links.users)

@@ -100,6 +100,7 @@ class PingOneClient:
         "_client_secret",
         "_env_root",
         "_limiter",
+        "_log",
         "_nesting_keys",
         "_page_size",
         "_policy",
@@ -131,6 +132,7 @@ class PingOneClient:
         concurrency: int = DEFAULT_CONCURRENCY,
         retry_malformed: bool = True,
         nesting_keys: tuple[str, ...] = DEFAULT_NESTING_KEYS,
+        log: Any = None,
     ) -> None:
         if ":" in client_id:
             raise ValueError("client_id must not contain ':'")
@@ -157,6 +159,7 @@ class PingOneClient:
         self._renew_at = 0.0
         self._retry_malformed = retry_malformed
         self._nesting_keys = nesting_keys
+        self._log = log
         self.stats: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:
@@ -248,7 +251,12 @@ class PingOneClient:
             raise exc.original from exc.__cause__
 
     def _on_retry(self, attempt: int, exc: TransientError, wait: float) -> None:
+        """Every retry is logged (`source.retry`): a hanging PingOne shows once per request
+        timeout, not only when the snapshot gives up."""
         self.stats["retries"] += 1
+        if self._log is not None:
+            self._log.warning("source.retry", attempt=attempt, wait_s=round(wait, 2), reason=exc.reason,
+                              http_status=exc.status, error=str(exc))
 
     def _resolve(self, url_or_path: str) -> URL:
         if url_or_path.startswith(("http://", "https://")):

@@ -174,7 +174,7 @@ async def take_snapshot(
         raise fatal[0]
     snap.finished_at = time.time()
     if log is not None:
-        log.debug("snapshot.taken", users=len(snap.users), groups=len(snap.groups),
+        log.debug("snapshot.taken", user_count=len(snap.users), group_count=len(snap.groups),
                          wanted_groups=snap.wanted, complete=snap.complete,
                          problems=len(snap.problems),
                          duration_ms=round((snap.finished_at - snap.started_at) * 1000))

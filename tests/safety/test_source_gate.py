@@ -65,10 +65,10 @@ async def test_a_bad_source_snapshot_sends_zero_removal_requests_and_logs_why(
         if event == "snapshot.incomplete":
             assert logged["problem_count"] >= 1
             assert "users page 3" in logged["problems"][0]
-            assert logged["users"] == 20          # pages 1 and 2 arrived
+            assert logged["user_count"] == 20     # pages 1 and 2 arrived
         else:
             assert logged["last_good_users"] == 60
-            assert logged["users"] < 60 * 0.9
+            assert logged["user_count"] < 60 * 0.9
             assert logged["shrink_pct"] > 10
         assert h.events("plan.removals_deferred"), "the removals it did not plan are reported"
 
