@@ -157,6 +157,60 @@ async def add_pingone_user(w: World, name: str, group: str) -> None:
     await post(f"{base}/_admin/groups/{gid}/members", {"userId": user["id"]})
 
 
+# -- the log schema README documents --------------------------------------------------------------
+
+JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "number": (int, float), "str": (str,), "bool": (bool,),
+                                           "list": (list,), "object": (dict,), "null": (type(None),)}
+ONE_TYPE_KEYS = ("failed", "users", "groups", "targets", "user_count", "group_count", "outcome", "reason")
+
+
+def documented_schema() -> dict[str, dict[str, tuple[bool, tuple[str, ...]]]]:
+    """README's event table: event -> key -> (optional, JSON type names)."""
+    text = (REPO / "README.md").read_text()
+    table = text.split("<!-- event-schema -->", 1)[1].split("<!-- /event-schema -->", 1)[0]
+    schema: dict[str, dict[str, tuple[bool, tuple[str, ...]]]] = {}
+    for row in table.splitlines():
+        match = re.match(r"\| `([a-z_.]+)` \| (.*) \|$", row)
+        if match is None:
+            continue
+        keys: dict[str, tuple[bool, tuple[str, ...]]] = {}
+        for part in match.group(2).split(", "):
+            key = re.match(r"`(\w+)`(\??): (.+)", part.strip())
+            assert key is not None, part
+            keys[key.group(1)] = (key.group(2) == "?", tuple(key.group(3).split("\\|")))
+        schema[match.group(1)] = keys
+    return schema
+
+
+def json_type(value: Any) -> str:
+    for name in ("bool", "int", "number", "str", "list", "object", "null"):
+        if isinstance(value, JSON_TYPES[name]) and not (name in ("int", "number") and isinstance(value, bool)):
+            return name
+    return type(value).__name__
+
+
+def assert_log_schema(events: list[dict[str, Any]]) -> set[str]:
+    """Every event README documents has its keys with their types; the shared keys keep one type
+    across every event. Returns the documented events seen."""
+    schema = documented_schema()
+    seen: set[str] = set()
+    for event in events:
+        name = event.get("event")
+        if name not in schema:
+            continue
+        seen.add(str(name))
+        for key, (optional, types) in schema[str(name)].items():
+            if key not in event:
+                assert optional, f"{name}: {key} missing: {event}"
+                continue
+            got = json_type(event[key])
+            assert got in types or (got == "int" and "number" in types), f"{name}.{key}: {got}, not {types}: {event}"
+    for key in ONE_TYPE_KEYS:
+        kinds = {(json_type(e[key]), e["event"]) for e in events if key in e and e[key] is not None}
+        assert len({k for k, _ in kinds}) <= 1, f"{key} has several types: {sorted(kinds)}"
+    return seen
+
+
 def finished(d: Daemon, target: str, since: int = 0) -> list[dict[str, Any]]:
     return [e for e in d.named("cycle.finished", since) if e.get("target") == target]
 
@@ -202,6 +256,9 @@ async def test_a_hanging_pingone_is_logged_turns_healthz_503_stops_the_success_g
             code = await stop(d)
 
     assert code == 0, d.describe()
+    seen = assert_log_schema(d.events)
+    assert {"cycle.started", "snapshot.taken", "snapshot.incomplete", "source.retry", "source.failing",
+            "cycle.finished", "cycle.summary", "daemon.ready"} <= seen, seen
     assert summary[0]["failed"] == 0 and isinstance(summary[0]["failed"], int)
     assert summary[0]["source_error"].startswith("snapshot incomplete: ")
     assert "source_incomplete" in zpa_outcomes and "success" not in zpa_outcomes, zpa_outcomes
@@ -254,6 +311,7 @@ async def test_a_hanging_target_is_quarantined_and_never_delays_the_other_target
             code = await stop(d)
 
     assert code == 0, d.describe()
+    assert {"cycle.overrun", "target.quarantined", "cycle.apply_started"} <= assert_log_schema(d.events)
     assert reached and in_zpa is not None
     assert zia_done_when_zpa_created == [], "zpa's user waited for zia's cycle"
     assert zpa_cycles >= 2, zpa_cycles
@@ -314,6 +372,7 @@ async def test_after_a_kill_only_sent_operations_are_in_flight_and_recovery_is_v
         names = await scim_user_names(w.sb.zpa_url, ZPA_TOKEN)
 
     assert code == 0, d3.describe()
+    assert {"recovery.started", "cycle.resumed"} <= assert_log_schema(d2.events + d3.events)
     first = started[0]["lookups"]
     assert first > 0 and started[0]["concurrency"] == 2
     assert health["status"] == "recovering" and health["targets"]["zpa"]["recovering"]["total"] == first, health
@@ -356,6 +415,7 @@ async def test_a_state_file_deleted_under_the_daemon_is_an_error_and_side_comman
             code = await stop(d)
 
     assert code == 0, d.describe()
+    assert "state.replaced" in assert_log_schema(d.events)
     assert replaced[0]["level"] == "error" and "deleted" in replaced[0]["problem"]
     assert status == 503 and "state:" in body["reason"], body
     assert side.returncode == 1
