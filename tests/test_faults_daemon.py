@@ -22,6 +22,7 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.metrics import Health
 from daemon.sandbox.runner import ZPA_TOKEN, build_sandbox, running
 from tests.test_service import (
     STARTUP_TIMEOUT,
@@ -421,3 +422,17 @@ async def test_a_state_file_deleted_under_the_daemon_is_an_error_and_side_comman
     assert side.returncode == 1
     assert "holds its lock" in side.stderr.decode() and f"pid {d.pid}" in side.stderr.decode()
     assert not recreated
+
+
+def test_healthz_fails_on_the_source_only_once_it_has_failed_for_the_bound() -> None:
+    health = Health(source_bound=600.0)
+    health.last["zpa"] = {"outcome": "source_incomplete", "reason": None, "finished": 1000.0}
+    health.record_source("snapshot incomplete: users page 1: HTTP 503", since=1000.0)
+    ok, body = health.status(now=1599.0)
+    assert ok and body["status"] == "degraded" and body["source"]["failing_for_s"] == 599.0
+    health.record_source("snapshot incomplete: users page 1: HTTP 503", since=1500.0)   # the first failure counts
+    ok, body = health.status(now=1600.0)
+    assert not ok and body["reason"].startswith("source: failing for 600s: snapshot incomplete")
+    health.record_source(None)
+    ok, body = health.status(now=1601.0)
+    assert ok and body["source"]["ok"] is True and body["source"]["last_complete"] is not None
