@@ -482,7 +482,7 @@ class Service:
         if held:
             self.staged = new
             await engine.store.set_meta(META_RELOAD_APPROVED, "0")
-            self.log.warning("config.reload_held", path=self.config_path, targets=held,
+            self.log.warning("config.reload_held", path=self.config_path, impact=held,
                              hint="provisiond approve --reload activates it; the running config stays")
             self.notifier.ready(status="reload held: it would remove more than max_deletes; "
                                        "`provisiond approve --reload` activates it")

@@ -8,6 +8,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.test_faults_daemon import assert_log_schema
 from tests.test_service import daemon_running, ready, run_command, stop, until, world, write_config
 
 
@@ -33,8 +34,9 @@ async def test_a_reload_that_would_remove_too_much_is_held_until_approved(tmp_pa
             d.signal(1)   # SIGHUP
             (held,) = await until(lambda: d.named("config.reload_held"), "config.reload_held",
                                   explain=d.describe)
-            assert held["targets"]["zpa"]["held"] is True
-            assert held["targets"]["zpa"]["removals"] > held["targets"]["zpa"]["limit"]
+            assert held["impact"]["zpa"]["held"] is True
+            assert "config.reload_held" in assert_log_schema(d.events)
+            assert held["impact"]["zpa"]["removals"] > held["impact"]["zpa"]["limit"]
             mark = len(d.named("cycle.summary"))
             await until(lambda: len(d.named("cycle.summary")) >= mark + 2, "two cycles on the old config",
                         explain=d.describe)
