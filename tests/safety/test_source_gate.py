@@ -63,6 +63,10 @@ async def test_a_bad_source_snapshot_sends_zero_removal_requests_and_logs_why(
         assert report.snapshot_complete is False
         (logged,) = h.events(event)
         if event == "snapshot.incomplete":
+            # not a success: the cycle, each target's outcome and its cycle.finished say so
+            assert report.failed and report.outcome == "source_incomplete", report
+            assert {h.target_report(t).outcome for t in TARGETS} <= {"source_incomplete", "partial_failure"}
+            assert {e["outcome"] for e in h.events("cycle.finished")} <= {"source_incomplete", "partial_failure"}
             assert logged["problem_count"] >= 1
             assert "users page 3" in logged["problems"][0]
             assert logged["user_count"] == 20     # pages 1 and 2 arrived
