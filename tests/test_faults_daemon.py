@@ -359,8 +359,19 @@ async def test_after_a_kill_only_sent_operations_are_in_flight_and_recovery_is_v
         async with daemon_running(w.config, w.notify, w.tg) as d2:
             url = await listening(d2)
             started = await until(lambda: d2.named("recovery.started"), "recovery.started", explain=d2.describe)
-            health = await poll_healthz(url, "recovering")
-            await until(lambda: d2.named("user.recovered"), "a user recovered", explain=d2.describe)
+            peak = 0
+
+            async def sample() -> None:      # lookups in flight at the emulator, seen from outside
+                nonlocal peak
+                while True:
+                    peak = max(peak, len(w.sb.zpa._inflight))
+                    await anyio.sleep(0.01)
+
+            async with anyio.create_task_group() as sampling:
+                sampling.start_soon(sample)
+                health = await poll_healthz(url, "recovering")
+                await until(lambda: d2.named("user.recovered"), "a user recovered", explain=d2.describe)
+                sampling.cancel_scope.cancel()
             d2.signal(signal.SIGKILL)
             await d2.exit_code(10)
         statuses = [m.fields["STATUS"] for m in w.notify.messages[marks:] if "STATUS" in m.fields]
@@ -376,6 +387,7 @@ async def test_after_a_kill_only_sent_operations_are_in_flight_and_recovery_is_v
     assert {"recovery.started", "cycle.resumed"} <= assert_log_schema(d2.events + d3.events)
     first = started[0]["lookups"]
     assert first > 0 and started[0]["concurrency"] == 2
+    assert peak == 2, peak            # the lookups run side by side, at the target's concurrency
     assert health["status"] == "recovering" and health["targets"]["zpa"]["recovering"]["total"] == first, health
     assert any(re.search(r"zpa: recovering \d+/\d+", s) for s in statuses), statuses
     assert resumed[0]["lookups"] < first                     # what was looked up before the kill is kept
