@@ -338,9 +338,11 @@ class Service:
         idle = [name for name in engine.runtimes if name not in self._running]
         busy = [name for name in engine.runtimes if name in self._running]
         run = CycleRun(number, report, busy=busy)
-        for name in busy:
-            self.log.warning("cycle.overrun", cycle_number=number, target=name, running_cycle=self._running[name],
-                             hint="this target's cycle is still running; it takes the next snapshot after it ends")
+        for name in busy:      # at warning for the first tick a cycle misses, at debug for the next ones
+            first_miss = self._running[name] == number - 1
+            (self.log.warning if first_miss else self.log.debug)(
+                "cycle.overrun", cycle_number=number, target=name, running_cycle=self._running[name],
+                hint="this target's cycle is still running; it takes the next snapshot after it ends")
         if taken is not None:
             snapshot, complete = taken
             for name in idle:
