@@ -3,7 +3,7 @@
 Hypothesis (stateful) drives seeded random sequences of directory events between cycles: hires,
 departures, rehires under a reused username, renames, email and userName changes, enable/disable,
 population moves, group deletion and re-creation, nesting changes, membership churn, attribute
-changes, and drift made in the targets behind provisiond's back. The PingOne emulator is changed
+changes, restarts of provisiond, and drift made in the targets behind provisiond's back. The PingOne emulator is changed
 through its `/_admin` wire routes, the targets' drift through their SCIM API.
 
 Each step is one interval: its events, then one cycle of the real Engine (daemon/engine.py, a real
@@ -173,6 +173,17 @@ class Services:
     emulators: dict[str, ScimEmulator]
     engine: Engine
     logs: list[dict[str, Any]]
+    store: Store
+    session: aiohttp.ClientSession
+    state_path: Path
+
+    async def restart(self) -> None:
+        """The daemon stops and starts again: the state file closed and reopened, a new Engine
+        (no cache, no links kept in memory)."""
+        config = self.engine.config
+        await self.store.close()
+        self.store = await Store.open(self.state_path)
+        self.engine = Engine(config, self.store, self.session, log=collector(self.logs))
 
 
 def collector(logs: list[dict[str, Any]]) -> Any:
@@ -198,14 +209,15 @@ async def services(directory: Directory, state_dir: Path) -> AsyncIterator[Servi
                                     directory.population_id), encoding="utf-8")
         path.chmod(0o600)
         config = load_config(path)
-        store = await Store.open(state_dir / "state.db")
         logs: list[dict[str, Any]] = []
-        try:
-            async with aiohttp.ClientSession() as session:
-                engine = Engine(config, store, session, log=collector(logs))
-                yield Services(pingone_url, urls, emulators, engine, logs)
-        finally:
-            await store.close()
+        async with aiohttp.ClientSession() as session:
+            store = await Store.open(state_dir / "state.db")
+            svc = Services(pingone_url, urls, emulators, Engine(config, store, session, log=collector(logs)), logs,
+                           store, session, state_dir / "state.db")
+            try:
+                yield svc
+            finally:
+                await svc.store.close()
 
 
 class World:
@@ -720,6 +732,17 @@ class CreateGroup(Event):
         return f"create group {name} with {[w.username(u) for u in members]}"
 
 
+@dataclass(frozen=True)
+class Restart(Event):
+    """provisiond is restarted before the next cycle (state file reopened, nothing kept in memory)."""
+
+    kind: ClassVar[str] = "restart"
+
+    def apply(self, w: World) -> str:
+        w.portal.call(w.svc.restart)
+        return "restart provisiond"
+
+
 DRIFTS = ("attribute", "deactivate", "delete", "rename_group", "delete_group", "drop_member", "stranger",
           "stranger_group")
 
@@ -825,6 +848,7 @@ EVENTS: dict[str, st.SearchStrategy[Event]] = {
     "delete_group": st.builds(DeleteGroup, group=PICK),
     "recreate_group": st.builds(RecreateGroup, group=PICK, same_members=st.booleans(), members=PICKS),
     "create_group": st.builds(CreateGroup, name=PICK, members=PICKS),
+    "restart": st.builds(Restart),
     "drift": st.builds(Drift, target=st.integers(0, 2), how=st.sampled_from(DRIFTS), pick=PICK),
 }
 # LIFECYCLE_EVENTS=kind,kind,... draws only those kinds, disabled ones too (a local bug hunt).
