@@ -3,8 +3,9 @@
 Hypothesis (stateful) drives seeded random sequences of directory events between cycles: hires,
 departures, rehires under a reused username, renames, email and userName changes, enable/disable,
 population moves, group deletion and re-creation, nesting changes, membership churn, attribute
-changes, restarts of provisiond, and drift made in the targets behind provisiond's back. The PingOne emulator is changed
-through its `/_admin` wire routes, the targets' drift through their SCIM API.
+changes, restarts of provisiond, and drift made in the targets behind provisiond's back. The
+PingOne emulator is changed through its `/_admin` wire routes, the targets' drift through their
+SCIM API.
 
 Each step is one interval: its events, then one cycle of the real Engine (daemon/engine.py, a real
 SQLite file, real HTTP to the emulators on loopback) over three targets — the `zpa`, `zia` and
