@@ -50,6 +50,10 @@ DEFAULT_MAX_SOURCE_SHRINK: Final = 0.10
 DEFAULT_REGION: Final = "NA"
 DEFAULT_CLIENT_AUTH: Final = "basic"
 DEFAULT_SOURCE_PAGE_SIZE: Final = 500
+# [source] changes: how changes between full snapshots are learnt (issue 15; daemon/source/changes.py).
+DEFAULT_CHANGES: Final = "poll"
+CHANGE_MODES: Final = ("poll", "webhook", "off")
+DEFAULT_CHANGE_POLL_INTERVAL: Final = 5.0
 DEFAULT_TIMEOUT: Final = 30.0
 DEFAULT_TARGET_AUTH: Final = "bearer"
 DEFAULT_MATCH_FILTER: Final = 'userName eq "%s"'
@@ -229,6 +233,9 @@ class SourceConfig:
     page_size: int = DEFAULT_SOURCE_PAGE_SIZE
     timeout: float = DEFAULT_TIMEOUT
     allow_insecure_http: bool = False
+    changes: str = DEFAULT_CHANGES
+    change_poll_interval: float = DEFAULT_CHANGE_POLL_INTERVAL
+    webhook_secret: Secret | None = None   # required with changes = "webhook"
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,6 +625,11 @@ _SOURCE_KEYS: Final = (
     "page_size",
     "timeout",
     "allow_insecure_http",
+    "changes",
+    "change_poll_interval",
+    "webhook_secret",
+    "webhook_secret_file",
+    "webhook_secret_env",
 )
 _TARGET_KEYS: Final = (
     "name",
@@ -1067,7 +1079,20 @@ def _parse_source(table: _Table) -> SourceConfig:
         page_size=table.integer("page_size", DEFAULT_SOURCE_PAGE_SIZE, 1, 1000),
         timeout=table.duration("timeout", DEFAULT_TIMEOUT),
         allow_insecure_http=insecure,
+        **_parse_changes(table),
     )
+
+
+def _parse_changes(table: _Table) -> dict[str, Any]:
+    """`changes`, `change_poll_interval` and the webhook's shared secret (`webhook_secret[_file|_env]`)."""
+    changes = table.string("changes", DEFAULT_CHANGES, choices=CHANGE_MODES)
+    webhook = changes == "webhook"
+    return {
+        "changes": changes,
+        "change_poll_interval": table.duration("change_poll_interval", DEFAULT_CHANGE_POLL_INTERVAL),
+        "webhook_secret": table.secret("webhook_secret", required=webhook,
+                                       why=" (changes = \"webhook\" needs the shared secret)"),
+    }
 
 
 def _parse_targets(ctx: _Ctx, raw: object) -> tuple[TargetConfig, ...]:
@@ -1431,6 +1456,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _secret_items(cfg: Config) -> Iterator[tuple[str, Secret]]:
     yield "source.client_secret", cfg.source.client_secret
+    if cfg.source.webhook_secret is not None:
+        yield "source.webhook_secret", cfg.source.webhook_secret
     for target in cfg.targets:
         for key in ("token", "password", "client_secret"):
             secret = getattr(target, key)
@@ -1477,7 +1504,11 @@ def _plain(cfg: Config, show: Callable[[Secret], str]) -> dict[str, Any]:
         "page_size": source.page_size,
         "timeout": format_duration(source.timeout),
         "allow_insecure_http": source.allow_insecure_http,
+        "changes": source.changes,
+        "change_poll_interval": format_duration(source.change_poll_interval),
     }
+    if source.webhook_secret is not None:
+        source_plain["webhook_secret"] = show(source.webhook_secret)
     return {
         "daemon": daemon_plain,
         "source": source_plain,

@@ -36,7 +36,7 @@ from daemon.lock import lock_holder
 from daemon.mapping import Desired, DesiredGroup, DesiredUser, content_hash
 from daemon.model import UNCHANGED, Members, Snapshot, shared
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CYCLE_KIND = "cycle"          # cycle.kind of the daemon's own cycles (sync-user writes its own)
 
 _SCHEMA = """
@@ -69,6 +69,16 @@ CREATE TABLE IF NOT EXISTS operation (
 CREATE INDEX IF NOT EXISTS operation_status ON operation(target, status);
 CREATE INDEX IF NOT EXISTS operation_source ON operation(target, source_id);
 CREATE TABLE IF NOT EXISTS approval (target TEXT PRIMARY KEY, granted REAL NOT NULL);
+"""
+# v3: the change feed (daemon/source/changes.py). `change_seen` holds the activity ids already
+# handed on (de-duplication across overlapping polls and webhook deliveries), `change_inbox` the
+# webhook batches stored before their 2xx and not yet consumed; the watermark is meta
+# `change_watermark`.
+_CHANGES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS change_seen (id TEXT PRIMARY KEY, recorded_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS change_seen_recorded ON change_seen(recorded_at);
+CREATE TABLE IF NOT EXISTS change_inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, received REAL NOT NULL, body TEXT NOT NULL);
 """
 
 BATCH = 1000
@@ -228,6 +238,8 @@ class Store:
                 "UPDATE cycle SET kind=json_extract(summary, '$.kind') WHERE json_extract(summary, '$.kind') "
                 "IS NOT NULL")
             await self.db.execute("CREATE INDEX IF NOT EXISTS cycle_kind ON cycle(target, kind, id)")
+        if version < 3:
+            await self.db.executescript(_CHANGES_SCHEMA)
         await self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @asynccontextmanager

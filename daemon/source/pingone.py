@@ -57,6 +57,8 @@ DEFAULT_TOKEN_LIFETIME = 3600.0
 # The `_embedded` key of GET /groups/{id}/memberOfGroups is UNCONFIRMED (pingone.md §2.1): probably
 # `groupMemberships` like the user endpoint. The keys are tried in order; change them here if needed.
 DEFAULT_NESTING_KEYS: tuple[str, ...] = ("groupMemberships", "groups")
+# The `_embedded` key of GET /activities is UNCONFIRMED (pingone.md §9.1): tried in order.
+DEFAULT_ACTIVITY_KEYS: tuple[str, ...] = ("activities",)
 # Token endpoint answers that mean "these credentials are refused" although the status is 400
 # (RFC 6749 §5.2 lets a server answer invalid_client with 400 or 401).
 _REFUSED_OAUTH_ERRORS = frozenset({"invalid_client", "unauthorized_client", "invalid_grant"})
@@ -442,6 +444,25 @@ class PingOneClient:
             if matches:
                 return await self.get_user(matches[0]["id"])
         return None
+
+    # -- the change feed (pingone.md §9; daemon/source/changes.py) ------------------------------
+
+    async def activities(self, since: str, until: str) -> list[dict[str, Any]]:
+        """The audit activities recorded strictly between *since* and *until* (PingOne timestamps),
+        every page. GET, not POST: the filter holds two timestamps and nothing personal. The
+        `_embedded` key is UNCONFIRMED (`DEFAULT_ACTIVITY_KEYS`)."""
+        flt = f"recordedAt gt {_quoted(since)} and recordedAt lt {_quoted(until)}"
+        out: list[dict[str, Any]] = []
+        async for page in self._pages("activities", DEFAULT_ACTIVITY_KEYS, {"filter": flt}):
+            out.extend(page)
+        return out
+
+    async def get_group(self, group_id: str) -> dict[str, Any]:
+        """One group; `NotFound` when it no longer exists."""
+        group = await self.get(f"groups/{_segment(group_id)}")
+        if not isinstance(group.get("id"), str):
+            raise MalformedResponse("group without an id", method="GET", path=f"groups/{group_id}")
+        return group
 
     async def close(self) -> None:
         """Nothing to release: the session belongs to the caller."""

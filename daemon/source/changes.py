@@ -1,0 +1,460 @@
+"""The change feed: what changed in PingOne since the last look, as the ids of users and groups.
+
+Two ways in (pingone.md §9, README "How changes flow"):
+
+    poll      `ChangeFeed.poll` reads the audit activities recorded in
+              (watermark - overlap, now + slack) (GET /activities, the Audit rate group)
+    webhook   `webhook_handler` stores each batch PingOne POSTs to /pingone/events in SQLite
+              (`Inbox`, its own connection, synchronous=FULL) before it answers 2xx;
+              `ChangeFeed.poll` drains those rows too, and still polls to catch gaps
+
+Both go through one de-duplication by activity id (`change_seen`) and one watermark (meta
+`change_watermark`, epoch seconds). `poll` hands on a `ChangeBatch` and changes nothing on
+disk: the caller applies the batch and then `commit`s it, which in one transaction marks its
+activities seen, consumes its inbox rows and moves the watermark. A crash (even SIGKILL) before
+the commit hands the same changes on again; applying them twice changes nothing.
+
+Records appear in the audit log after an indexing delay and out of order within it: each poll
+reaches back `overlap` seconds before the watermark, so a record indexed up to `overlap` late is
+still seen, once. The watermark is the local clock at the poll's start; `slack` on the upper bound
+covers a PingOne clock ahead of ours.
+
+The feed cannot cover a gap longer than the audit log's retention (14 days) nor a start with no
+watermark: `poll` raises `FeedGap` and the caller runs a full snapshot first, then `start_at` its
+start time. `affected` and `parse_activity` are pure.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiosqlite
+import anyio
+from aiohttp import web
+
+from daemon import logs
+from daemon.errors import NotFound, ProvisiondError
+from daemon.source.pingone import PingOneClient
+from daemon.store import SQL_IN_BATCH, Store
+
+WATERMARK_KEY = "change_watermark"
+DEFAULT_OVERLAP = 30.0               # seconds each poll reaches back: > the indexing delay (~2 s)
+DEFAULT_SLACK = 60.0                 # seconds past the local clock each poll reaches forward
+DEFAULT_RETENTION = 14 * 86_400.0    # the audit log's queryable window (pingone.md §9.1)
+RETENTION_MARGIN = 3_600.0           # a watermark this close to the retention edge is a gap already
+DEFAULT_READ_CONCURRENCY = 4
+WEBHOOK_PATH = "/pingone/events"
+SECRET_HEADER = "X-Provisiond-Webhook-Secret"
+DEFAULT_MAX_BODY = 1 << 20           # bytes of one webhook POST
+MAX_BATCH_ITEMS = 1000
+FAILED = "FAILED"
+USER = "USER"
+GROUP = "GROUP"
+
+
+class FeedGap(ProvisiondError):
+    """The feed cannot say what changed since the watermark: a full snapshot must come first."""
+
+
+# --- pure: activities -> affected ids ------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """The parts of one audit record provisiond uses."""
+
+    id: str
+    recorded_at: str
+    action: str
+    user_ids: tuple[str, ...]
+    group_ids: tuple[str, ...]
+    failed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSet:
+    """The users and groups a set of activities names, and when each was first named."""
+
+    user_ids: frozenset[str] = frozenset()
+    group_ids: frozenset[str] = frozenset()
+    first_recorded: Mapping[str, str] = field(default_factory=dict)   # entity id -> recordedAt
+
+    def __bool__(self) -> bool:
+        return bool(self.user_ids or self.group_ids)
+
+
+def parse_activity(raw: Any) -> Activity | None:
+    """An `Activity` from one record, or None when it has no string `id` and `recordedAt`.
+
+    A resource is `{"type": "USER"|"GROUP", "id": ...}` (pingone.md §9.1); the shape
+    `{"user": {"id": ...}}` / `{"group": {...}}` is read too, since the exact form is UNCONFIRMED.
+    Resources of other types (populations, applications, ...) are ignored.
+    """
+    if not isinstance(raw, Mapping):
+        return None
+    activity_id, recorded = raw.get("id"), raw.get("recordedAt")
+    if not isinstance(activity_id, str) or not activity_id or not isinstance(recorded, str) or not recorded:
+        return None
+    action = raw.get("action")
+    action_type = action.get("type") if isinstance(action, Mapping) else None
+    result = raw.get("result")
+    failed = isinstance(result, Mapping) and str(result.get("status", "")).upper() == FAILED
+    users: list[str] = []
+    groups: list[str] = []
+    resources = raw.get("resources")
+    for resource in resources if isinstance(resources, list) else ():
+        if not isinstance(resource, Mapping):
+            continue
+        kind = str(resource.get("type", "")).upper()
+        ident = resource.get("id")
+        if not kind:
+            for key, name in (("user", USER), ("group", GROUP)):
+                nested = resource.get(key)
+                if isinstance(nested, Mapping):
+                    kind, ident = name, nested.get("id")
+        if not isinstance(ident, str) or not ident:
+            continue
+        if kind == USER and ident not in users:
+            users.append(ident)
+        elif kind == GROUP and ident not in groups:
+            groups.append(ident)
+    return Activity(activity_id, recorded, str(action_type or ""), tuple(users), tuple(groups), failed)
+
+
+def affected(activities: Iterable[Activity]) -> ChangeSet:
+    """Every user and group the successful activities name; failed actions change nothing."""
+    users: set[str] = set()
+    groups: set[str] = set()
+    first: dict[str, str] = {}
+    for activity in activities:
+        if activity.failed:
+            continue
+        for ident in (*activity.user_ids, *activity.group_ids):
+            if ident not in first or activity.recorded_at < first[ident]:
+                first[ident] = activity.recorded_at
+        users.update(activity.user_ids)
+        groups.update(activity.group_ids)
+    return ChangeSet(frozenset(users), frozenset(groups), first)
+
+
+def stamp(seconds: float) -> str:
+    """PingOne's timestamp form for epoch seconds (ms, 'Z')."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def epoch(text: str) -> float | None:
+    """Epoch seconds of a PingOne timestamp; None when unparsable."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+# --- reading the affected entities ---------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class GroupRead:
+    """A changed group as PingOne has it now: its JSON, direct member ids and parent group ids."""
+
+    group: dict[str, Any]
+    member_ids: tuple[str, ...]
+    parent_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reads:
+    """The affected entities read anew; None for one PingOne answered 404 (deleted)."""
+
+    users: dict[str, dict[str, Any] | None]
+    groups: dict[str, GroupRead | None]
+
+    @property
+    def deleted_users(self) -> frozenset[str]:
+        return frozenset(uid for uid, user in self.users.items() if user is None)
+
+    @property
+    def deleted_groups(self) -> frozenset[str]:
+        return frozenset(gid for gid, group in self.groups.items() if group is None)
+
+
+async def read_affected(client: PingOneClient, changes: ChangeSet, *,
+                        concurrency: int = DEFAULT_READ_CONCURRENCY) -> Reads:
+    """GET each affected user (with `memberOfGroupIDs`) and group (with members and parents).
+
+    Only those: a change to one user costs one request, not a snapshot. A 404 means deleted;
+    any other failure propagates (the caller retries the whole batch: nothing was committed)."""
+    users: dict[str, dict[str, Any] | None] = {}
+    groups: dict[str, GroupRead | None] = {}
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def user(uid: str) -> None:
+        async with limiter:
+            try:
+                users[uid] = await client.get_user(uid)
+            except NotFound:
+                users[uid] = None
+
+    async def group(gid: str) -> None:
+        async with limiter:
+            try:
+                found = await client.get_group(gid)
+                members = await client.group_member_ids(gid)
+                parents = await client.group_parents(gid)
+            except NotFound:
+                groups[gid] = None
+                return
+            groups[gid] = GroupRead(found, tuple(members), tuple(parents))
+
+    async with anyio.create_task_group() as tg:
+        for uid in sorted(changes.user_ids):
+            tg.start_soon(user, uid)
+        for gid in sorted(changes.group_ids):
+            tg.start_soon(group, gid)
+    return Reads(users, groups)
+
+
+# --- the feed: watermark, de-duplication, inbox ----------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ChangeBatch:
+    """New activities (not seen before), what they affect, and what committing them records."""
+
+    activities: tuple[Activity, ...]
+    changes: ChangeSet
+    watermark: float | None        # where the watermark moves on commit (None: it stays)
+    inbox_seqs: tuple[int, ...] = ()
+    polled: int = 0                # records the poll returned, duplicates included
+    refused: int = 0               # records without an id or recordedAt, dropped
+
+    def __bool__(self) -> bool:
+        return bool(self.activities or self.inbox_seqs)
+
+
+class ChangeFeed:
+    """Polls the audit log (and drains the webhook inbox) into `ChangeBatch`es."""
+
+    def __init__(self, client: PingOneClient, store: Store, *, poll: bool = True,
+                 overlap: float = DEFAULT_OVERLAP, slack: float = DEFAULT_SLACK,
+                 retention: float = DEFAULT_RETENTION, clock: Any = time.time) -> None:
+        if overlap <= 0 or retention <= overlap:
+            raise ValueError("overlap must be > 0 and below the retention")
+        self.client = client
+        self.store = store
+        self.poll_enabled = poll
+        self.overlap = overlap
+        self.slack = slack
+        self.retention = retention
+        self.clock = clock
+
+    async def watermark(self) -> float | None:
+        """Epoch seconds up to which every change is known to be handed on; None: never set."""
+        text = await self.store.get_meta(WATERMARK_KEY)
+        try:
+            return float(text) if text is not None else None
+        except ValueError:
+            return None
+
+    async def lag(self) -> float | None:
+        """Seconds between now and the watermark (the feed's lag); None without a watermark."""
+        mark = await self.watermark()
+        return None if mark is None else max(0.0, self.clock() - mark)
+
+    async def start_at(self, moment: float) -> None:
+        """A full snapshot that began at *moment* covers every change before it."""
+        await self.store.set_meta(WATERMARK_KEY, repr(float(moment)))
+
+    async def poll(self, *, audit: bool | None = None) -> ChangeBatch:
+        """What is new: the inbox's pending batches and, with *audit* (default: the feed's `poll`
+        setting), the audit log since the watermark. With *audit*, raises `FeedGap` when the
+        watermark is missing or older than the retention; PingOne's errors propagate typed
+        (`daemon.errors`). Without, only the inbox is read and the watermark stays."""
+        audit = self.poll_enabled if audit is None else audit
+        mark = await self.watermark()
+        now = self.clock()
+        if audit:
+            if mark is None:
+                raise FeedGap("no change watermark yet: a full snapshot comes first")
+            if now - mark > self.retention - RETENTION_MARGIN:
+                raise FeedGap(f"the change watermark is {round((now - mark) / 86400, 1)} days old, "
+                              "beyond the audit log's retention")
+        raw: list[Any] = []
+        seqs, inbox = await self._inbox()
+        raw.extend(inbox)
+        polled = 0
+        moved: float | None = None
+        if audit and mark is not None:
+            since = max(mark - self.overlap, now - self.retention + RETENTION_MARGIN)
+            found = await self.client.activities(stamp(since), stamp(now + self.slack))
+            polled = len(found)
+            raw.extend(found)
+            moved = max(mark, now)
+        parsed: dict[str, Activity] = {}
+        refused = 0
+        for item in raw:
+            activity = parse_activity(item)
+            if activity is None:
+                refused += 1
+            elif activity.id not in parsed:
+                parsed[activity.id] = activity
+        seen = await self._seen(list(parsed))
+        fresh = tuple(sorted((a for a in parsed.values() if a.id not in seen),
+                             key=lambda a: (a.recorded_at, a.id)))
+        return ChangeBatch(fresh, affected(fresh), moved, seqs, polled, refused)
+
+    async def commit(self, batch: ChangeBatch) -> None:
+        """The batch is applied: mark its activities seen, consume its inbox rows, move the
+        watermark (never backwards), forget seen ids the next poll can no longer return."""
+        async with self.store.transaction() as db:
+            await db.executemany("INSERT OR IGNORE INTO change_seen(id, recorded_at) VALUES (?, ?)",
+                                 [(a.id, a.recorded_at) for a in batch.activities])
+            for i in range(0, len(batch.inbox_seqs), SQL_IN_BATCH):
+                chunk = batch.inbox_seqs[i:i + SQL_IN_BATCH]
+                await db.execute(f"DELETE FROM change_inbox WHERE seq IN ({','.join('?' * len(chunk))})", chunk)
+            if batch.watermark is not None:
+                async with db.execute("SELECT value FROM meta WHERE key=?", (WATERMARK_KEY,)) as cur:
+                    row = await cur.fetchone()
+                old = _float(row[0]) if row else None
+                mark = batch.watermark if old is None else max(old, batch.watermark)
+                await db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                 (WATERMARK_KEY, repr(mark)))
+                # A record older than this is outside every later poll's window: its id may go.
+                await db.execute("DELETE FROM change_seen WHERE recorded_at < ?",
+                                 (stamp(mark - self.overlap - self.slack - 60.0),))
+
+    async def _inbox(self) -> tuple[tuple[int, ...], list[Any]]:
+        seqs: list[int] = []
+        items: list[Any] = []
+        async with self.store.db.execute("SELECT seq, body FROM change_inbox ORDER BY seq") as cur:
+            for seq, body in await cur.fetchall():
+                seqs.append(int(seq))
+                try:
+                    parsed = json.loads(body)
+                except ValueError:
+                    continue
+                items.extend(parsed if isinstance(parsed, list) else [parsed])
+        return tuple(seqs), items
+
+    async def _seen(self, ids: Sequence[str]) -> set[str]:
+        out: set[str] = set()
+        for i in range(0, len(ids), SQL_IN_BATCH):
+            chunk = list(ids[i:i + SQL_IN_BATCH])
+            sql = f"SELECT id FROM change_seen WHERE id IN ({','.join('?' * len(chunk))})"
+            async with self.store.db.execute(sql, chunk) as cur:
+                out.update(str(row[0]) for row in await cur.fetchall())
+        return out
+
+
+def _float(text: Any) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+# --- the webhook receiver ---------------------------------------------------------------------------
+
+class Inbox:
+    """Webhook batches, written through a connection of their own with synchronous=FULL: a batch
+    is on disk before PingOne hears 2xx. The tables are the store's (schema v3): open the `Store`
+    first so that they exist."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+        self._lock = anyio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str]) -> Inbox:
+        db = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA busy_timeout=5000")
+        except Exception:
+            await db.close()
+            raise
+        return cls(db)
+
+    async def put(self, body: str) -> int:
+        """Store one batch (JSON text); its row number."""
+        async with self._lock:
+            cursor = await self.db.execute("INSERT INTO change_inbox(received, body) VALUES (?, ?)",
+                                           (time.time(), body))
+            return int(cursor.lastrowid or 0)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
+def _valid_batch(parsed: Any) -> list[dict[str, Any]] | None:
+    """The records of a webhook body (one record, or a list of them), or None when malformed."""
+    items = parsed if isinstance(parsed, list) else [parsed]
+    if not items or len(items) > MAX_BATCH_ITEMS:
+        return None
+    if not all(isinstance(item, dict) and parse_activity(item) is not None for item in items):
+        return None
+    return items
+
+
+def webhook_handler(inbox: Inbox, secret: str, *, max_body: int = DEFAULT_MAX_BODY,
+                    header: str = SECRET_HEADER) -> Any:
+    """The aiohttp handler of `POST /pingone/events` (mount it with `mount_webhook`).
+
+    401 without the shared secret in *header* (compared in constant time, before the body is
+    read), 413 beyond *max_body* bytes, 415 unless JSON, 400 for a body that is not ACTIVITY
+    records, 503 when the batch cannot be stored; 204 once it is stored durably."""
+    expected = secret.encode()
+    log = logs.get_logger()
+
+    def refuse(status: int, reason: str) -> web.Response:
+        log.warning("webhook.refused", status=status, reason=reason)
+        return web.Response(status=status, text=reason + "\n")
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        given = request.headers.get(header, "").encode()
+        if not hmac.compare_digest(given, expected):
+            return refuse(401, "missing or wrong shared secret")
+        length = request.content_length
+        if length is not None and length > max_body:
+            return refuse(413, "body too large")
+        if request.content_type != "application/json":
+            return refuse(415, "expected application/json")
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await request.content.read(65_536):   # a chunked body has no length
+            size += len(chunk)
+            if size > max_body:
+                return refuse(413, "body too large")
+            parts.append(chunk)
+        raw = b"".join(parts)
+        try:
+            parsed = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return refuse(400, "body is not JSON")
+        items = _valid_batch(parsed)
+        if items is None:
+            return refuse(400, "body is not a batch of activity records")
+        try:
+            await inbox.put(json.dumps(items, separators=(",", ":")))
+        except (aiosqlite.Error, OSError) as exc:
+            log.error("webhook.store_failed", error=type(exc).__name__)
+            return web.Response(status=503, text="cannot store the batch now\n")
+        log.info("webhook.received", activities=len(items))
+        return web.Response(status=204)
+
+    return handle
+
+
+def mount_webhook(app: web.Application, inbox: Inbox, secret: str, **options: Any) -> None:
+    """Serve `POST /pingone/events` on *app* (e.g. the `http_listen` server of daemon/metrics.py);
+    any other method on that path is answered 405 by the router."""
+    app.router.add_post(WEBHOOK_PATH, webhook_handler(inbox, secret, **options))
