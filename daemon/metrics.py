@@ -43,7 +43,7 @@ import importlib.metadata
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -373,7 +373,10 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def make_app(metrics: Metrics, health: Health) -> web.Application:
+def make_app(metrics: Metrics, health: Health,
+             mount: Callable[[web.Application], None] | None = None) -> web.Application:
+    """/healthz and /metrics; *mount* adds more routes (the change feed's `POST /pingone/events`,
+    `daemon.source.changes.mount_webhook`)."""
     async def healthz(_request: web.Request) -> web.Response:
         ok, body = health.status()
         return web.Response(status=200 if ok else 503, text=json.dumps(body, default=str),
@@ -385,14 +388,18 @@ def make_app(metrics: Metrics, health: Health) -> web.Application:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_view)
+    if mount is not None:
+        mount(app)
     return app
 
 
 @asynccontextmanager
-async def serve_http(metrics: Metrics, health: Health, listen: str = DEFAULT_LISTEN) -> AsyncIterator[str]:
-    """Serve /metrics and /healthz on `listen` ("host:port"; port 0 picks one); yields the base URL."""
+async def serve_http(metrics: Metrics, health: Health, listen: str = DEFAULT_LISTEN,
+                     mount: Callable[[web.Application], None] | None = None) -> AsyncIterator[str]:
+    """Serve /metrics and /healthz (and what *mount* adds) on `listen` ("host:port"; port 0 picks
+    one); yields the base URL."""
     host, port = split_listen(listen)
-    runner = web.AppRunner(make_app(metrics, health), access_log=None, handle_signals=False,
+    runner = web.AppRunner(make_app(metrics, health, mount), access_log=None, handle_signals=False,
                            shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:

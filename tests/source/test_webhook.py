@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from daemon.metrics import Health, Metrics, serve_http
 from daemon.sandbox.activities import DEFAULT_ACTION_TYPES, FeedSettings
 from daemon.sandbox.directory import Directory
 from daemon.sandbox.pingone import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, PingOneEmulator
@@ -162,6 +163,25 @@ async def test_emulator_subscription_delivers_through_the_receiver_into_the_feed
             with sqlite3.connect(path) as db:
                 assert db.execute("SELECT COUNT(*) FROM change_inbox").fetchone()[0] == 0
                 assert db.execute("SELECT COUNT(*) FROM change_seen").fetchone()[0] == 3
+    finally:
+        await inbox.close()
+        await store.close()
+
+
+async def test_the_http_listen_server_mounts_the_receiver_beside_metrics_and_health(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = await Store.open(path)
+    inbox = await Inbox.open(path)
+    try:
+        async with serve_http(Metrics(), Health(), "127.0.0.1:0",
+                              mount=lambda app: mount_webhook(app, inbox, SECRET)) as url, \
+                aiohttp.ClientSession() as session:
+            receiver = Receiver(url, session, path)
+            assert await receiver.post(activity(1), secret="nope") == 401
+            assert await receiver.post(activity(1)) == 204
+            assert receiver.stored() == [[activity(1)]]
+            async with session.get(url + "/metrics") as response:
+                assert response.status == 200
     finally:
         await inbox.close()
         await store.close()
