@@ -460,7 +460,8 @@ class Oracle:
                            f"but its user is {why}")
             if not account.active and INACTIVE_IS_DELETED[rule.profile]:
                 bad.append(f"{t}: inactive account {account.user_name!r} on a target where inactive deletes")
-            if not account.active and rule.remove_action == "delete" and account.external_id not in want.inactive:
+            if not account.active and rule.remove_action == "delete" and \
+                    account.external_id not in want.inactive and account.external_id not in want.active:
                 bad.append(f"{t}: account {account.user_name!r} (externalId {account.external_id}) should have "
                            "been deleted (remove_action delete)")
         for stranger_id, made in strangers.users.items():

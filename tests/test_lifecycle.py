@@ -755,6 +755,7 @@ class Drift(Event):
     target: int
     how: str
     pick: int
+    user_name: str = ""          # the account to pick (regression tests); else `pick` chooses
     kind: ClassVar[str] = "drift"
 
     def apply(self, w: World) -> str:
@@ -782,7 +783,8 @@ class Drift(Event):
         if self.how in ("attribute", "deactivate", "delete"):
             if not accounts:
                 return ""
-            account = accounts[self.pick % len(accounts)]
+            named = [a for a in accounts if a.user_name == self.user_name]
+            account = named[0] if named else accounts[self.pick % len(accounts)]
             if self.how == "attribute":
                 w.scim_call(target, "PATCH", f"/Users/{account.id}", {
                     "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
@@ -936,6 +938,15 @@ def test_reenable_with_a_changed_department() -> None:
     later her ZIA and generic accounts must be active with the new department (found: the update
     PATCH carried the stale `active: false` and she stayed disabled)."""
     replay([SetEnabled(user=0, enabled=False)], [SetEnabled(user=0, enabled=True), SetDepartment(user=0, department=None)])
+
+
+@pytest.mark.xfail(reason=ITEM_3, strict=False)
+def test_full_sync_reactivates_a_drifted_account_with_a_changed_email() -> None:
+    """Ada's generic account is deactivated behind provisiond's back while her email is removed in
+    PingOne: the full sync must leave it active without the email (found: inactive, the repair's
+    enable and update raced as in item 3)."""
+    replay(([Drift(target=2, how="deactivate", pick=0, user_name="ada.lovelace@example.com"),
+             ChangeEmail(user=0, remove=True)], True))
 
 
 NEW_1 = ("found by this test: on ZPA a userName change (applied as a recreate, item 10) in the same "
