@@ -444,7 +444,21 @@ class Oracle:
         account_of: dict[str, Account] = {ext: held[0] for ext, held in by_ext.items()}
         by_id = {a.id: a for a in view.accounts}
         # every active account is wanted, or a stranger left alone
+        # A PingOne user given a stranger's userName: provisiond adopts that account (README, full
+        # sync and 409 on create). Wanted active, it is managed from now on; wanted inactive, what
+        # happens to it is left open.
+        active_names = {str(attrs["userName"]).lower() for attrs in want.active.values()}
+        inactive_names = {str(source.users[uid].get("username")).lower() for uid in want.inactive}
+        open_ids = set()
+        for stranger_id, made in list(strangers.users.items()):
+            key = str(made["userName"]).lower()
+            if key in active_names and commit:
+                del strangers.users[stranger_id]
+            elif key in inactive_names:
+                open_ids.add(stranger_id)
         for account in view.accounts:
+            if account.id in open_ids:
+                continue
             if account.id in strangers.users:
                 made = strangers.users[account.id]
                 if not account.active or account.user_name != made["userName"] or \
@@ -465,7 +479,7 @@ class Oracle:
                 bad.append(f"{t}: account {account.user_name!r} (externalId {account.external_id}) should have "
                            "been deleted (remove_action delete)")
         for stranger_id, made in strangers.users.items():
-            if stranger_id not in by_id:
+            if stranger_id not in by_id and stranger_id not in open_ids:
                 bad.append(f"{t}: unmanaged account {made['userName']!r} was deleted")
         # every wanted user: one account, exact attributes, active
         for uid, attrs in want.active.items():

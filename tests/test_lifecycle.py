@@ -437,11 +437,16 @@ class Hire(Event):
     department: int | None = None
     email: bool = True
     reuse: bool = False          # take the username of a departed user, if any
+    stranger: bool = False       # take the userName of an account made behind provisiond's back, if any
     kind: ClassVar[str] = "hire"
 
     def apply(self, w: World) -> str:
         k = w.next()
-        if self.reuse and w.departed:
+        names = sorted({str(m["userName"]) for t in TARGETS for m in w.strangers[t].users.values()})
+        names = [n for n in names if n.lower() not in {str(u["username"]).lower() for u in w.directory.users.values()}]
+        if self.stranger and names:
+            username = names[self.given % len(names)]
+        elif self.reuse and w.departed:
             username = w.departed.pop(self.given % len(w.departed))
             try:
                 w.directory.user_by_username(username)
@@ -842,6 +847,9 @@ EVENTS: dict[str, st.SearchStrategy[Event]] = {
     # a new PingOne user takes the username of one deleted earlier (a rehire, intervals apart)
     "reuse_username": st.builds(Hire, given=PICK, family=PICK, groups=PICKS, enabled=st.booleans(),
                                 department=st.none() | st.integers(0, 3), reuse=st.just(True)),
+    # a new PingOne user takes the userName of an account made in a target behind provisiond's back
+    "adopt": st.builds(Hire, given=PICK, family=PICK, groups=PICKS, enabled=st.booleans(),
+                       department=st.none() | st.integers(0, 3), stranger=st.just(True)),
     "delete": st.builds(Delete, user=PICK),
     "rehire": st.builds(Rehire, user=PICK, same_groups=st.booleans(), groups=PICKS),
     "rename": st.builds(Rename, user=PICK, given=PICK, family=PICK),
