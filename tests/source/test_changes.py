@@ -310,3 +310,18 @@ async def test_sigkill_after_a_commit_keeps_it_and_before_the_next_loses_nothing
     assert await feed.watermark() == START + 3    # the first commit's, not the killed poll's
     batch = await feed.poll()
     assert batch.changes.user_ids == {second}     # the first is not handed on again
+
+
+async def test_the_audit_rate_bucket_is_waited_out_not_lost(env: Env) -> None:
+    feed = env.feed()
+    await feed.start_at(env.clock.now)
+    user = env.directory.add_user("limited@example.com")["id"]
+    env.clock.advance(3)
+    env.emulator.feed.settings.update({"rate_rps": 1.0, "rate_burst": 1})
+    client = feed.client
+    first = await feed.poll()                       # takes the only token
+    assert first.changes.user_ids == {user}
+    second = await feed.poll()                      # 429 + Retry-After: 1, retried, answered
+    assert second.changes.user_ids == {user}        # not committed: handed on again
+    assert client.stats["429"] >= 1
+    assert env.emulator.counters["activities.list"] >= 3
