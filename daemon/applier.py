@@ -120,6 +120,10 @@ class _Health:
                 "mostly_failing", f"all {len(self.recent)} operations sent failed transiently")
 
 
+class TakenByAnotherLink(Exception):
+    """A link would take a target object that another PingOne id's link holds (never allowed)."""
+
+
 class _NotStarted(Exception):
     """The apply stopped before an operation sent anything: it is skipped like the others."""
 
@@ -214,6 +218,9 @@ class Applier:
         self._unfinished: dict[str, dict[str, int]] = {"user": {}, "group": {}}
         self._waiters: dict[tuple[str, str], list[anyio.Event]] = {}
         self._group_locks: dict[str, anyio.Lock] = {}
+        # target id -> the source id whose link holds it, per kind: built on first need (a 409
+        # adoption, a removal), then kept current by every link change of this apply.
+        self._holders: dict[str, dict[str, str]] = {}
 
     async def apply(self, ops: Iterable[Op]) -> ApplyResult:
         pending = [op for op in ops if op.status == PENDING]
@@ -309,14 +316,42 @@ class Applier:
                                              drop_users=drops, drop_groups=gdrops)
                 await self.store.record_outcomes(self.cycle_id, outcomes)
 
+    def holder(self, kind: str, target_id: str) -> str | None:
+        """The source id whose link holds this target object now, if any."""
+        index = self._holders.get(kind)
+        if index is None:
+            links: Mapping[str, UserLink | GroupLink] = self.users if kind == "user" else self.groups
+            index = self._holders[kind] = {link.target_id: sid for sid, link in links.items()}
+        return index.get(target_id)
+
+    def _taken_from(self, kind: str, source_id: str) -> Callable[[str], bool]:
+        """For a lookup on behalf of `source_id`: is this target id held by another link?"""
+        def taken(target_id: str) -> bool:
+            return self.holder(kind, target_id) not in (None, source_id)
+        return taken
+
+    def _index(self, kind: str, old: UserLink | GroupLink | None, new: UserLink | GroupLink | None) -> None:
+        index = self._holders.get(kind)
+        if index is None:
+            return
+        if old is not None and index.get(old.target_id) == old.source_id:
+            del index[old.target_id]
+        if new is not None:
+            index[new.target_id] = new.source_id
+
     def _link_user(self, link: UserLink) -> None:
+        holder = self.holder("user", link.target_id) if "user" in self._holders else None
+        if holder not in (None, link.source_id):
+            # The rule "one PingOne id per target object", kept where links are made.
+            raise TakenByAnotherLink(f"target user {link.target_id} is held by the link of {holder}")
+        self._index("user", self.users.get(link.source_id), link)
         self.users[link.source_id] = link
         self._user_upserts[link.source_id] = link
         self._user_drops.discard(link.source_id)
 
     def _drop_user(self, source_id: str) -> None:
         """The user is gone from the target: so are its memberships there."""
-        self.users.pop(source_id, None)
+        self._index("user", self.users.pop(source_id, None), None)
         self._user_upserts.pop(source_id, None)
         self._user_drops.add(source_id)
         for link in list(self.groups.values()):
@@ -324,12 +359,16 @@ class Applier:
                 self._link_group(replace(link, members=link.members - {source_id}))
 
     def _link_group(self, link: GroupLink) -> None:
+        holder = self.holder("group", link.target_id)       # groups are few: always indexed
+        if holder not in (None, link.source_id):
+            raise TakenByAnotherLink(f"target group {link.target_id} is held by the link of {holder}")
+        self._index("group", self.groups.get(link.source_id), link)
         self.groups[link.source_id] = link
         self._group_upserts[link.source_id] = link
         self._group_drops.discard(link.source_id)
 
     def _drop_group(self, source_id: str) -> None:
-        self.groups.pop(source_id, None)
+        self._index("group", self.groups.pop(source_id, None), None)
         self._group_upserts.pop(source_id, None)
         self._group_drops.add(source_id)
 
@@ -392,6 +431,10 @@ class Applier:
             outcome = Outcome(op.seq, FAILED, attempts=sum(attempts) or 1, error=str(exc),
                               started=started, finished=time.time())
             extra["reason"] = f"target_{exc.reason}"
+        except TakenByAnotherLink as exc:
+            outcome = Outcome(op.seq, FAILED, attempts=sum(attempts) or 1, error=str(exc)[:500],
+                              started=started, finished=time.time())
+            extra["reason"] = "taken_by_another_link"
         except Exception as exc:  # a defect or a hostile answer: contained to this entity
             self.health.record(False)
             outcome = Outcome(op.seq, FAILED, attempts=sum(attempts) or 1,
@@ -475,7 +518,9 @@ class Applier:
         try:
             created = await self.client.create_user(attrs, active=True, attempts=attempts)
         except Conflict:
-            existing = await self.client.find_user(op.name)
+            # Only an object named exactly so, and held by no other link (a rehire's departed
+            # namesake is handed over by the planner, not taken here).
+            existing = await self.client.find_user(op.name, taken=self._taken_from("user", op.source_id))
             if existing is None:
                 raise
             target_id = str(existing["id"])
@@ -640,7 +685,7 @@ class Applier:
         try:
             created = await self.client.create_group(name, external_id=op.source_id, attempts=attempts)
         except Conflict:
-            existing = await self.client.find_group(name)
+            existing = await self.client.find_group(name, taken=self._taken_from("group", op.source_id))
             if existing is None:
                 raise
             target_id = str(existing["id"])

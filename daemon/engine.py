@@ -899,6 +899,12 @@ class Engine:
         lookups = [op for op in unfinished if op["status"] == "in_flight" and op["op"] == "create"
                    and op["source_id"] not in (links.users if op["kind"] == "user" else links.groups)]
         total = len(lookups)
+        # Target ids the links hold: a lookup takes only an object named exactly so that no link
+        # (nor another lookup here) holds (`ScimClient.find_user`, README "Identity").
+        held: dict[str, set[str]] = {}
+        if total:
+            held = {"user": {link.target_id for link in links.users.values()},
+                    "group": {link.target_id for link in links.groups.values()}}
         found_users = found_groups = 0
         done = 0
         started = last_log = time.monotonic()
@@ -910,9 +916,19 @@ class Engine:
 
         async def look_up(op: dict[str, Any]) -> None:
             nonlocal found_users, found_groups, done, last_log
+            ids = held[op["kind"]]
+
+            def taken(target_id: str) -> bool:
+                return target_id in ids
+
             async with rt.limiter:
-                found = await (rt.client.find_user(op["name"]) if op["kind"] == "user"
-                               else rt.client.find_group(op["name"]))
+                found = await (rt.client.find_user(op["name"], taken=taken) if op["kind"] == "user"
+                               else rt.client.find_group(op["name"], taken=taken))
+            if found is not None:
+                if str(found["id"]) in ids:
+                    found = None             # another lookup here took it meanwhile
+                else:
+                    ids.add(str(found["id"]))
             user: UserLink | None = None
             group: GroupLink | None = None
             if found is not None and op["kind"] == "user":

@@ -15,7 +15,9 @@
         ├── PreconditionFailed       412
         ├── Unprocessable            422
         ├── UnexpectedStatus         any other non-2xx
-        └── MalformedResponse        a 2xx whose body is not the JSON promised
+        ├── MalformedResponse        a 2xx whose body is not the JSON promised
+        └── UnsafeRequest            refused before sending: it would do more than asked (a
+                                     member remove without a value list empties a ZPA group)
 
 Messages carry the method, the URL path (never the query, never headers) and the server's
 detail, truncated; never a credential.
@@ -137,6 +139,14 @@ _BY_STATUS: dict[int, type[RemoteError]] = {
     422: Unprocessable,
     429: RateLimited,
 }
+
+
+class UnsafeRequest(RemoteError):
+    """A request provisiond refuses to send (a caller bug): never retried, nothing went out."""
+
+    @property
+    def reason(self) -> str:
+        return "unsafe_request"
 
 
 def error_for_status(

@@ -342,8 +342,13 @@ def normalise(value: Any) -> Any:
 
 
 def username_key(user_name: str) -> str:
-    """How userNames are compared for uniqueness (SCIM: caseExact=false)."""
-    return unicodedata.normalize("NFC", user_name).casefold()
+    """How userNames (and group displayNames) are compared for uniqueness and matching, the way
+    SCIM servers compare them (caseExact=false): NFC, then lowercased. Not `str.casefold`, which
+    also folds "ß" to "ss", the long s (U+017F) to "s", the "ffi" ligature to "ffi" and final sigma to sigma: two people the
+    target keeps apart would be merged here (one skipped as a conflict, or adopted as the other).
+    The Kelvin sign is NFC's "K" (a canonical singleton) and dotted "İ" lowercases to "i̇", as
+    on the servers, so those compare as a server compares them."""
+    return unicodedata.normalize("NFC", user_name).lower()
 
 
 def is_email(value: str) -> bool:

@@ -71,7 +71,7 @@ from daemon.progress import ProgressSink
 from daemon.source.pingone import PingOneClient
 from daemon.source.snapshot import take_snapshot
 from daemon.store import Store
-from daemon.target.scim import ScimClient
+from daemon.target.scim import ScimClient, refuse_unsafe
 
 DEFAULT_MAX_NESTING = 64      # parent levels followed above the user's groups (cycles are cut anyway)
 DRY_RUN_ID_PREFIX = "dry-run-"
@@ -97,6 +97,7 @@ class DryRunClient(ScimClient):
                       params: Mapping[str, str] | None = None,
                       attempts: list[int] | None = None) -> tuple[int, dict[str, Any] | None]:
         method = method.upper()
+        refuse_unsafe(method, path, json)      # what the real client would refuse, refused here too
         if method in ("GET", "HEAD") or path.endswith("/.search"):
             return await super().request(method, path, json=json, params=params, attempts=attempts)
         self.writes.append((method, path, json))

@@ -97,7 +97,7 @@ class Directory:
         self.user_revisions: dict[str, int] = {}
         self._children: dict[str, set[str]] = {}
         self._user_groups: dict[str, set[str]] = {}  # user id -> static group ids
-        self._by_username: dict[str, str] = {}       # casefolded username -> id
+        self._by_username: dict[str, str] = {}       # lowercased username -> id (UNCONFIRMED: PingOne's own rule)
         self._by_group_name: dict[str, str] = {}
         self._dynamic: dict[str, CompiledFilter] = {}
         self._dynamic_cache: dict[str, tuple[int, frozenset[str]]] = {}
@@ -215,7 +215,7 @@ class Directory:
 
     def _insert_user(self, user: dict[str, Any]) -> None:
         user_id = user["id"]
-        folded = str(user["username"]).casefold()
+        folded = str(user["username"]).lower()
         if user_id in self.users:
             raise DirectoryConflict(f"user id {user_id} exists")
         if folded in self._by_username:
@@ -232,8 +232,8 @@ class Directory:
         """Partial update: nested dicts merge, None removes a key. Bumps updatedAt."""
         user = self.user(user_id)
         if "username" in changes and changes["username"] is not None:
-            new = str(changes["username"]).casefold()
-            old = str(user["username"]).casefold()
+            new = str(changes["username"]).lower()
+            old = str(user["username"]).lower()
             if new != old:
                 if new in self._by_username:
                     raise DirectoryConflict(f"username {changes['username']!r} exists")
@@ -275,14 +275,14 @@ class Directory:
             self.members[group_id].discard(user_id)
             self._touch_group(group_id, stamp)
         del self.users[user_id]
-        self._by_username.pop(str(user["username"]).casefold(), None)
+        self._by_username.pop(str(user["username"]).lower(), None)
         _remove_ordered(self.user_order, self._user_seq.pop(user_id))
         self.user_revisions.pop(user_id, None)
         self._changed()
         self._emit("user.deleted", self._user_ref(user))
 
     def user_by_username(self, username: str) -> dict[str, Any]:
-        user_id = self._by_username.get(username.casefold())
+        user_id = self._by_username.get(username.lower())
         if user_id is None:
             raise UnknownObject(f"username {username}")
         return self.users[user_id]

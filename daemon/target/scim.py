@@ -32,8 +32,10 @@ from daemon.errors import (
     TransientError,
     Unauthorized,
     UnexpectedStatus,
+    UnsafeRequest,
     error_for_status,
 )
+from daemon.mapping import username_key
 from daemon.ratelimit import RateGovernor
 from daemon.responses import read_body
 from daemon.target.auth import TargetAuth
@@ -114,6 +116,7 @@ class ScimClient:
     ) -> tuple[int, dict[str, Any] | None]:
         """Send one request (with retries); (status, parsed JSON object or None for an empty body)."""
         method = method.upper()
+        refuse_unsafe(method, path, json)
         used = 0
 
         async def once() -> tuple[int, dict[str, Any] | None]:
@@ -267,9 +270,12 @@ class ScimClient:
     async def delete_user(self, user_id: str, *, attempts: list[int] | None = None) -> None:
         await self.request("DELETE", _item("/Users", user_id), attempts=attempts)
 
-    async def find_user(self, user_name: str) -> dict[str, Any] | None:
-        """The target user whose userName matches (case-insensitively), by filter or by a paged scan."""
-        found = await self._find("/Users", self.match_filter, "userName", user_name, self.iter_users())
+    async def find_user(self, user_name: str, *, taken: Callable[[str], bool] | None = None
+                        ) -> dict[str, Any] | None:
+        """The target user whose userName equals *user_name* (case-insensitively, `username_key`),
+        by filter or by a paged scan; one whose id is `taken` (another link holds it) is passed over."""
+        found = await self._find("/Users", self.match_filter, "userName", user_name, self.iter_users(),
+                                 taken=taken)
         return None if found is None else _normalise_user(found)
 
     async def iter_users(self) -> AsyncIterator[dict[str, Any]]:
@@ -301,10 +307,12 @@ class ScimClient:
     async def delete_group(self, group_id: str, *, attempts: list[int] | None = None) -> None:
         await self.request("DELETE", _item("/Groups", group_id), attempts=attempts)
 
-    async def find_group(self, display_name: str) -> dict[str, Any] | None:
-        """The target group with this displayName (case-insensitively), by filter or by a paged scan."""
+    async def find_group(self, display_name: str, *, taken: Callable[[str], bool] | None = None
+                         ) -> dict[str, Any] | None:
+        """The target group with this displayName (case-insensitively), by filter or by a paged scan;
+        one whose id is `taken` (another link holds it) is passed over."""
         return await self._find("/Groups", self.group_match_filter, "displayName", display_name,
-                                self.iter_groups(), extra={"excludedAttributes": "members"})
+                                self.iter_groups(), extra={"excludedAttributes": "members"}, taken=taken)
 
     async def iter_groups(self) -> AsyncIterator[dict[str, Any]]:
         """Every group in the target, without members."""
@@ -384,8 +392,21 @@ class ScimClient:
         scan: AsyncIterator[dict[str, Any]],
         *,
         extra: Mapping[str, str] | None = None,
+        taken: Callable[[str], bool] | None = None,
     ) -> dict[str, Any] | None:
-        wanted = value.casefold()
+        """The first resource whose `attr` equals *value* as SCIM servers compare (`username_key`)
+        and whose id is not `taken` (held by another link). Nothing else is ever returned: not a
+        lone result of the filter that names someone else (a server whose `eq` folds "ß" to "ss",
+        a custom match_filter), not the first of several. When the filter is refused (400), or its
+        answer cannot be the whole story (several results, none matching; fewer than
+        totalResults), the collection is scanned."""
+        wanted = username_key(value)
+
+        def fits(resource: dict[str, Any]) -> bool:
+            if username_key(_text(resource.get(attr))) != wanted:
+                return False
+            return taken is None or not taken(str(resource.get("id")))
+
         params = {**(extra or {}), "filter": template.replace("%s", quote_filter_value(value))}
         try:
             _, body = await self.request("GET", path, params=params)
@@ -393,18 +414,49 @@ class ScimClient:
         except BadRequest:
             resources, total = None, None   # filter unsupported: scan instead
         if resources is not None:
-            exact = [r for r in resources if _text(r.get(attr)).casefold() == wanted]
-            if exact:
-                return exact[0]
-            if not resources:
-                return None
-            if len(resources) == 1 and (total is None or total <= 1):
-                return resources[0]      # a custom match_filter on another attribute
-            # Several non-matching results: the target ignored the filter. Scan.
+            found = next((r for r in resources if fits(r)), None)
+            if found is not None:
+                return found
+            whole = total is None or total <= len(resources)
+            if whole and len(resources) <= 1:
+                return None      # none, or one that is not the one asked for: never taken
+            # Several results and none fits, or only part of them: the filter was ignored or
+            # paged. Scan.
         async for resource in scan:
-            if _text(resource.get(attr)).casefold() == wanted:
+            if fits(resource):
                 return resource
         return None
+
+
+def refuse_unsafe(method: str, path: str, payload: Any) -> None:
+    """Raise UnsafeRequest, before anything is sent, for a group PATCH that would remove members
+    without saying which: a `remove` of `members` with no (or an empty, or a null-holding) value
+    list, or a `remove` without any path. ZPA empties the whole group for a bare member remove
+    (zscaler-scim.md §9). The one place every request passes (`ScimClient.request`, and the dry
+    run's), whoever built the body."""
+    if method.upper() != "PATCH" or not path.startswith("/Groups") or not isinstance(payload, dict):
+        return
+    for op in payload.get("Operations") or ():
+        if not isinstance(op, dict) or str(op.get("op", "")).strip().lower() != "remove":
+            continue
+        target = op.get("path")
+        text = target.strip() if isinstance(target, str) else ""
+        if not text:
+            raise UnsafeRequest("a group PATCH remove without a path would remove everything",
+                                method="PATCH", path=path)
+        if text.lower().startswith("members["):
+            inner = text[len("members["):].rstrip("]")
+            if '""' in inner.replace(" ", "") or "value" not in inner.lower():
+                raise UnsafeRequest(f"member remove with an empty value filter: {text!r}", method="PATCH",
+                                    path=path)
+            continue
+        if text.lower() != "members":
+            continue
+        value = op.get("value")
+        if not (isinstance(value, list) and value and all(
+                isinstance(v, dict) and isinstance(v.get("value"), str) and v["value"] for v in value)):
+            raise UnsafeRequest("a member remove without a value list would empty the group",
+                                method="PATCH", path=path)
 
 
 def _item(collection: str, object_id: str) -> str:

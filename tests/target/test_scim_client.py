@@ -32,13 +32,14 @@ from daemon.errors import (
     RequestTimeout,
     ServerError,
     Unauthorized,
+    UnsafeRequest,
 )
 from daemon.ratelimit import RateGovernor
 from daemon.sandbox.scim import DEFAULT_TOKEN, ScimEmulator
 from daemon.sandbox.server import serve
 from daemon.target.auth import BasicAuth, BearerAuth, OAuthClientCredentials, TargetAuth
 from daemon.target.profiles import profile_for
-from daemon.target.resource import ENTERPRISE_USER
+from daemon.target.resource import ENTERPRISE_USER, patch_body
 from daemon.target.scim import ScimClient
 
 FAST = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05, max_elapsed=10.0)
@@ -223,6 +224,85 @@ async def test_find_user_falls_back_to_a_paged_scan_when_the_filter_is_refused(
     found = await client.find_user("user3@EXAMPLE.com")
     assert found is not None and found["id"] == ids[3]
     assert client.stats["GET /Users"] >= 2   # the refused filter, then page(s)
+
+
+async def test_find_user_never_takes_a_lone_result_that_names_someone_else(
+    target: Target, make_client: MakeClient
+) -> None:
+    """Issue 13 item 6: a lookup (crash recovery, 409 adoption) takes only a resource whose
+    userName is the one asked for. A custom match_filter on another attribute answers with one
+    user named otherwise: that one is not taken, and nothing else is scanned for it."""
+    client = make_client(target.base_url, target.token, match_filter='displayName eq "%s"')
+    await client.create_user({"userName": "other@example.com", "displayName": "wanted@example.com"})
+    assert await client.find_user("wanted@example.com") is None
+    assert client.stats["GET /Users"] == 1
+    named = (await client.create_user({"userName": "Wanted@Example.com", "displayName": "wanted@example.com"}))["id"]
+    found = await client.find_user("wanted@example.com")
+    assert found is not None and found["id"] == named
+
+
+async def test_find_user_matches_by_lowercasing_not_casefold(emulator: tuple[ScimEmulator, str],
+                                                             make_client: MakeClient) -> None:
+    """Issue 13 items 6 and 7: the emulator's `eq` folds like `str.casefold` (some servers' collations
+    do: "ß" = "ss"), so its filter answers "strasse" for "straße": that lone result is not taken."""
+    emu, base = emulator
+    client = make_client(base, DEFAULT_TOKEN)
+    other = (await client.create_user({"userName": "strasse@example.com"}))["id"]
+    assert await client.find_user("straße@example.com") is None
+    found = await client.find_user("STRASSE@example.com")
+    assert found is not None and found["id"] == other
+    assert emu.users[other]["userName"] == "strasse@example.com"
+
+
+async def test_find_group_passes_over_an_object_another_link_holds(
+    scim2_server: tuple[int, str], make_client: MakeClient
+) -> None:
+    """scim2-server accepts two groups with one displayName: a lookup on behalf of one link never
+    answers with the object another link holds, only with a free one (or none)."""
+    port, token = scim2_server
+    client = make_client(f"http://127.0.0.1:{port}/{uuid.uuid4().hex}/v2", token)
+    first = (await client.create_group("Dup"))["id"]
+    second = (await client.create_group("Dup"))["id"]
+    found = await client.find_group("dup", taken=lambda tid: tid == first)
+    assert found is not None and found["id"] == second
+    assert await client.find_group("DUP", taken=lambda tid: tid in (first, second)) is None
+    found = await client.find_user("nobody@example.com", taken=lambda tid: True)
+    assert found is None
+
+
+async def test_a_member_remove_without_a_value_list_is_never_sent(target: Target, client: ScimClient) -> None:
+    """Issue 13 item 12: ZPA empties a group for a bare `remove members`; the client's request
+    chokepoint refuses it (and its lookalikes) before anything is sent, whoever built the body."""
+    ids = await create_users(client, 3)
+    gid = (await client.create_group("Keep Me"))["id"]
+    await client.add_members(gid, ids)
+    bare = [
+        {"op": "remove", "path": "members"},
+        {"op": "Remove", "path": " members "},
+        {"op": "remove", "path": "members", "value": []},
+        {"op": "remove", "path": "members", "value": [{"value": ""}]},
+        {"op": "remove", "path": "members", "value": [{"value": None}]},
+        {"op": "remove", "path": "members", "value": {"value": ids[0]}},
+        {"op": "remove"},
+        {"op": "remove", "path": 'members[value eq ""]'},
+    ]
+    client.stats.clear()
+    for op in bare:
+        with pytest.raises(UnsafeRequest):
+            await client.request("PATCH", f"/Groups/{gid}", json=patch_body([op]))
+    assert client.stats["requests"] == 0
+    assert await client.remove_members(gid, []) == 0
+    assert client.stats["requests"] == 0
+    assert await client.group_member_ids(gid) == set(ids)
+    # the forms that name members go through (scim2-server refuses the value-list one: RFC 7644
+    # wants the filter in the path)
+    assert await client.remove_members(gid, [ids[1]]) == 1
+    if target.kind == "emulator":
+        await client.request("PATCH", f"/Groups/{gid}", json=patch_body(
+            [{"op": "remove", "path": "members", "value": [{"value": ids[0]}]}]))
+        assert await client.group_member_ids(gid) == {ids[2]}
+    else:
+        assert await client.group_member_ids(gid) == {ids[0], ids[2]}
 
 
 async def test_iter_users_pages_through_everything(target: Target, make_client: MakeClient) -> None:
