@@ -33,7 +33,18 @@ import anyio
 from anyio.abc import TaskGroup
 
 from daemon.errors import BadRequest, Conflict, Forbidden, NotFound, RemoteError, TransientError, Unauthorized
-from daemon.links import PENDING, PHASE_GROUPS, PHASE_MEMBER_ADD, PHASE_USERS, GroupLink, Op, UserLink
+from daemon.links import (
+    DISABLED_IN_SOURCE,
+    HELD_BY_ANOTHER_LINK,
+    PENDING,
+    PHASE_GROUPS,
+    PHASE_MEMBER_ADD,
+    PHASE_USERS,
+    GroupLink,
+    Op,
+    UserLink,
+)
+from daemon.planner import changed_attributes
 from daemon.store import Outcome, Store
 from daemon.target.resource import read_active, read_user
 from daemon.target.scim import ScimClient
@@ -51,7 +62,7 @@ SKIPPED = "skipped"
 PAST = {
     "create": "created", "update": "updated", "enable": "enabled", "disable": "disabled",
     "delete": "deleted", "rename": "renamed", "add_members": "members_added",
-    "remove_members": "members_removed", "release": "released",
+    "remove_members": "members_removed", "release": "released", "adopt": "adopted", "retire": "retired",
 }
 
 Progress = Callable[[int, int], None]
@@ -221,6 +232,9 @@ class Applier:
         # target id -> the source id whose link holds it, per kind: built on first need (a 409
         # adoption, a removal), then kept current by every link change of this apply.
         self._holders: dict[str, dict[str, str]] = {}
+        # (kind, target id) -> source id, for every link made or moved by this apply: a removal
+        # checks it without indexing every link (`_held_by_another`).
+        self._claims: dict[tuple[str, str], str] = {}
 
     async def apply(self, ops: Iterable[Op]) -> ApplyResult:
         pending = [op for op in ops if op.status == PENDING]
@@ -330,7 +344,21 @@ class Applier:
             return self.holder(kind, target_id) not in (None, source_id)
         return taken
 
+    def _held_by_another(self, kind: str, source_id: str, target_id: str) -> bool:
+        """Does a link other than `source_id`'s hold this target object now? (Links made by this
+        apply, and every link once an index was built.) A removal then sends nothing."""
+        claimed = self._claims.get((kind, target_id))
+        if claimed is not None and claimed != source_id:
+            return True
+        index = self._holders.get(kind)
+        holder = index.get(target_id) if index is not None else None
+        return holder is not None and holder != source_id
+
     def _index(self, kind: str, old: UserLink | GroupLink | None, new: UserLink | GroupLink | None) -> None:
+        if old is not None and self._claims.get((kind, old.target_id)) == old.source_id:
+            del self._claims[(kind, old.target_id)]
+        if new is not None:
+            self._claims[(kind, new.target_id)] = new.source_id
         index = self._holders.get(kind)
         if index is None:
             return
@@ -340,8 +368,10 @@ class Applier:
             index[new.target_id] = new.source_id
 
     def _link_user(self, link: UserLink) -> None:
-        holder = self.holder("user", link.target_id) if "user" in self._holders else None
-        if holder not in (None, link.source_id):
+        current = self.users.get(link.source_id)
+        moved = current is None or current.target_id != link.target_id
+        if moved and self._held_by_another("user", link.source_id, link.target_id):
+            holder = self._claims.get(("user", link.target_id)) or self.holder("user", link.target_id)
             # The rule "one PingOne id per target object", kept where links are made.
             raise TakenByAnotherLink(f"target user {link.target_id} is held by the link of {holder}")
         self._index("user", self.users.get(link.source_id), link)
@@ -366,6 +396,17 @@ class Applier:
         self.groups[link.source_id] = link
         self._group_upserts[link.source_id] = link
         self._group_drops.discard(link.source_id)
+
+    def _hand_over_user(self, old_id: str, link: UserLink) -> None:
+        """The departed user's link is retired (no request) and its target object linked to the
+        new user; the object's memberships follow it, under the new user's id."""
+        self._index("user", self.users.pop(old_id, None), None)
+        self._user_upserts.pop(old_id, None)
+        self._user_drops.add(old_id)
+        self._link_user(link)
+        for glink in list(self.groups.values()):
+            if old_id in glink.members:
+                self._link_group(replace(glink, members=(glink.members - {old_id}) | {link.source_id}))
 
     def _drop_group(self, source_id: str) -> None:
         self._index("group", self.groups.pop(source_id, None), None)
@@ -648,6 +689,8 @@ class Applier:
 
     async def _user_disable(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
         assert op.target_id is not None
+        if self._not_ours(op):
+            return self._let_go(op)
         link = self.users.get(op.source_id)
         try:
             await self.client.set_active(op.target_id, False, full=dict(op.payload.get("attrs", {})),
@@ -664,6 +707,8 @@ class Applier:
 
     async def _user_delete(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
         assert op.target_id is not None
+        if self._not_ours(op):
+            return self._let_go(op)
         try:
             await self.client.delete_user(op.target_id, attempts=attempts)
         except NotFound:
@@ -678,7 +723,84 @@ class Applier:
         self._drop_user(op.source_id)
         return APPLIED, op.target_id, {}
 
+    async def _user_adopt(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
+        """A rehire: take over the departed user's target object (planner, `ADOPTED_FROM_DEPARTED`).
+        One request at most, built from the object's current link: the changed attributes and
+        `active` where it differs. The departed link is retired without a request of its own."""
+        assert op.target_id is not None
+        old_id = str(op.payload["from_source_id"])
+        old = self.users.get(old_id)
+        if old is None or old.target_id != op.target_id or self._held_by_another("user", old_id, op.target_id):
+            # The departed link changed since the plan was made: the next cycle plans again.
+            return SKIPPED, op.target_id, {"skip_reason": "link_changed", "reason": "link_changed"}
+        attrs = dict(op.payload["attrs"])
+        changed = changed_attributes(attrs, old.attrs)
+        want_active = bool(op.payload.get("active", True))
+        extra: dict[str, Any] = {"from_source_id": old_id, "from_user": old.user_name, "changed": sorted(changed)}
+        put = self.client.update_method == "put"
+        if changed or want_active != old.active or put:
+            try:
+                await self.client.update_user(op.target_id, changed, full=attrs,
+                                              active=want_active if want_active != old.active or put else None,
+                                              attempts=attempts)
+            except NotFound:
+                self._drop_user(old_id)     # the object is gone: the new user is created
+                if not want_active:
+                    return SKIPPED, None, {"skip_reason": "gone_in_target", "reason": "gone_in_target"}
+                return await self._recreate(op, attrs, attempts)
+        current = self.users.get(old_id) or old
+        link = UserLink(op.source_id, op.target_id, op.name, attrs, want_active, origin="adopted")
+        if not want_active:
+            link = replace(link, disabled_reason=DISABLED_IN_SOURCE, disabled_at=time.time())
+        self._hand_over_user(current.source_id, link)
+        if not want_active and self.active_false_deletes:
+            self._drop_user(op.source_id)    # this target deletes a user set inactive
+        return APPLIED, op.target_id, extra
+
+    async def _user_retire(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
+        """A departing link whose target object another link holds: forgotten, nothing sent."""
+        link = self.users.get(op.source_id)
+        if link is not None and link.target_id == op.target_id:
+            self._drop_user(op.source_id)
+        return APPLIED, op.target_id, {"holder": op.payload.get("holder")}
+
+    def _not_ours(self, op: Op) -> bool:
+        """A write to a user's target object is sent only while that user's link holds it and no
+        other link does (a rehire may have taken it over in this apply, or before)."""
+        assert op.target_id is not None
+        link = self.users.get(op.source_id) if op.kind == "user" else self.groups.get(op.source_id)
+        if link is not None and link.target_id != op.target_id:
+            return True
+        return self._held_by_another(op.kind, op.source_id, op.target_id)
+
+    def _let_go(self, op: Op) -> tuple[str, str | None, dict[str, Any]]:
+        """The removal's object is another link's: the link goes, nothing is sent."""
+        link = self.users.get(op.source_id) if op.kind == "user" else self.groups.get(op.source_id)
+        if link is not None and link.target_id == op.target_id:
+            (self._drop_user if op.kind == "user" else self._drop_group)(op.source_id)
+        return SKIPPED, op.target_id, {"skip_reason": HELD_BY_ANOTHER_LINK, "reason": HELD_BY_ANOTHER_LINK}
+
     # -- groups ---------------------------------------------------------------------------
+
+    async def _group_adopt(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
+        """A group re-created in PingOne under its name takes over the departed group's object
+        (and its members): a rename only where the name differs (in case), else no request."""
+        assert op.target_id is not None
+        old_id = str(op.payload["from_source_id"])
+        old = self.groups.get(old_id)
+        if old is None or old.target_id != op.target_id or self._held_by_another("group", old_id, op.target_id):
+            return SKIPPED, op.target_id, {"skip_reason": "link_changed", "reason": "link_changed"}
+        name = str(op.payload["display_name"])
+        if name != old.display_name:
+            try:
+                await self.client.rename_group(op.target_id, name, attempts=attempts)
+            except NotFound:
+                self._drop_group(old_id)
+                return SKIPPED, op.target_id, {"skip_reason": "gone_in_target", "reason": "gone_in_target"}
+        current = self.groups.get(old_id) or old    # memberships may have moved meanwhile
+        self._drop_group(old_id)
+        self._link_group(replace(current, source_id=op.source_id, display_name=name))
+        return APPLIED, op.target_id, {"from_source_id": old_id, "from_group": old.display_name}
 
     async def _group_create(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
         name = str(op.payload["display_name"])
@@ -840,6 +962,8 @@ class Applier:
 
     async def _group_delete(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
         assert op.target_id is not None
+        if self._not_ours(op):
+            return self._let_go(op)
         try:
             await self.client.delete_group(op.target_id, attempts=attempts)
         except NotFound:

@@ -469,6 +469,10 @@ def render_explanation(data: dict[str, Any]) -> str:
                     detail += f": {op['error']}"
                 if op["skip_reason"]:
                     detail += f" ({op['skip_reason']})"
+                if op.get("from_source_id"):
+                    whose = "user" if op["kind"] == "user" else "group"
+                    detail += (f": took over the account of departed {whose} {op.get('from_name') or ''} "
+                               f"({op['from_source_id']})")
                 lines.append(f"    cycle {op['cycle']} {_when(op['finished'] or op['started'])} "
                              f"{op['kind']} {op['op']} ({op['reason']}): {op['status']}{detail}")
         if t.get("refused"):

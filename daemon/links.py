@@ -45,6 +45,11 @@ FOREIGN_MEMBERS = "foreign_members"
 ACTION_DISABLED = "action_disabled"
 REMOVALS_HELD = "removals_held"
 GROUP_LIMIT = "group_limit"             # a membership beyond the target's groups-per-user cap
+# identity (README "Identity"): a new PingOne user or group takes over the target object of a
+# departed one with the same userName / displayName (a rehire, a group re-created under its name)
+ADOPTED_FROM_DEPARTED = "adopted_from_departed"
+# a departing link whose target object another link holds: it is let go without any request
+HELD_BY_ANOTHER_LINK = "held_by_another_link"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +87,8 @@ class Op:
     seq: int
     phase: int
     kind: str                               # user | group
-    op: str                                 # create update enable disable delete | rename add_members remove_members
+    op: str                                 # create adopt update enable disable delete retire |
+                                            # create adopt rename add_members remove_members delete release
     source_id: str
     target_id: str | None
     name: str                               # userName or group displayName
@@ -106,6 +112,7 @@ class Plan:
     removals_deferred: int = 0              # not planned: the snapshot was incomplete
     removals_held: int = 0
     removals_limit: int | None = None
+    approval: float | None = None           # when the approval this plan honoured was granted
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

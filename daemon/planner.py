@@ -25,6 +25,7 @@ from typing import Any
 
 from daemon.links import (
     ACTION_DISABLED,
+    ADOPTED_FROM_DEPARTED,
     ATTRIBUTES_CHANGED,
     BACK_IN_SCOPE,
     DELETE_AFTER_GRACE,
@@ -37,6 +38,7 @@ from daemon.links import (
     GROUP_RENAMED,
     GROUP_UNSELECTED,
     HELD,
+    HELD_BY_ANOTHER_LINK,
     LEFT_SCOPE,
     MEMBERSHIP_CHANGED,
     NEW_GROUP,
@@ -56,7 +58,7 @@ from daemon.links import (
     Plan,
     UserLink,
 )
-from daemon.mapping import Desired, DesiredGroup, DesiredUser
+from daemon.mapping import Desired, DesiredGroup, DesiredUser, username_key
 from daemon.model import Members
 
 
@@ -110,24 +112,66 @@ def for_update(desired: Mapping[str, Any], applied: Mapping[str, Any], create_on
 
 
 def plan(desired: Desired, actual: Actual, policy: Policy, *, complete: bool, now: float) -> Plan:
-    """Compare and order. `complete` False: no removal of any kind is planned."""
+    """Compare and order. `complete` False: no removal of any kind is planned (and no handover:
+    a user missing from an incomplete snapshot may not have departed)."""
     b = _Builder()
     deferred = 0
-    _plan_users(b, desired, actual, policy, desired.create_only)
+    departing = [sid for sid in actual.users if sid not in desired.users and sid not in desired.skipped]
+    handover = _user_handovers(desired, actual, departing, policy) if complete else {}
+    _plan_users(b, desired, actual, policy, handover, desired.create_only)
     if complete:
-        _plan_user_removals(b, desired, actual, policy, now)
+        _plan_user_removals(b, desired, actual, policy, now, departing, set(handover.values()))
     else:
-        deferred += sum(1 for sid in actual.users if sid not in desired.users and sid not in desired.skipped)
+        deferred += len(departing)
     # Members can only be users that exist in the target (or are created by this plan): a
     # disabled user that was never provisioned is not added, and is not retried every cycle.
-    created = {op.source_id for op in b.ops if op.kind == "user" and op.op == "create"}
-    deferred += _plan_groups(b, desired, actual, policy, complete, Provisionable(actual.users.keys(), created))
+    created = {op.source_id for op in b.ops if op.kind == "user" and op.op in ("create", "adopt")}
+    handed = _members_handed_over(actual, handover)
+    deferred += _plan_groups(b, desired, handed, policy, complete, Provisionable(actual.users.keys(), created))
     if policy.max_groups_per_user is not None:
-        _cap_memberships(b, actual, policy.max_groups_per_user)
+        _cap_memberships(b, handed, policy.max_groups_per_user)
     ops = sorted(b.ops, key=lambda o: (o.phase, 0 if o.kind == "user" else 1, o.name, o.source_id))
     result = Plan(ops=[_with_seq(op, i + 1) for i, op in enumerate(ops)], removals_deferred=deferred)
     _hold_removals(result, policy)
     return result
+
+
+def _user_handovers(desired: Desired, actual: Actual, departing: list[str], policy: Policy) -> dict[str, str]:
+    """New user id -> departed user id, for each user without a link whose userName (as servers
+    compare it) is that of a departing link: a rehire under a reused username. The new user takes
+    over the departed user's target object (one account per username, linked to the new id), and
+    the departed link is retired with no request of its own. Not when creating is switched off:
+    then the new user is not provisioned and the departed one is deprovisioned as usual."""
+    if not departing or not policy.create:
+        return {}
+    by_key: dict[str, str] = {}
+    for sid in sorted(departing):
+        by_key.setdefault(username_key(actual.users[sid].user_name), sid)
+    out: dict[str, str] = {}
+    for sid, want in desired.users.items():
+        if sid in actual.users:
+            continue
+        old = by_key.pop(want.key if want.key is not None else username_key(want.user_name), None)
+        if old is not None:
+            out[sid] = old
+        if not by_key:
+            break
+    return out
+
+
+def _members_handed_over(actual: Actual, handover: Mapping[str, str]) -> Actual:
+    """The group links as they are once the handovers are done: the target object a departed user
+    held is a member under its new owner's id (so membership is planned for the new user from
+    what the object really is in, and nothing is removed or added twice)."""
+    if not handover:
+        return actual
+    olds = {old: new for new, old in handover.items()}
+    groups = dict(actual.groups)
+    for gid, link in actual.groups.items():
+        if not olds.keys().isdisjoint(link.members):
+            moved = {olds.get(m, m) for m in link.members}
+            groups[gid] = replace(link, members=Members.of(moved))
+    return Actual(actual.users, groups)
 
 
 def _with_seq(op: Op, seq: int) -> Op:
@@ -136,11 +180,17 @@ def _with_seq(op: Op, seq: int) -> Op:
 
 
 def _plan_users(b: _Builder, desired: Desired, actual: Actual, policy: Policy,
-                create_only: AbstractSet[str] = frozenset()) -> None:
+                handover: Mapping[str, str], create_only: AbstractSet[str] = frozenset()) -> None:
     for sid, want in desired.users.items():
         link = actual.users.get(sid)
         if link is None:
-            if want.active:
+            old = handover.get(sid)
+            if old is not None:
+                prior = actual.users[old]
+                # create-only paths keep what the departed user's object holds (not sent)
+                _plan_user_adopt(b, replace(want, attrs=for_update(want.attrs, prior.attrs, create_only))
+                                 if create_only else want, prior)
+            elif want.active:
                 payload: dict[str, Any] = {"attrs": dict(want.attrs), "active": True}
                 if create_only:     # an adoption on 409 updates the rest, not these
                     payload["create_only"] = sorted(create_only)
@@ -149,6 +199,15 @@ def _plan_users(b: _Builder, desired: Desired, actual: Actual, policy: Policy,
         if create_only and want.attrs is not link.attrs:
             want = replace(want, attrs=for_update(want.attrs, link.attrs, create_only))
         _plan_linked_user(b, want, link, policy)
+
+
+def _plan_user_adopt(b: _Builder, want: DesiredUser, old: UserLink) -> None:
+    """One write at most: the changed attributes and `active` where it differs, in one request
+    (none when the departed user's object already is what the new user should be)."""
+    changed = changed_attributes(want.attrs, old.attrs)
+    b.add(PHASE_USERS, "user", "adopt", want.source_id, old.target_id, want.user_name, ADOPTED_FROM_DEPARTED,
+          {"from_source_id": old.source_id, "from_user": old.user_name, "attrs": dict(want.attrs),
+           "changed": changed, "before": {p: old.attrs.get(p) for p in changed}, "active": want.active})
 
 
 def _plan_linked_user(b: _Builder, want: DesiredUser, link: UserLink, policy: Policy) -> None:
@@ -172,9 +231,18 @@ def _plan_linked_user(b: _Builder, want: DesiredUser, link: UserLink, policy: Po
               DISABLED_IN_SOURCE, {"attrs": dict(want.attrs)}, policy.disable)
 
 
-def _plan_user_removals(b: _Builder, desired: Desired, actual: Actual, policy: Policy, now: float) -> None:
-    for sid, link in actual.users.items():
-        if sid in desired.users or sid in desired.skipped:
+def _plan_user_removals(b: _Builder, desired: Desired, actual: Actual, policy: Policy, now: float,
+                        departing: list[str], handed_over: AbstractSet[str]) -> None:
+    candidates = [sid for sid in departing if sid not in handed_over]
+    if not candidates:
+        return
+    shared_with = _shared_objects(actual, candidates)
+    for sid in candidates:
+        link = actual.users[sid]
+        if sid in shared_with:
+            # Its target object is another link's now: never a request to it, the link just goes.
+            b.add(PHASE_DELETE, "user", "retire", sid, link.target_id, link.user_name, HELD_BY_ANOTHER_LINK,
+                  {"holder": shared_with[sid]})
             continue
         reason = LEFT_SCOPE if sid in desired.present_users else DELETED_IN_SOURCE
         allowed = policy.deprovision
@@ -191,6 +259,29 @@ def _plan_user_removals(b: _Builder, desired: Desired, actual: Actual, policy: P
               and link.disabled_at is not None and now - link.disabled_at >= policy.delete_after):
             b.add(PHASE_DELETE, "user", "delete", sid, link.target_id, link.user_name, DELETE_AFTER_GRACE,
                   {}, allowed)
+
+
+def _shared_objects(actual: Actual, candidates: list[str]) -> dict[str, str]:
+    """Departing user id -> the id of another link that holds the same target object (state left
+    by an older provisiond, or by a lookup elsewhere): a removal would hit that link's account.
+    When only departing links share an object, the first of them removes it, the others let go.
+    One pass over the links, only when there is something to remove."""
+    objects = {actual.users[sid].target_id for sid in candidates}
+    holders: dict[str, list[str]] = {}
+    for sid, link in actual.users.items():
+        if link.target_id in objects:
+            holders.setdefault(link.target_id, []).append(sid)
+    leaving = set(candidates)
+    out: dict[str, str] = {}
+    for sids in holders.values():
+        if len(sids) < 2:
+            continue
+        staying = sorted(s for s in sids if s not in leaving)
+        keeper = staying[0] if staying else min(sids)
+        for sid in sids:
+            if sid in leaving and sid != keeper:
+                out[sid] = keeper
+    return out
 
 
 class Provisionable:
@@ -212,10 +303,20 @@ class Provisionable:
 def _plan_groups(b: _Builder, desired: Desired, actual: Actual, policy: Policy, complete: bool,
                  provisionable: Provisionable) -> int:
     deferred = 0
+    departing = [gid for gid in actual.groups if gid not in desired.groups]
+    handover = _group_handovers(desired, actual, departing, policy) if complete else {}
     for gid, wanted in desired.groups.items():
         members = provisionable.restrict(wanted.members)
         want = wanted if members is wanted.members else replace(wanted, members=members)
         link = actual.groups.get(gid)
+        if link is None and gid in handover:
+            # A group re-created under its name takes the departed group's target object over
+            # (renamed in the same request where only the case differs); members from there.
+            old = actual.groups[handover[gid]]
+            b.add(PHASE_GROUPS, "group", "adopt", gid, old.target_id, want.display_name, ADOPTED_FROM_DEPARTED,
+                  {"from_source_id": old.source_id, "from_group": old.display_name,
+                   "display_name": want.display_name}, policy.create)
+            link = replace(old, source_id=gid, display_name=want.display_name)
         if link is None:
             b.add(PHASE_GROUPS, "group", "create", gid, None, want.display_name, NEW_GROUP,
                   {"display_name": want.display_name}, policy.create)
@@ -224,20 +325,44 @@ def _plan_groups(b: _Builder, desired: Desired, actual: Actual, policy: Policy, 
                       MEMBERSHIP_CHANGED, {"source_ids": sorted(want.members)}, policy.create)
             continue
         deferred += _plan_linked_group(b, want, link, policy, complete)
-    for gid, link in actual.groups.items():
-        if gid in desired.groups:
-            continue
+    handed_over = set(handover.values())
+    for gid in departing:
+        link = actual.groups[gid]
         if not complete:
             deferred += 1
             continue
+        if gid in handed_over:
+            continue          # the re-created group holds its object now: nothing to delete
         reason = GROUP_UNSELECTED if gid in desired.present_groups else GROUP_DELETED_IN_SOURCE
         if link.origin == "adopted":
             # Not provisiond's to delete: it existed before; provisiond only lets go of it.
             b.add(PHASE_DELETE, "group", "release", gid, link.target_id, link.display_name, reason, {})
             continue
+        if any(other.target_id == link.target_id for o, other in actual.groups.items() if o != gid):
+            b.add(PHASE_DELETE, "group", "release", gid, link.target_id, link.display_name,
+                  HELD_BY_ANOTHER_LINK, {})
+            continue
         b.add(PHASE_DELETE, "group", "delete", gid, link.target_id, link.display_name, reason, {},
               policy.deprovision)
     return deferred
+
+
+def _group_handovers(desired: Desired, actual: Actual, departing: list[str], policy: Policy) -> dict[str, str]:
+    """New group id -> departed group id, for a desired group without a link whose displayName is
+    that of a departing group link (deleted in PingOne and re-created under its name)."""
+    if not departing or not policy.create:
+        return {}
+    by_key: dict[str, str] = {}
+    for gid in sorted(departing):
+        by_key.setdefault(username_key(actual.groups[gid].display_name), gid)
+    out: dict[str, str] = {}
+    for gid, want in desired.groups.items():
+        if gid in actual.groups:
+            continue
+        old = by_key.pop(username_key(want.display_name), None)
+        if old is not None:
+            out[gid] = old
+    return out
 
 
 def _plan_linked_group(b: _Builder, want: DesiredGroup, link: GroupLink, policy: Policy,

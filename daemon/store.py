@@ -580,8 +580,12 @@ class Store:
             return [dict(zip(cols, r, strict=True)) async for r in cur]
 
     async def operations_for(self, target: str | None, source_id: str, limit: int = 10) -> list[dict[str, Any]]:
+        # an adoption says whose object it took over (a rehire, a re-created group)
         sql = ("SELECT cycle_id, target, kind, op, name, reason, status, skip_reason, attempts, http_status, "
-               "scim_type, error, started, finished FROM operation WHERE source_id=?")
+               "scim_type, error, started, finished, "
+               "CASE WHEN json_valid(payload) THEN json_extract(payload, '$.from_source_id') END, "
+               "CASE WHEN json_valid(payload) THEN coalesce(json_extract(payload, '$.from_user'), "
+               "json_extract(payload, '$.from_group')) END FROM operation WHERE source_id=?")
         args: tuple[Any, ...] = (source_id,)
         if target is not None:
             sql += " AND target=?"
@@ -589,7 +593,7 @@ class Store:
         sql += " ORDER BY cycle_id DESC, seq DESC LIMIT ?"
         async with self.db.execute(sql, (*args, limit)) as cur:
             cols = ["cycle", "target", "kind", "op", "name", "reason", "status", "skip_reason", "attempts",
-                    "http_status", "scim_type", "error", "started", "finished"]
+                    "http_status", "scim_type", "error", "started", "finished", "from_source_id", "from_name"]
             return [dict(zip(cols, r, strict=True)) async for r in cur]
 
     async def held_count(self, target: str) -> int:

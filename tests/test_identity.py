@@ -7,17 +7,23 @@ from provisiond's own state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
-from daemon.links import PHASE_USERS, Op
+from daemon.applier import Applier
+from daemon.config import MaxDeletes
+from daemon.links import PHASE_DISABLE, PHASE_USERS, Op, UserLink
 from daemon.mapping import username_key
 from daemon.sandbox.runner import Sandbox
 from tests.harness import Harness, harness
+from tests.safety import cli
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -150,3 +156,205 @@ async def test_crash_recovery_never_takes_a_lone_lookalike(tmp_path: Path) -> No
         assert not [r for r in writes(h, "zpa") if other["id"] in r["path"]]
         (created,) = h.events("user.created", target="zpa", source_id=uid)
         assert created["target_id"] == mine[0]["id"]
+
+
+# -- item 1: rehire under the same username ---------------------------------------------------
+
+REHIRED = "rehire.me@example.com"
+
+
+def _rehire_candidate(sb: Sandbox) -> None:
+    """A user in both targets' scope, and in ZPA's pushed "ZPA Contractors" group."""
+    d = sb.directory
+    user = d.add_user(REHIRED, email=REHIRED, given="Re", family="Hire", department="Sales")
+    for group in ("ZPA Contractors", "ZIA Users"):
+        d.add_member(d.group_by_name(group)["id"], user["id"])
+
+
+def rehire(h: Harness, user_name: str = REHIRED, **attrs: Any) -> tuple[str, str]:
+    """Delete the PingOne user, create a new one with the same username in the same groups:
+    (old id, new id)."""
+    d = h.directory
+    old = d.user_by_username(user_name)
+    groups = [gid for gid, members in d.members.items() if old["id"] in members]
+    d.delete_user(old["id"])
+    new = d.add_user(user_name, email=user_name, given="Re", family="Hire", **attrs)
+    for gid in groups:
+        d.add_member(gid, new["id"])
+    return old["id"], new["id"]
+
+
+def disabling_or_deleting(h: Harness, target: str, target_id: str) -> list[dict[str, Any]]:
+    out = []
+    for r in writes(h, target):
+        if not r["path"].endswith(f"/Users/{target_id}"):
+            continue
+        body = json.dumps(r.get("body"))
+        if r["method"] == "DELETE" or '"active", "value": false' in body or '"active": false' in body:
+            out.append(r)
+    return out
+
+
+async def test_a_rehire_keeps_one_active_account_linked_to_the_new_user(tmp_path: Path) -> None:
+    """Item 1: the old user is deleted and a new one gets the username in the same interval. After
+    one cycle each target holds exactly one active account for it, the departed user's, now
+    linked to the new PingOne id (externalId), with one request at most and no removal; it stays
+    so through later full syncs (no flapping), and `why` tells the story."""
+    async with harness(tmp_path, prepare=_rehire_candidate, daemon={"full_sync_every": 1e-6}) as h:
+        assert not (await h.cycle()).failed
+        before = {t: (await accounts(h, t, REHIRED))[0]["id"] for t in ("zpa", "zia")}
+        old_id, new_id = rehire(h, department="Marketing")
+
+        for cycle in range(3):
+            report = await h.cycle()
+            assert not report.failed
+            for target in ("zpa", "zia"):
+                assert h.target_report(target).full_sync
+                (account,) = await accounts(h, target, REHIRED)
+                assert account["id"] == before[target], "the departed user's account is taken over"
+                assert active(account), f"{target} cycle {cycle}: the rehire's account is inactive"
+                assert account["externalId"] == new_id
+                assert disabling_or_deleting(h, target, account["id"]) == []
+                if cycle == 0:
+                    (adopted,) = h.events("user.adopted", target=target)
+                    assert adopted["source_id"] == new_id and adopted["from_source_id"] == old_id
+                    assert adopted["reason"] == "adopted_from_departed"
+                    assert len([r for r in writes(h, target) if account["id"] in r["path"]]) == 1
+                else:
+                    assert writes(h, target) == [], f"{target}: a quiet cycle wrote"
+        # the object's memberships follow it: still in ZIA Users (read back over HTTP)
+        zia_group = next(g for g in await scim_list(h, "zia", "Groups") if g["displayName"] == "ZIA Users")
+        members = {m["value"] for m in (await scim_get(h, "zia", f"/Groups/{zia_group['id']}"))["members"]}
+        assert before["zia"] in members
+
+        why = await cli("why", REHIRED, "-c", str(h.config_path))
+        assert why.returncode == 0, why.stderr
+        text = why.stdout.decode()
+        assert "took over the account of departed user" in text and old_id in text, text
+
+
+async def test_a_removal_held_by_max_deletes_never_reaches_the_rehires_account(tmp_path: Path) -> None:
+    """Item 1: the departed user's removal is held by max_deletes (with others); the rehire comes a
+    cycle later and takes the account over; the approval then releases the other removals, and
+    nothing is ever sent to disable the rehire's account."""
+    async with harness(tmp_path, prepare=_rehire_candidate,
+                       zia={"max_deletes": MaxDeletes(count=1)}) as h:
+        assert not (await h.cycle()).failed
+        (account,) = await accounts(h, "zia", REHIRED)
+        d = h.directory
+        others = sorted(u for u in d.direct_member_ids(d.group_by_name("ZIA Users")["id"])
+                        if d.users[u]["username"] != REHIRED)[:2]
+        old = d.user_by_username(REHIRED)["id"]
+        d.delete_user(old)
+        for uid in others:
+            d.delete_user(uid)
+        await h.cycle()
+        assert h.target_report("zia").summary["held"] == 3
+        new = d.add_user(REHIRED, email=REHIRED, given="Re", family="Hire")
+        d.add_member(d.group_by_name("ZIA Users")["id"], new["id"])
+        await h.cycle()
+        assert disabling_or_deleting(h, "zia", account["id"]) == []
+        assert h.target_report("zia").summary["held"] == 2      # the rehire's is no removal any more
+        await h.store.approve("zia")
+        await h.cycle()
+        assert disabling_or_deleting(h, "zia", account["id"]) == []
+        assert len(h.events("user.disabled", target="zia")) == 2
+        (now,) = await accounts(h, "zia", REHIRED)
+        assert now["id"] == account["id"] and active(now) and now["externalId"] == new["id"]
+
+
+async def test_links_left_sharing_an_account_never_remove_it(tmp_path: Path) -> None:
+    """Item 1, state left by an older provisiond: the rehire adopted the account on a 409 while
+    the departed user's removal was held. Both links hold the account: the departed one is
+    retired without any request, the account stays active."""
+    async with harness(tmp_path, prepare=_rehire_candidate) as h:
+        assert not (await h.cycle()).failed
+        (account,) = await accounts(h, "zia", REHIRED)
+        old_id, new_id = rehire(h)
+        links = await h.store.load_links("zia")
+        old_link = links.users[old_id]
+        await h.store.write_links("zia", users=[UserLink(new_id, old_link.target_id, REHIRED, old_link.attrs,
+                                                         True, origin="adopted")])
+        h.engine.runtimes["zia"].links = None
+        assert not (await h.cycle()).failed
+        assert disabling_or_deleting(h, "zia", account["id"]) == []
+        (retired,) = h.events("user.retired", target="zia")
+        assert retired["source_id"] == old_id and retired["reason"] == "held_by_another_link"
+        (now,) = await accounts(h, "zia", REHIRED)
+        assert active(now) and now["externalId"] == new_id
+        assert old_id not in (await h.store.load_links("zia")).users
+
+
+async def test_the_applier_never_sends_a_removal_to_an_account_another_link_took(tmp_path: Path) -> None:
+    """The rule in the applier, whatever the plan's order: an adoption by the rehire and the
+    departed user's disable in one plan (the planner never makes that plan): the disable is not
+    sent, the departed link is let go."""
+    async with harness(tmp_path, prepare=_rehire_candidate) as h:
+        assert not (await h.cycle()).failed
+        (account,) = await accounts(h, "zia", REHIRED)
+        old_id, new_id = rehire(h)
+        rt = h.engine.runtimes["zia"]
+        links = await h.store.load_links("zia")
+        old = links.users[old_id]
+        attrs = {**old.attrs, "externalId": new_id}
+        ops = [
+            Op(1, PHASE_USERS, "user", "adopt", new_id, old.target_id, REHIRED, "adopted_from_departed",
+               {"from_source_id": old_id, "attrs": attrs, "active": True}),
+            Op(2, PHASE_DISABLE, "user", "disable", old_id, old.target_id, REHIRED, "deleted_in_source",
+               {"attrs": dict(old.attrs)}),
+        ]
+        cycle_id = await h.store.start_cycle("zia", full_sync=False)
+        await h.store.save_plan(cycle_id, "zia", ops)
+        h.sb.zia.reset_counters()
+        with capture_logs() as logs:
+            applier = Applier(target="zia", cycle_id=cycle_id, client=rt.client, store=h.store,
+                              log=structlog.get_logger(), limiter=rt.limiter, users=dict(links.users),
+                              groups=dict(links.groups), paths=rt.rules.paths, can_create=True,
+                              active_false_deletes=False)
+            result = await applier.apply(ops)
+        assert result.outcomes[1].status == "applied"
+        assert result.outcomes[2].status == "skipped" and result.outcomes[2].skip_reason == "held_by_another_link"
+        assert disabling_or_deleting(h, "zia", account["id"]) == []
+        assert [e["event"] for e in logs if e.get("source_id") == old_id] == ["user.skipped"]
+        (now,) = await accounts(h, "zia", REHIRED)
+        assert active(now) and now["externalId"] == new_id
+
+
+# -- item 2: a group deleted and re-created under its name --------------------------------------
+
+
+@pytest.mark.parametrize("unique_names", [True, False], ids=["409-on-duplicate", "duplicates-accepted"])
+async def test_a_recreated_group_takes_the_old_group_over_and_is_never_deleted(
+        tmp_path: Path, unique_names: bool) -> None:
+    """Item 2: "ZIA Users" (pushed and the scope) is deleted in PingOne and re-created under its
+    name with the same people. After one cycle the target has that one group, with the new
+    group's members, and the old link deletes nothing; the same on a target that accepts two
+    groups with one displayName (no 409 to lean on)."""
+    def prepare(sb: Sandbox) -> None:
+        sb.zia.profile = dataclasses.replace(sb.zia.profile, group_name_unique=unique_names)
+
+    async with harness(tmp_path, prepare=prepare, daemon={"full_sync_every": 1e-6}) as h:
+        assert not (await h.cycle()).failed
+        d = h.directory
+        old = d.group_by_name("ZIA Users")
+        (before,) = [g for g in await scim_list(h, "zia", "Groups") if g["displayName"] == "ZIA Users"]
+        members = sorted(d.direct_member_ids(old["id"]))
+        d.delete_group(old["id"])
+        new = d.add_group("ZIA Users")
+        for uid in members[1:]:          # one fewer: the new group's members are what counts
+            d.add_member(new["id"], uid)
+        expected = {u["id"] for u in await scim_list(h, "zia", "Users")
+                    if u["externalId"] in members[1:]}
+
+        for cycle in range(2):
+            assert not (await h.cycle()).failed
+            groups = [g for g in await scim_list(h, "zia", "Groups") if g["displayName"] == "ZIA Users"]
+            assert [g["id"] for g in groups] == [before["id"]]
+            got = {m["value"] for m in (await scim_get(h, "zia", f"/Groups/{before['id']}")).get("members", [])}
+            assert got == expected
+            assert not [r for r in writes(h, "zia") if r["method"] == "DELETE" and "/Groups/" in r["path"]]
+            if cycle == 0:
+                (adopted,) = h.events("group.adopted", target="zia")
+                assert adopted["source_id"] == new["id"] and adopted["from_source_id"] == old["id"]
+            else:
+                assert writes(h, "zia") == []
