@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -235,6 +236,8 @@ class Applier:
         # (kind, target id) -> source id, for every link made or moved by this apply: a removal
         # checks it without indexing every link (`_held_by_another`).
         self._claims: dict[tuple[str, str], str] = {}
+        self._busy: set[tuple[str, str]] = set()       # (kind, source id) with a write in flight
+        self._busy_waiters: dict[tuple[str, str], list[anyio.Event]] = {}
 
     async def apply(self, ops: Iterable[Op]) -> ApplyResult:
         pending = [op for op in ops if op.status == PENDING]
@@ -415,11 +418,29 @@ class Applier:
 
     # -- one operation --------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def _exclusive(self, kind: str, source_id: str) -> AsyncIterator[None]:
+        """At most one write in flight per entity: an operation on a user or group waits here
+        while another one on it is in flight (the planner plans one per entity and stage; this
+        holds whatever the plan). Taken before a concurrency slot, so a waiter holds none."""
+        key = (kind, source_id)
+        while key in self._busy:
+            event = anyio.Event()
+            self._busy_waiters.setdefault(key, []).append(event)
+            await event.wait()
+        self._busy.add(key)
+        try:
+            yield
+        finally:
+            self._busy.discard(key)
+            for event in self._busy_waiters.pop(key, ()):
+                event.set()
+
     async def _run(self, op: Op) -> None:
         started = time.time()
         done: tuple[Outcome, dict[str, Any]] | None = None
         if self.health.stopped is None:
-            async with self.limiter:
+            async with self._exclusive(op.kind, op.source_id), self.limiter:
                 if self.health.stopped is None:   # again: it may have stopped while this waited
                     await self._mark_sent(op)
                     done = await self._attempt(op, started, self._dispatch)
@@ -440,7 +461,8 @@ class Applier:
         async def handler(op: Op, attempts: list[int]) -> Handled:
             return await self._group_add_members(op, attempts, members)
 
-        outcome, extra = await self._attempt(op, started, handler)
+        async with self._exclusive(op.kind, op.source_id):
+            outcome, extra = await self._attempt(op, started, handler)
         self._finish(op, outcome, extra)
         self._request_flush()
 
@@ -596,10 +618,13 @@ class Applier:
         link = self.users.get(op.source_id)
         assert op.target_id is not None
         attrs = dict(op.payload["attrs"])
-        active = link.active if link is not None else True
+        current = link.active if link is not None else True
         changed = dict(op.payload["changed"])
         if "userName" in changed and not self.client.profile.username_mutable:
-            return await self._user_recreate(op, attrs, active, attempts)
+            return await self._user_recreate(op, attrs, current, attempts)
+        # A PATCH carries only the changes, never `active` (it is not this operation's to set);
+        # a PUT must say it, as the link says now.
+        active = current if self.client.update_method == "put" else None
         try:
             await self.client.update_user(op.target_id, changed, full=attrs,
                                           active=active, attempts=attempts)
@@ -607,7 +632,7 @@ class Applier:
             return await self._recreate(op, attrs, attempts)
         except BadRequest as exc:
             if exc.scim_type == "mutability" and "userName" in changed:
-                return await self._user_recreate(op, attrs, active, attempts)   # the target refused it
+                return await self._user_recreate(op, attrs, current, attempts)   # the target refused it
             raise
         base = link or UserLink(op.source_id, op.target_id, op.name, attrs, True)
         self._link_user(replace(base, attrs=attrs, user_name=op.name))
@@ -678,14 +703,21 @@ class Applier:
     async def _user_enable(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
         assert op.target_id is not None
         attrs = dict(op.payload["attrs"])
+        changed = dict(op.payload.get("changed") or {})
         link = self.users.get(op.source_id)
         try:
-            await self.client.set_active(op.target_id, True, full=attrs, attempts=attempts)
+            if changed:      # re-enabled with changes: one request, `active` and the changes
+                await self.client.update_user(op.target_id, changed, full=attrs, active=True, attempts=attempts)
+            else:
+                await self.client.set_active(op.target_id, True, full=attrs, attempts=attempts)
         except NotFound:
             return await self._recreate(op, attrs, attempts)
         base = link or UserLink(op.source_id, op.target_id, op.name, attrs, True)
-        self._link_user(replace(base, active=True, disabled_reason=None, disabled_at=None))
-        return APPLIED, op.target_id, {}
+        new = replace(base, active=True, disabled_reason=None, disabled_at=None)
+        if changed:
+            new = replace(new, attrs=attrs, user_name=op.name)
+        self._link_user(new)
+        return APPLIED, op.target_id, {"changed": sorted(changed)} if changed else {}
 
     async def _user_disable(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
         assert op.target_id is not None

@@ -21,6 +21,7 @@ import anyio
 
 from daemon import logs
 from daemon.config import Config, ConfigError, load_config, resolve_config_path
+from daemon.durations import local_time
 from daemon.engine import (
     META_ACCEPT_SHRINK,
     META_RELOAD_APPROVED,
@@ -218,7 +219,7 @@ def source_line(source: dict[str, Any], now: float | None = None) -> str | None:
 
 
 def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    return local_time(ts)     # with its zone
 
 
 @configured

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import datetime
 
 UNIT_SECONDS: dict[str, float] = {
     "w": 604800.0,
@@ -78,3 +79,16 @@ def format_duration(seconds: float) -> str:
         if count:
             parts.append(f"{count}{unit}")
     return "".join(parts)
+
+
+def local_time(ts: float | None) -> str:
+    """A timestamp as an operator reads it, with its zone: "2026-11-29 13:04:05 +01:00 (CET)";
+    "-" for none. Local time (the host's zone, `TZ`), never a bare wall-clock time that could
+    be UTC or local."""
+    if not ts:
+        return "-"
+    moment = datetime.fromtimestamp(ts).astimezone()
+    offset = moment.strftime("%z")
+    offset = f"{offset[:3]}:{offset[3:]}" if len(offset) == 5 else offset
+    name = moment.tzname() or ""
+    return f"{moment:%Y-%m-%d %H:%M:%S} {offset}" + (f" ({name})" if name and name != offset else "")

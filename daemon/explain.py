@@ -20,6 +20,7 @@ from typing import Any
 
 from daemon import refusals
 from daemon.config import Config, TargetConfig
+from daemon.durations import local_time
 from daemon.engine import profile_overrides, rules_for
 from daemon.links import HELD, PENDING, REMOVALS_HELD, Actual, GroupLink, Op, Plan, UserLink
 from daemon.mapping import Desired, Rules, desired_state, resolve_pins
@@ -419,7 +420,7 @@ def _next_summary(ops: list[dict[str, Any]], scope: dict[str, Any], want: Any, s
 
 
 def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    return local_time(ts)     # with its zone
 
 
 def render_explanation(data: dict[str, Any]) -> str:

@@ -219,8 +219,14 @@ def _plan_linked_user(b: _Builder, want: DesiredUser, link: UserLink, policy: Po
         # Re-enabling a user that provisiond disabled on deprovisioning is the deprovision
         # action undone; otherwise it mirrors PingOne's `enabled` (the disable action).
         allowed = policy.deprovision if back else policy.disable
+        payload: dict[str, Any] = {"attrs": dict(want.attrs)}
+        if changed and allowed and policy.update:
+            # A re-enable with changed attributes is one request (active and the changes), never
+            # an enable and an update side by side (the update would carry a stale `active`).
+            payload.update(changed=changed, before={p: link.attrs.get(p) for p in changed})
+            changed = {}
         b.add(PHASE_USERS, "user", "enable", want.source_id, link.target_id, want.user_name,
-              BACK_IN_SCOPE if back else ENABLED_IN_SOURCE, {"attrs": dict(want.attrs)}, allowed)
+              BACK_IN_SCOPE if back else ENABLED_IN_SOURCE, payload, allowed)
     if changed:
         b.add(PHASE_USERS, "user", "update", want.source_id, link.target_id, want.user_name,
               ATTRIBUTES_CHANGED,

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 import structlog
 from structlog.testing import capture_logs
@@ -23,7 +26,7 @@ from daemon.links import PHASE_DISABLE, PHASE_USERS, Op, UserLink
 from daemon.mapping import username_key
 from daemon.sandbox.runner import Sandbox
 from tests.harness import Harness, harness
-from tests.safety import cli
+from tests.safety import cli, cli_env
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -358,3 +361,108 @@ async def test_a_recreated_group_takes_the_old_group_over_and_is_never_deleted(
                 assert adopted["source_id"] == new["id"] and adopted["from_source_id"] == old["id"]
             else:
                 assert writes(h, "zia") == []
+
+
+# -- item 3: re-enable plus an attribute change --------------------------------------------------
+
+ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+
+
+def department(res: dict[str, Any]) -> Any:
+    return (res.get(ENTERPRISE) or {}).get("department", res.get("department"))
+
+
+async def test_a_reenable_with_a_change_is_one_patch(tmp_path: Path) -> None:
+    """Item 3: a returning employee with a new department: one PATCH with `active: true` and the
+    department, the account ends active and changed, and the next cycle (a full sync) is quiet."""
+    async with harness(tmp_path, prepare=_rehire_candidate) as h:
+        assert not (await h.cycle()).failed
+        d = h.directory
+        uid = d.user_by_username(REHIRED)["id"]
+        d.set_enabled(uid, False)
+        assert not (await h.cycle()).failed
+        (account,) = await accounts(h, "zia", REHIRED)
+        assert not active(account)
+
+        d.set_enabled(uid, True)
+        d.update_user(uid, department="Returning")
+        assert not (await h.cycle()).failed
+        sent = [r for r in writes(h, "zia") if account["id"] in r["path"]]
+        assert [r["method"] for r in sent] == ["PATCH"]
+        operations = {(o["path"], json.dumps(o.get("value"))) for o in sent[0]["body"]["Operations"]}
+        assert ("active", "true") in operations
+        assert any("department" in path and "Returning" in value for path, value in operations)
+        (enabled,) = h.events("user.enabled", target="zia")
+        assert enabled["changed"] == [f"{ENTERPRISE}:department"]
+        assert not h.events("user.updated", target="zia")
+        (now,) = await accounts(h, "zia", REHIRED)
+        assert active(now) and department(now) == "Returning"
+
+        h.retarget("zia", full_sync_every=1e-6)
+        assert not (await h.cycle()).failed
+        assert h.target_report("zia").full_sync and writes(h, "zia") == []
+
+
+async def test_two_writes_for_one_user_are_never_in_flight_together(tmp_path: Path) -> None:
+    """Item 3, in the applier whatever the plan: an enable and an update of one user (the plan an
+    older planner made) run one after the other, never side by side, however many workers; the
+    later one is built from the link as the earlier one left it (no stale `active: false`)."""
+    async with harness(tmp_path, prepare=_rehire_candidate) as h:
+        assert not (await h.cycle()).failed
+        d = h.directory
+        uid = d.user_by_username(REHIRED)["id"]
+        d.set_enabled(uid, False)
+        await h.cycle()
+        rt = h.engine.runtimes["zia"]
+        links = await h.store.load_links("zia")
+        link = links.users[uid]
+        attrs = {**link.attrs, f"{ENTERPRISE}:department": "Returning"}
+        ops = [Op(1, PHASE_USERS, "user", "enable", uid, link.target_id, REHIRED, "enabled_in_source",
+                  {"attrs": dict(link.attrs)}),
+               Op(2, PHASE_USERS, "user", "update", uid, link.target_id, REHIRED, "attributes_changed",
+                  {"attrs": attrs, "changed": {f"{ENTERPRISE}:department": "Returning"}})]
+        h.sb.zia.faults.latency_ms = 30.0
+        in_flight: dict[str, int] = {}
+        most: dict[str, int] = {}
+        send = rt.client.request
+
+        async def watched(method: str, path: str, **kw: Any) -> Any:
+            in_flight[path] = in_flight.get(path, 0) + 1
+            most[path] = max(most.get(path, 0), in_flight[path])
+            try:
+                return await send(method, path, **kw)
+            finally:
+                in_flight[path] -= 1
+
+        rt.client.request = watched  # type: ignore[method-assign]
+        cycle_id = await h.store.start_cycle("zia", full_sync=False)
+        await h.store.save_plan(cycle_id, "zia", ops)
+        applier = Applier(target="zia", cycle_id=cycle_id, client=rt.client, store=h.store,
+                          log=structlog.get_logger(), limiter=rt.limiter, users=dict(links.users),
+                          groups=dict(links.groups), paths=rt.rules.paths, can_create=True,
+                          active_false_deletes=False)
+        with capture_logs():
+            result = await applier.apply(ops)
+        assert {o.status for o in result.outcomes.values()} == {"applied"}
+        assert most == {f"/Users/{link.target_id}": 1}
+        (now,) = await accounts(h, "zia", REHIRED)
+        assert active(now) and department(now) == "Returning"
+
+
+# -- item 13: times with their zone ---------------------------------------------------------------
+
+
+async def test_status_and_why_print_times_with_their_zone(tmp_path: Path) -> None:
+    """Item 13: `status` and `why` say which zone their times are in (the host's, from TZ)."""
+    async with harness(tmp_path, prepare=_rehire_candidate) as h:
+        assert not (await h.cycle()).failed
+        env = {**cli_env(), "TZ": "Asia/Kolkata"}
+        for args in (("status",), ("why", REHIRED)):
+            with anyio.fail_after(60):
+                done = await anyio.run_process([sys.executable, "-m", "daemon", *args, "-c", str(h.config_path)],
+                                               check=False, env=env)
+            assert done.returncode == 0, done.stderr
+            times = re.findall(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}( \S+)?", done.stdout.decode())
+            assert times, done.stdout
+            assert all(zone == " +05:30" for zone in times), (args, times)
+            assert "+05:30 (IST)" in done.stdout.decode()
