@@ -819,8 +819,10 @@ class Engine:
                      result: ApplyResult) -> TargetReport:
         """Step f: the summary and outcome to SQLite, `cycle.finished` to the log and observers."""
         rt, name, log = cx.rt, cx.rt.config.name, cx.log
-        if await self.store.approved(name):
-            await self.store.consume_approval(name)   # an approval releases held removals once
+        if the_plan.approval is not None:
+            # An approval releases held removals once: the one this plan read, not one given
+            # while it was applying (that one is kept for the next cycle).
+            await self.store.consume_approval(name, the_plan.approval)
         counts = result.counts()
         summary = self.summarize(desired, after, the_plan, result, snapshot_complete=cx.complete)
         summary["refused"] = await self._standing_refusals(rt, the_plan, result, after, desired)
@@ -871,13 +873,16 @@ class Engine:
     async def make_plan(self, rt: TargetRuntime, desired: Desired, actual: Actual, complete: bool) -> Plan:
         cfg = rt.config
         managed = len(actual.users)
+        granted = await self.store.approval_granted(cfg.name)
         policy = Policy(
             create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,
             deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action, delete_after=cfg.delete_after,
             group_membership=cfg.group_membership, max_deletes=cfg.max_deletes.limit(managed),
-            approved=await self.store.approved(cfg.name),
+            approved=granted is not None,
             max_groups_per_user=rt.client.profile.max_groups_per_user)
-        return plan(desired, actual, policy, complete=complete, now=time.time())
+        result = plan(desired, actual, policy, complete=complete, now=time.time())
+        result.approval = granted
+        return result
 
     # -- recovery and actual state --------------------------------------------------------
 

@@ -243,8 +243,14 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
     glinks = await group_links(store, name)
     actual = Actual({src.user_id: link} if link is not None else {}, glinks)
     managed = await store.managed_count(name)
-    the_plan = plan_for_user(desired, actual, src.user_id, cfg, now=time.time(),
-                             max_deletes=cfg.max_deletes.limit(managed), approved=await store.approved(name))
+    limit = cfg.max_deletes.limit(managed)
+    granted = await store.approval_granted(name)
+    the_plan = plan_for_user(desired, actual, src.user_id, cfg, now=time.time(), max_deletes=limit,
+                             approved=granted is not None)
+    # Like a cycle, sync-user honours an approval; it consumes it when it needed it: when its
+    # removals are more than max_deletes allows (else the daemon's held removals keep theirs).
+    removals = sum(1 for op in the_plan.ops if op.is_removal and op.status == PENDING)
+    uses_approval = granted is not None and removals > limit
     out.ops = the_plan.ops
     verdict = "in scope" if want is not None else "not in scope" if src.user is not None else "deleted in PingOne"
     if not the_plan.ops:
@@ -289,6 +295,9 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
     if isinstance(client, DryRunClient):
         out.writes = list(client.writes)
     counts = result.counts()
+    if uses_approval and not dry_run and granted is not None:
+        await store.consume_approval(name, granted)
+        emit(f"  the approval of {name} was used (and consumed) for this user's removal")
     outcome = "success" if not counts.get(FAILED) else "partial_failure"
     await writes_to.finish_cycle(cycle_id, outcome, {
         "kind": SYNC_USER_KIND, "user": src.user_id, "operations": counts,

@@ -18,6 +18,7 @@ inside one transaction each. Secrets are never written here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -606,11 +607,28 @@ class Store:
     # -- approvals ----------------------------------------------------------------------------
 
     async def approve(self, target: str) -> None:
-        await self._write("INSERT OR REPLACE INTO approval(target, granted) VALUES (?, ?)", (target, time.time()))
+        # Strictly later than any approval before it, even within the clock's resolution: a cycle
+        # that read the older one must not consume this one.
+        now = time.time()
+        previous = await self.approval_granted(target)
+        granted = now if previous is None or now > previous else math.nextafter(previous, math.inf)
+        await self._write("INSERT OR REPLACE INTO approval(target, granted) VALUES (?, ?)", (target, granted))
 
     async def approved(self, target: str) -> bool:
-        async with self.db.execute("SELECT 1 FROM approval WHERE target=?", (target,)) as cur:
-            return await cur.fetchone() is not None
+        return await self.approval_granted(target) is not None
 
-    async def consume_approval(self, target: str) -> None:
-        await self._write("DELETE FROM approval WHERE target=?", (target,))
+    async def approval_granted(self, target: str) -> float | None:
+        """When the pending approval of *target* was granted (None: there is none). A plan that
+        honours it keeps this value, and consumes exactly that approval."""
+        async with self.db.execute("SELECT granted FROM approval WHERE target=?", (target,)) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row is not None else None
+
+    async def consume_approval(self, target: str, granted: float | None = None) -> bool:
+        """Delete the approval; with *granted*, only that one: an approval given again while a
+        cycle was applying (a newer `granted`) is kept for the next cycle. True if one went."""
+        if granted is None:
+            cur = await self._write("DELETE FROM approval WHERE target=?", (target,))
+        else:
+            cur = await self._write("DELETE FROM approval WHERE target=? AND granted=?", (target, granted))
+        return cur.rowcount > 0

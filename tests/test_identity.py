@@ -466,3 +466,85 @@ async def test_status_and_why_print_times_with_their_zone(tmp_path: Path) -> Non
             assert times, done.stdout
             assert all(zone == " +05:30" for zone in times), (args, times)
             assert "+05:30 (IST)" in done.stdout.decode()
+
+
+# -- item 9: approvals ----------------------------------------------------------------------------
+
+
+def zia_members(h: Harness, count: int, *, skip: tuple[str, ...] = (REHIRED,)) -> list[str]:
+    d = h.directory
+    return sorted(u for u in d.direct_member_ids(d.group_by_name("ZIA Users")["id"])
+                  if d.users[u]["username"] not in skip and "@" in str(d.users[u]["username"]))[:count]
+
+
+async def test_an_approval_given_while_a_cycle_applies_is_kept_for_the_next(tmp_path: Path) -> None:
+    """Item 9: the approval a cycle planned with is consumed by it; one given again while it was
+    applying stays, and releases the next cycle's held removals."""
+    async with harness(tmp_path, zia={"max_deletes": MaxDeletes(count=1)}) as h:
+        assert not (await h.cycle()).failed
+        first, second = zia_members(h, 6)[:3], zia_members(h, 6)[3:]
+        for uid in first:
+            h.directory.delete_user(uid)
+        await h.cycle()
+        assert h.target_report("zia").summary["held"] == 3
+        await h.store.approve("zia")
+
+        h.sb.zia.faults.latency_ms = 40.0
+        disabled = anyio.Event()
+
+        def observe(event: str, fields: dict[str, Any]) -> None:
+            if event == "user.disabled" and fields.get("target") == "zia":
+                disabled.set()
+
+        async def approve_midway() -> None:
+            await disabled.wait()
+            await h.store.approve("zia")
+
+        h.engine.observers.append(observe)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(approve_midway)
+            await h.cycle()
+        h.engine.observers.remove(observe)
+        h.sb.zia.faults.latency_ms = 0.0
+        assert len(h.events("user.disabled", target="zia")) == 3
+        assert await h.store.approved("zia"), "the approval given during the apply was consumed unused"
+
+        for uid in second:
+            h.directory.delete_user(uid)
+        await h.cycle()
+        assert h.target_report("zia").summary["held"] == 0
+        assert len(h.events("user.disabled", target="zia")) == 3
+        assert not await h.store.approved("zia")
+        gone = {h.sb.zia.users[t]["userName"] for t in h.sb.zia.users}   # still there, inactive
+        for res in await scim_list(h, "zia", "Users"):
+            if res["userName"] in gone and res.get("externalId") in first + second:
+                assert not active(res)
+
+
+async def test_sync_user_honours_and_consumes_an_approval(tmp_path: Path) -> None:
+    """Item 9: `sync-user` of a deleted user holds its removal above max_deletes, sends it once
+    approved, and consumes the approval as a cycle would."""
+    async with harness(tmp_path, prepare=_rehire_candidate, zia={"max_deletes": MaxDeletes(count=0)}) as h:
+        assert not (await h.cycle()).failed
+        uid = h.directory.user_by_username(REHIRED)["id"]
+        h.directory.delete_user(uid)
+        config = str(h.config_path)
+        text = h.config_path.read_text()
+        head, sep, tail = text.partition('name = "zia"')
+        tail = re.sub(r"(?m)^max_deletes = .*$", "max_deletes = 0", tail, count=1)
+        if "max_deletes = 0" not in tail:
+            tail = "\nmax_deletes = 0" + tail
+        h.config_path.write_text(head + sep + tail)
+
+        held = await cli("sync-user", REHIRED, "--target", "zia", "-c", config)
+        assert held.returncode == 0, held.stderr
+        assert b"held" in held.stdout.lower(), held.stdout
+        (account,) = await accounts(h, "zia", REHIRED)
+        assert active(account)
+
+        await h.store.approve("zia")
+        done = await cli("sync-user", REHIRED, "--target", "zia", "-c", config)
+        assert done.returncode == 0, done.stderr
+        (account,) = await accounts(h, "zia", REHIRED)
+        assert not active(account)
+        assert not await h.store.approved("zia"), "sync-user left the approval it used"
