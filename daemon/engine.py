@@ -28,7 +28,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -41,7 +41,7 @@ from daemon import refusals
 from daemon.applier import APPLIED, FAILED, Applier, ApplyResult, Observer, TargetUnhealthy
 from daemon.backoff import RetryPolicy
 from daemon.config import Config, GroupRef, TargetConfig
-from daemon.errors import Forbidden, RemoteError, TransientError, Unauthorized
+from daemon.errors import Forbidden, NotFound, RemoteError, TransientError, Unauthorized
 from daemon.links import GROUP_LIMIT, HELD, PENDING, Actual, GroupLink, Op, Plan, UserLink
 from daemon.mapping import (
     Desired,
@@ -59,7 +59,7 @@ from daemon.planner import Policy, in_sync, plan
 from daemon.ratelimit import RateGovernor
 from daemon.source.pingone import PingOneClient
 from daemon.source.snapshot import UserHook, take_snapshot
-from daemon.store import Store, StoreError
+from daemon.store import MalformedRow, Store, StoreError
 from daemon.target.auth import auth_from
 from daemon.target.profiles import profile_for
 from daemon.target.resource import read_active, read_user
@@ -738,7 +738,7 @@ class Engine:
         name = rt.config.name
         generation = await self.store.get_meta(f"{META_LINKS_GENERATION}.{name}")
         cached = rt.links if rt.links is not None and generation == rt.links_generation else None
-        actual = cached if cached is not None else await self.store.load_links(name, share=desired)
+        actual = cached if cached is not None else await self.load_links(rt, desired, log)
         share_member_sets(desired, actual)
         rt.links = None   # until this cycle ends well, the store is the only truth
         rt.links_generation = generation
@@ -972,6 +972,54 @@ class Engine:
                  recovered_groups=found_groups, superseded=closed,
                  took_s=round(time.monotonic() - started, 3))
 
+    async def load_links(self, rt: TargetRuntime, desired: Desired, log: Any) -> Actual:
+        """The stored links of this target. A row that cannot be read is contained to its entity:
+        logged (`state.row_malformed`), re-read from the target by the id it names where that is
+        known and still there, else dropped so that the entity is planned anew (a create then
+        meets its object through an exact lookup). The rest of the cycle runs as usual."""
+        name = rt.config.name
+        bad: list[MalformedRow] = []
+        actual = await self.store.load_links(name, share=desired, malformed=bad)
+        if not bad:
+            return actual
+        users = dict(actual.users)
+        groups = dict(actual.groups)
+        fixed_users: list[UserLink] = []
+        fixed_groups: list[GroupLink] = []
+        drops: dict[str, list[str]] = {"user": [], "group": []}
+        for row in bad:
+            action = "re_planned"
+            sid = row.source_id
+            if sid is not None and row.kind == "user":
+                found = await _get_or_none(rt.client.get_user, row.target_id)
+                if found is not None and isinstance(found.get("userName"), str):
+                    link = UserLink(sid, str(found["id"]), str(found["userName"]),
+                                    read_user(found, rt.rules.paths), read_active(found))
+                    users[sid] = link
+                    fixed_users.append(link)
+                    action = "re_read"
+                else:
+                    drops["user"].append(sid)
+            elif sid is not None and row.kind == "group":
+                found = await _get_or_none(rt.client.get_group, row.target_id)
+                if found is not None and isinstance(found.get("displayName"), str):
+                    listed = await rt.client.group_member_ids(str(found["id"]))
+                    by_target = {link.target_id: s for s, link in users.items()}
+                    ours = Members.of(by_target[t] for t in listed or () if t in by_target)
+                    foreign = frozenset(t for t in listed or () if t not in by_target)
+                    origin = row.origin if row.origin in ("created", "adopted") else "adopted"
+                    glink = GroupLink(sid, str(found["id"]), str(found["displayName"]), ours, foreign, origin)
+                    groups[sid] = glink
+                    fixed_groups.append(glink)
+                    action = "re_read"
+                else:
+                    drops["group"].append(sid)
+            log.warning("state.row_malformed", kind=row.kind, source_id=sid, target_id=row.target_id,
+                        name=row.name, error=row.error, action=action)
+        await self.store.write_links(name, users=fixed_users, groups=fixed_groups, drop_users=drops["user"],
+                                     drop_groups=drops["group"])
+        return Actual(users, groups)
+
     async def refresh_actual(self, rt: TargetRuntime, actual: Actual, desired: Desired, log: Any) -> Actual:
         """Read the target whole; links follow what is really there (drift), matches are adopted."""
         name = rt.config.name
@@ -1137,6 +1185,17 @@ def capped_counts(the_plan: Plan) -> dict[str, int]:
     """Memberships (and their users) beyond the target's groups-per-user cap, for `status`."""
     capped = [sid for op in the_plan.ops if op.op == "add_members" for sid in op.payload.get("capped", ())]
     return {"memberships": len(capped), "users": len(set(capped))} if capped else {}
+
+
+async def _get_or_none(get: Callable[[str], Awaitable[dict[str, Any]]], target_id: str | None
+                       ) -> dict[str, Any] | None:
+    """The object by id, or None when there is no id or the target no longer has it."""
+    if target_id is None:
+        return None
+    try:
+        return await get(target_id)
+    except (NotFound, ValueError):
+        return None
 
 
 def held_ops(the_plan: Plan) -> int:

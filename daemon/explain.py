@@ -116,8 +116,11 @@ async def group_links(store: Store, target: str) -> dict[str, GroupLink]:
         "SELECT source_id, target_id, name, members, foreign_members, origin FROM target_object "
         "WHERE target=? AND kind='group'", (target,)) as cur:
         async for sid, tid, name, members, foreign, origin in cur:
-            out[sid] = GroupLink(sid, tid, name, frozenset(json.loads(members)), frozenset(json.loads(foreign)),
-                                 origin)
+            try:
+                out[sid] = GroupLink(sid, tid, name, frozenset(json.loads(members)),
+                                     frozenset(json.loads(foreign)), origin)
+            except (ValueError, TypeError):
+                continue     # a malformed row: the next cycle re-reads it (`Engine.load_links`)
     return out
 
 

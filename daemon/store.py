@@ -106,8 +106,29 @@ class Outcome:
     skip_reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class MalformedRow:
+    """A `target_object` row `load_links` could not read: what is known of it, and why."""
+
+    kind: str
+    source_id: str | None
+    target_id: str | None
+    name: str | None
+    error: str
+    origin: str | None = None
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+def _loads_object(text: Any) -> dict[str, Any]:
+    """A stored JSON object; {} for a malformed one (its operation is superseded and re-planned)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 # A content hash: `mapping.content_hash` gives 64-bit ints (held in memory per user, written as 16
@@ -380,10 +401,14 @@ class Store:
 
     # -- links --------------------------------------------------------------------------------
 
-    async def load_links(self, target: str, share: Desired | None = None) -> Actual:
+    async def load_links(self, target: str, share: Desired | None = None,
+                         malformed: list[MalformedRow] | None = None) -> Actual:
         """Every link of *target*. With *share* (the desired state of this cycle), a link whose
         applied attributes, userName or members equal the desired ones holds the desired objects
-        instead of parsed copies: at 100,000 users a second copy of everyone's attributes is ~70 MB."""
+        instead of parsed copies: at 100,000 users a second copy of everyone's attributes is ~70 MB.
+
+        A row that cannot be read (not JSON where JSON belongs, a missing id) is left out and, with
+        *malformed*, reported there: it costs its own entity a re-read, never the target's cycle."""
         users: dict[str, UserLink] = {}
         groups: dict[str, GroupLink] = {}
         intern = sys.intern    # for the few words of origin and disabled_reason
@@ -399,24 +424,46 @@ class Store:
             "SELECT kind, source_id, target_id, name, attrs, active, members, foreign_members, origin, "
             "disabled_reason, disabled_at FROM target_object WHERE target=?", (target,)) as cur:
             async for r in cur:
-                sid = canonical(r[1])
-                if r[0] == "user":
-                    attrs = json.loads(r[4])
-                    name = r[3]
-                    want = wanted.get(sid)
-                    if want is not None:
-                        attrs = shared(attrs, want.attrs)
-                        name = shared(name, want.user_name)
-                    # origin and disabled_reason are one of a few words: one string each, not one
-                    # per row (~56 bytes a user at 1,000,000)
-                    users[sid] = UserLink(sid, r[2], name, attrs, bool(r[5]), intern(r[8]),
-                                          None if r[9] is None else intern(r[9]), r[10])
-                else:
-                    members: AbstractSet[str] = Members.of(map(canonical, json.loads(r[6])))
-                    group = wanted_groups.get(sid)
-                    if group is not None:
-                        members = shared(members, group.members)
-                    groups[sid] = GroupLink(sid, r[2], r[3], members, frozenset(json.loads(r[7])), intern(r[8]))
+                try:
+                    if not isinstance(r[1], str) or not r[1]:
+                        raise ValueError("no source id")
+                    if not isinstance(r[2], str) or not r[2]:
+                        raise ValueError("no target id")
+                    sid = canonical(r[1])
+                    if r[0] == "user":
+                        attrs = json.loads(r[4])
+                        if not isinstance(attrs, dict) or not isinstance(r[3], str):
+                            raise ValueError("attrs is not an object" if isinstance(r[3], str) else "no name")
+                        name = r[3]
+                        want = wanted.get(sid)
+                        if want is not None:
+                            attrs = shared(attrs, want.attrs)
+                            name = shared(name, want.user_name)
+                        # origin and disabled_reason are one of a few words: one string each, not one
+                        # per row (~56 bytes a user at 1,000,000)
+                        users[sid] = UserLink(sid, r[2], name, attrs, bool(r[5]), intern(str(r[8])),
+                                              None if r[9] is None else intern(str(r[9])),
+                                              None if r[10] is None else float(r[10]))
+                    elif r[0] == "group":
+                        listed, foreign = json.loads(r[6]), json.loads(r[7])
+                        if not (isinstance(listed, list) and isinstance(foreign, list)
+                                and all(isinstance(m, str) for m in listed)
+                                and all(isinstance(m, str) for m in foreign)):
+                            raise ValueError("members are not lists of ids")
+                        members: AbstractSet[str] = Members.of(map(canonical, listed))
+                        group = wanted_groups.get(sid)
+                        if group is not None:
+                            members = shared(members, group.members)
+                        groups[sid] = GroupLink(sid, r[2], str(r[3]), members, frozenset(foreign), intern(str(r[8])))
+                    else:
+                        raise ValueError(f"unknown kind {r[0]!r}")
+                except (ValueError, TypeError) as exc:     # json.JSONDecodeError is a ValueError
+                    if malformed is not None:
+                        malformed.append(MalformedRow(
+                            str(r[0]), r[1] if isinstance(r[1], str) else None,
+                            r[2] if isinstance(r[2], str) and r[2] else None,
+                            r[3] if isinstance(r[3], str) else None, f"{type(exc).__name__}: {exc}"[:200],
+                            r[8] if isinstance(r[8], str) else None))
         return Actual(users=users, groups=groups)
 
     async def write_links(
@@ -449,7 +496,7 @@ class Store:
             r = await cur.fetchone()
         if r is None:
             return None
-        return {"target_id": r[0], "user_name": r[1], "attrs": json.loads(r[2]), "active": bool(r[3]),
+        return {"target_id": r[0], "user_name": r[1], "attrs": _loads_object(r[2]), "active": bool(r[3]),
                 "origin": r[4], "disabled_reason": r[5], "disabled_at": r[6], "last_synced": r[7]}
 
     async def managed_count(self, target: str, kind: str = "user") -> int:
@@ -537,7 +584,7 @@ class Store:
             "WHERE target=? AND status IN ('pending', 'in_flight') ORDER BY cycle_id, seq", (target,)) as cur:
             return [
                 {"cycle": r[0], "seq": r[1], "kind": r[2], "op": r[3], "source_id": r[4], "target_id": r[5],
-                 "name": r[6], "payload": json.loads(r[7]), "status": r[8]}
+                 "name": r[6], "payload": _loads_object(r[7]), "status": r[8]}
                 async for r in cur
             ]
 

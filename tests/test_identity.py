@@ -548,3 +548,53 @@ async def test_sync_user_honours_and_consumes_an_approval(tmp_path: Path) -> Non
         (account,) = await accounts(h, "zia", REHIRED)
         assert not active(account)
         assert not await h.store.approved("zia"), "sync-user left the approval it used"
+
+
+# -- item 8: a malformed state-file row ------------------------------------------------------------
+
+
+async def test_a_malformed_state_row_is_contained_to_its_entity(tmp_path: Path) -> None:
+    """Item 8, with the real CLI (`provisiond once`): three rows of the state file are broken (a
+    user's attributes are not JSON, another user's row names no target id, a pushed group's
+    members are not JSON). Each is logged, re-read from the target (or re-planned), and the rest
+    of the cycle runs: every change made in PingOne meanwhile reaches the target, exit code 0,
+    no duplicate, and the next run finds nothing broken and sends nothing."""
+    async with harness(tmp_path) as h:
+        assert not (await h.cycle()).failed
+        broken_attrs, no_target, other = zia_members(h, 3)
+        d = h.directory
+        for uid in (broken_attrs, no_target, other):
+            d.update_user(uid, department="Moved")
+        group = d.group_by_name("ZIA Users")["id"]
+        joiner = d.add_user("joiner@example.com", email="joiner@example.com", given="Jo", family="Iner")
+        d.add_member(group, joiner["id"])
+        db = h.store.db
+        await db.execute("UPDATE target_object SET attrs='{not json' WHERE target='zia' AND source_id=?",
+                         (broken_attrs,))
+        await db.execute("UPDATE target_object SET target_id='' WHERE target='zia' AND source_id=?", (no_target,))
+        await db.execute("UPDATE target_object SET members='[broken' WHERE target='zia' AND source_id=?", (group,))
+        before = {u["userName"]: u["id"] for u in await scim_list(h, "zia", "Users")}
+
+        done = await cli("once", "-c", str(h.config_path))
+        assert done.returncode == 0, done.stderr + done.stdout
+        events = [json.loads(line) for line in done.stdout.decode().splitlines() if line.startswith("{")]
+        bad = {(e["kind"], e["source_id"]): e["action"] for e in events if e["event"] == "state.row_malformed"
+               and e.get("target") in (None, "zia")}
+        assert bad == {("user", broken_attrs): "re_read", ("user", no_target): "re_planned",
+                       ("group", group): "re_read"}
+        finished = [e for e in events if e["event"] == "cycle.finished" and e.get("target") == "zia"]
+        assert finished and finished[-1]["outcome"] == "success"
+
+        users = await scim_list(h, "zia", "Users")
+        by_external = {u["externalId"]: u for u in users}
+        assert len({u["userName"].lower() for u in users}) == len(users)
+        for uid in (broken_attrs, no_target, other):
+            assert department(by_external[uid]) == "Moved" and active(by_external[uid])
+            assert by_external[uid]["id"] == before[by_external[uid]["userName"]]
+        (zia_group,) = [g for g in await scim_list(h, "zia", "Groups") if g["displayName"] == "ZIA Users"]
+        members = {m["value"] for m in (await scim_get(h, "zia", f"/Groups/{zia_group['id']}"))["members"]}
+        assert by_external[joiner["id"]]["id"] in members
+
+        again = await cli("once", "-c", str(h.config_path))
+        assert again.returncode == 0
+        assert b"state.row_malformed" not in again.stdout
