@@ -713,7 +713,7 @@ class Engine:
         cx = CycleContext(rt, cycle_id, full, complete, log, time.time(), snapshot.complete)
         await self.recover(rt, log)                                               # a
         desired = await self.desire(rt, snapshot)                                 # b
-        actual = await self.known_links(rt, desired)                              # c
+        actual = await self.known_links(rt, desired, log)                         # c
         if full:
             actual = await self.refresh_actual(rt, actual, desired, log)
             await self._resync_done(rt, log)
@@ -732,9 +732,10 @@ class Engine:
         with gc_paused():
             return desired_state(snapshot, rt.rules, pins, hashes=snapshot.hashes, cache=rt.mapped)
 
-    async def known_links(self, rt: TargetRuntime, desired: Desired) -> Actual:
+    async def known_links(self, rt: TargetRuntime, desired: Desired, log: Any) -> Actual:
         """Step c: the links as the last cycle left them in memory, unless another process has
-        written this target's links since (then SQLite's); unchanged groups share one member set."""
+        written this target's links since (then SQLite's, a malformed row contained to its
+        entity: `load_links`); unchanged groups share one member set."""
         name = rt.config.name
         generation = await self.store.get_meta(f"{META_LINKS_GENERATION}.{name}")
         cached = rt.links if rt.links is not None and generation == rt.links_generation else None
