@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,7 +23,7 @@ from daemon.config import Config, TargetConfig
 from daemon.durations import local_time
 from daemon.engine import profile_overrides, rules_for
 from daemon.links import HELD, PENDING, REMOVALS_HELD, Actual, GroupLink, Op, Plan, UserLink
-from daemon.mapping import Desired, Rules, desired_state, resolve_pins
+from daemon.mapping import Desired, Rules, desired_state, resolve_pins, username_key
 from daemon.model import JSON, Snapshot
 from daemon.planner import Policy, plan
 from daemon.store import Store
@@ -124,6 +124,29 @@ async def group_links(store: Store, target: str) -> dict[str, GroupLink]:
     return out
 
 
+async def namesake_links(store: Store, target: str, user_name: str, user_id: str) -> list[UserLink]:
+    """The other user links of a target whose userName is `user_name` as servers compare it
+    (`username_key`): a departed namesake's account is the one a rehire takes over, and no one
+    else's lookup may take it. Indexed (`target_object_name`); NOCASE folds ASCII only, the
+    comparison after it is the real one."""
+    async with store.db.execute(
+        "SELECT source_id FROM target_object WHERE target=? AND kind='user' AND name=? COLLATE NOCASE "
+        "AND source_id != ? LIMIT 20", (target, user_name, user_id)) as cur:
+        ids = [str(r[0]) async for r in cur]
+    out: list[UserLink] = []
+    for sid in ids:
+        link = await user_link(store, target, sid)
+        if link is not None and username_key(link.user_name) == username_key(user_name):
+            out.append(link)
+    return out
+
+
+async def in_snapshot(store: Store, user_id: str) -> bool:
+    """Is this PingOne user in the last stored snapshot?"""
+    async with store.db.execute("SELECT 1 FROM source_user WHERE id=?", (user_id,)) as cur:
+        return await cur.fetchone() is not None
+
+
 async def user_link(store: Store, target: str, user_id: str) -> UserLink | None:
     row = await store.link_for(target, user_id)
     if row is None:
@@ -158,13 +181,17 @@ def user_snapshot(users: Mapping[str, JSON], groups: Mapping[str, JSON], parents
                     members={g: frozenset(m) for g, m in members.items()}, parents=dict(parents))
 
 
-def narrow(actual: Actual, user_id: str) -> Actual:
-    """What the planner may see for one user: its link, and the group links reduced to this user.
+def narrow(actual: Actual, user_id: str, departed: Iterable[UserLink] = ()) -> Actual:
+    """What the planner may see for one user: its link (and the links of departed namesakes, whose
+    account a rehire takes over), and the group links reduced to this user.
 
     Other members and foreign members are hidden, so a plan never removes anyone else."""
     groups = {gid: replace(link, members=link.members & {user_id}, foreign=frozenset())
               for gid, link in actual.groups.items()}
-    return Actual({user_id: actual.users[user_id]} if user_id in actual.users else {}, groups)
+    users = {link.source_id: link for link in departed}
+    if user_id in actual.users:
+        users[user_id] = actual.users[user_id]
+    return Actual(users, groups)
 
 
 def policy_for(cfg: TargetConfig, *, max_deletes: int | None = None, approved: bool = False) -> Policy:
@@ -176,20 +203,24 @@ def policy_for(cfg: TargetConfig, *, max_deletes: int | None = None, approved: b
 
 
 def plan_for_user(desired: Desired, actual: Actual, user_id: str, cfg: TargetConfig, *, now: float,
-                  max_deletes: int | None = None, approved: bool = False) -> Plan:
+                  max_deletes: int | None = None, approved: bool = False,
+                  departed: Sequence[UserLink] = ()) -> Plan:
     """The planner over one user: desired groups that are not linked yet are created only when
     this user belongs in them; group links not desired are left alone (never deleted here), and
-    so are renames."""
+    so are renames. `departed`: links of namesakes known to be gone from PingOne (a rehire takes
+    one over); nothing else is planned for them here."""
     scoped = Actual(actual.users, {g: link for g, link in actual.groups.items() if g in desired.groups})
     wanted = Desired(users=desired.users, skipped=desired.skipped, missing_groups=desired.missing_groups,
                      present_users=desired.present_users, present_groups=desired.present_groups,
                      in_scope=desired.in_scope,
                      groups={g: w for g, w in desired.groups.items()
                              if g in scoped.groups or user_id in w.members})
-    result = plan(wanted, narrow(scoped, user_id),
+    result = plan(wanted, narrow(scoped, user_id, departed),
                   policy_for(cfg, max_deletes=max_deletes, approved=approved), complete=True, now=now)
-    # A rename of a pushed group is the next cycle's business, not this user's.
-    result.ops = [op for op in result.ops if not (op.kind == "group" and op.op == "rename")]
+    # A rename of a pushed group is the next cycle's business, not this user's; so is a departed
+    # namesake's removal.
+    result.ops = [op for op in result.ops if not (op.kind == "group" and op.op == "rename")
+                  and not (op.kind == "user" and op.source_id != user_id)]
     return result
 
 
@@ -341,7 +372,9 @@ async def _explain_target(store: Store, cfg: TargetConfig, rules: Rules, pins: M
     link = await user_link(store, name, user_id)
     links = await group_links(store, name)
     actual = Actual({user_id: link} if link is not None else {}, links)
-    the_plan = plan_for_user(desired, actual, user_id, cfg, now=now)
+    departed = ([n for n in await namesake_links(store, name, want.user_name, user_id)
+                 if not await in_snapshot(store, n.source_id)] if want is not None and link is None else [])
+    the_plan = plan_for_user(desired, actual, user_id, cfg, now=now, departed=departed)
     history = await store.operations_for(name, user_id, limit=DEFAULT_HISTORY)
     last_cycle = await last_daemon_cycle(store, name)
     held_last = any(op["cycle"] == last_cycle and op["status"] == HELD for op in history)

@@ -56,6 +56,7 @@ from daemon.explain import (
     find_linked_id,
     find_user,
     group_links,
+    namesake_links,
     namesakes,
     pins_for,
     plan_for_user,
@@ -213,9 +214,18 @@ async def _read_source(source: PingOneClient, store: Store, ref: str, *, nested:
 # -- one target -------------------------------------------------------------------------------
 
 
+async def _gone(source: PingOneClient, user_id: str) -> bool:
+    """Is this PingOne user gone (404 now)?"""
+    try:
+        await source.get_user(user_id)
+    except NotFound:
+        return True
+    return False
+
+
 async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, writes_to: Store,
                        session: aiohttp.ClientSession, dry_run: bool, log: Any, emit: Emit,
-                       progress: ProgressSink | None = None) -> TargetSync:
+                       source: PingOneClient, progress: ProgressSink | None = None) -> TargetSync:
     name = cfg.name
     out = TargetSync(name)
     rt = build_runtime(cfg, session)
@@ -227,7 +237,10 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
     desired = desired_state(snap, rt.rules, pins)
     want = desired.users.get(src.user_id)
     if want is not None:
-        others = {str(o["id"]): o for o in await namesakes(store, want.user_name, src.user_id)}
+        # the stored snapshot's namesakes that PingOne still has (a departed one is no conflict:
+        # its account is the one a rehire takes over)
+        others = {str(o["id"]): o for o in await namesakes(store, want.user_name, src.user_id)
+                  if not await _gone(source, str(o["id"]))}
         if others:   # the stored snapshot's namesakes: a userName shared in scope is a conflict
             extra = await direct_group_ids(store, others)
             snap = user_snapshot({**users, **others}, src.groups, src.parents, {**memberships, **extra})
@@ -242,11 +255,15 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
     link = await user_link(store, name, src.user_id)
     glinks = await group_links(store, name)
     actual = Actual({src.user_id: link} if link is not None else {}, glinks)
+    # Namesakes' links: a lookup never takes their objects (the applier knows them), and the
+    # account of one gone from PingOne is taken over (a rehire), as a cycle would.
+    namesakes_linked = await namesake_links(store, name, want.user_name, src.user_id) if want is not None else []
+    departed = [n for n in namesakes_linked if link is None and await _gone(source, n.source_id)]
     managed = await store.managed_count(name)
     limit = cfg.max_deletes.limit(managed)
     granted = await store.approval_granted(name)
     the_plan = plan_for_user(desired, actual, src.user_id, cfg, now=time.time(), max_deletes=limit,
-                             approved=granted is not None)
+                             approved=granted is not None, departed=departed)
     # Like a cycle, sync-user honours an approval; it consumes it when it needed it: when its
     # removals are more than max_deletes allows (else the daemon's held removals keep theirs).
     removals = sum(1 for op in the_plan.ops if op.is_removal and op.status == PENDING)
@@ -286,7 +303,8 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
     source_updated = {sid: u["updatedAt"] for sid, u in snap.users.items() if isinstance(u.get("updatedAt"), str)}
     applier = Applier(
         target=name, cycle_id=cycle_id, client=client, store=writes_to, log=log.bind(target=name, cycle=cycle_id),
-        limiter=rt.limiter, users=dict(actual.users), groups=dict(glinks), paths=rt.rules.paths,
+        limiter=rt.limiter, users={**{n.source_id: n for n in namesakes_linked}, **actual.users},
+        groups=dict(glinks), paths=rt.rules.paths,
         can_create=cfg.actions.create, active_false_deletes=cfg.active_false_deletes,
         observer=observe, source_updated=source_updated,
         progress=(lambda done, total: progress.update(name, done, total)) if progress is not None else None)
@@ -332,13 +350,14 @@ async def sync_user(config: Config, store: Store, session: aiohttp.ClientSession
                 for cfg in targets:
                     result.targets.append(await _sync_target(cfg, src, store=store, writes_to=writes_to,
                                                              session=session, dry_run=True, log=log, emit=emit,
-                                                             progress=progress))
+                                                             source=source, progress=progress))
             finally:
                 await writes_to.close()
     else:
         for cfg in targets:
             result.targets.append(await _sync_target(cfg, src, store=store, writes_to=store, session=session,
-                                                     dry_run=False, log=log, emit=emit, progress=progress))
+                                                     dry_run=False, log=log, emit=emit, source=source,
+                                                     progress=progress))
     result.took_s = time.perf_counter() - started
     return result
 

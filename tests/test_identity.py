@@ -598,3 +598,31 @@ async def test_a_malformed_state_row_is_contained_to_its_entity(tmp_path: Path) 
         again = await cli("once", "-c", str(h.config_path))
         assert again.returncode == 0
         assert b"state.row_malformed" not in again.stdout
+
+
+async def test_sync_user_of_a_rehire_takes_the_account_over_as_a_cycle_would(tmp_path: Path) -> None:
+    """Item 1 through `provisiond sync-user`: the departed namesake (gone from PingOne) hands its
+    account over, as in a cycle: one account, linked to the new id; `why` tells it; the next cycle
+    has nothing to send to it."""
+    async with harness(tmp_path, prepare=_rehire_candidate) as h:
+        assert not (await h.cycle()).failed
+        (before,) = await accounts(h, "zia", REHIRED)
+        d = h.directory
+        old_id = d.user_by_username(REHIRED)["id"]
+        d.delete_user(old_id)
+        new = d.add_user(REHIRED, email=REHIRED, given="Re", family="Hire", department="Returned")
+        d.add_member(d.group_by_name("ZIA Users")["id"], new["id"])
+        config = str(h.config_path)
+        done = await cli("sync-user", REHIRED, "--target", "zia", "-c", config)
+        assert done.returncode == 0, done.stderr
+        assert b"user adopt" in done.stdout, done.stdout
+        (account,) = await accounts(h, "zia", REHIRED)
+        assert account["id"] == before["id"] and active(account) and account["externalId"] == new["id"]
+        assert department(account) == "Returned"
+        assert disabling_or_deleting(h, "zia", account["id"]) == []
+        why = await cli("why", new["id"], "--target", "zia", "-c", config)
+        assert b"took over the account of departed user" in why.stdout, why.stdout
+        assert not (await h.cycle()).failed
+        assert [r for r in writes(h, "zia") if account["id"] in r["path"]] == []
+        (account,) = await accounts(h, "zia", REHIRED)
+        assert active(account) and account["externalId"] == new["id"]
