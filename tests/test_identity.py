@@ -132,17 +132,20 @@ async def test_lookalike_usernames_stay_two_people(tmp_path: Path) -> None:
 
 
 def _straße_and_a_squatter(sb: Sandbox) -> None:
-    sb.zpa.put_user({"userName": "strasse@example.com", "displayName": "Someone Else", "active": True})
+    # Someone else's account, whose displayName is the userName provisiond will look up.
+    sb.zpa.put_user({"userName": "strasse@example.com", "displayName": "straße@example.com", "active": True})
     d = sb.directory
     user = d.add_user("straße@example.com", email="straße@example.com", given="Anna", family="Straße")
     d.add_member(d.group_by_name("ZPA Users")["id"], user["id"])
 
 
-async def test_crash_recovery_never_takes_a_lone_lookalike(tmp_path: Path) -> None:
-    """Item 6: a create of "straße" was in flight when the daemon died. Recovery looks it up; the
-    emulator's filter folds like casefold and answers with "strasse", someone else's account: it is
-    not taken. The user is created, and "strasse" is never written to."""
-    async with harness(tmp_path, prepare=_straße_and_a_squatter) as h:
+async def test_crash_recovery_never_takes_a_lone_result_that_names_someone_else(tmp_path: Path) -> None:
+    """Item 6: a create of "straße" was in flight when the daemon died. Recovery looks it up with
+    the target's custom match_filter (on displayName), which answers with one account: someone
+    else's ("strasse", casefold's twin). It is not taken; the user is created, and "strasse" is
+    never written to (nor adopted by the full sync that follows)."""
+    async with harness(tmp_path, prepare=_straße_and_a_squatter,
+                       zpa={"match_filter": 'displayName eq "%s"'}) as h:
         uid = h.directory.user_by_username("straße@example.com")["id"]
         other = next(u for u in await scim_list(h, "zpa", "Users") if u["userName"] == "strasse@example.com")
         cycle_id = await h.store.start_cycle("zpa", full_sync=False)
@@ -153,6 +156,7 @@ async def test_crash_recovery_never_takes_a_lone_lookalike(tmp_path: Path) -> No
 
         assert not (await h.cycle()).failed
         assert not h.events("user.recovered", target="zpa")
+        assert not h.events("user.adopted", target="zpa")
         mine = await accounts(h, "zpa", "straße@example.com")
         assert len(mine) == 1 and mine[0]["id"] != other["id"] and active(mine[0])
         assert await scim_get(h, "zpa", f"/Users/{other['id']}") == other
