@@ -630,3 +630,22 @@ async def test_sync_user_of_a_rehire_takes_the_account_over_as_a_cycle_would(tmp
         assert [r for r in writes(h, "zia") if account["id"] in r["path"]] == []
         (account,) = await accounts(h, "zia", REHIRED)
         assert active(account) and account["externalId"] == new["id"]
+
+
+async def test_a_rehire_on_a_target_that_accepts_duplicate_usernames_keeps_one_account(tmp_path: Path) -> None:
+    """Item 1 on a lenient target (no 409 for a taken userName): the rehire still takes the
+    departed user's account over instead of creating a second one, and nothing is removed."""
+    def prepare(sb: Sandbox) -> None:
+        _rehire_candidate(sb)
+        sb.zia.profile = dataclasses.replace(sb.zia.profile, user_name_unique=False)
+
+    async with harness(tmp_path, prepare=prepare, daemon={"full_sync_every": 1e-6}) as h:
+        assert not (await h.cycle()).failed
+        (before,) = await accounts(h, "zia", REHIRED)
+        _, new_id = rehire(h)
+        for _ in range(2):
+            assert not (await h.cycle()).failed
+            (account,) = await accounts(h, "zia", REHIRED)
+            assert account["id"] == before["id"] and active(account) and account["externalId"] == new_id
+            assert not [r for r in writes(h, "zia") if r["method"] == "POST" and r["path"].endswith("/Users")]
+            assert disabling_or_deleting(h, "zia", account["id"]) == []

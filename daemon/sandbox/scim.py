@@ -107,6 +107,8 @@ class ScimProfile:
     member_cap_silently_drops: bool = False  # zpa: memberships beyond the cap are not stored, no error
     hoist_enterprise_attributes: bool = False  # zpa/zia: top-level department etc. stored in the extension
     group_name_unique: bool = True     # 409 on duplicate group displayName (UNCONFIRMED for Zscaler)
+    user_name_unique: bool = True      # False: a second user with a taken userName is accepted
+                                       # (a lenient server; provisiond must not rely on a 409)
     member_output_value_only: bool = False  # zpa: group members echoed as [{value}] only
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # request bodies beyond this: 413 (UNCONFIRMED)
     # zia (zscaler-scim.md §9): a user linked to a ZIA admin account is not deleted by SCIM; DELETE
@@ -877,7 +879,7 @@ class ScimEmulator:
         uid = existing["id"] if existing else (new_id or self._new_id())
         low = attrs["userName"].lower()
         holder = self._user_index.get(low)
-        if holder is not None and holder != uid and holder in self.users:
+        if self.profile.user_name_unique and holder is not None and holder != uid and holder in self.users:
             raise ScimError(409, f"userName {attrs['userName']!r} is already taken", "uniqueness")
         resource = {"schemas": self._schemas_of(attrs, CORE_USER), "id": uid, **attrs,
                     "meta": self._meta("User", "Users", uid, existing)}
