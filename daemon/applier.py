@@ -720,40 +720,40 @@ class Applier:
         return APPLIED, op.target_id, {"changed": sorted(changed)} if changed else {}
 
     async def _user_disable(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
-        assert op.target_id is not None
-        if self._not_ours(op):
+        target = self._target_of(op)
+        if target is None:
             return self._let_go(op)
         link = self.users.get(op.source_id)
         try:
-            await self.client.set_active(op.target_id, False, full=dict(op.payload.get("attrs", {})),
+            await self.client.set_active(target, False, full=dict(op.payload.get("attrs", {})),
                                          attempts=attempts)
         except NotFound:
             self._drop_user(op.source_id)
-            return APPLIED, op.target_id, {"reason": "already_gone"}
+            return APPLIED, target, {"reason": "already_gone"}
         if self.active_false_deletes:
             # This target deletes a user set inactive (ZPA, UNCONFIRMED): nothing is left to link.
             self._drop_user(op.source_id)
         elif link is not None:
             self._link_user(replace(link, active=False, disabled_reason=op.reason, disabled_at=time.time()))
-        return APPLIED, op.target_id, {}
+        return APPLIED, target, {}
 
     async def _user_delete(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
-        assert op.target_id is not None
-        if self._not_ours(op):
+        target = self._target_of(op)
+        if target is None:
             return self._let_go(op)
         try:
-            await self.client.delete_user(op.target_id, attempts=attempts)
+            await self.client.delete_user(target, attempts=attempts)
         except NotFound:
             self._drop_user(op.source_id)
-            return APPLIED, op.target_id, {"reason": "already_gone"}
+            return APPLIED, target, {"reason": "already_gone"}
         except Conflict as exc:
             # A standing refusal (ZIA: the user is linked to an admin account): the user and its
             # link stay; the engine keeps the refusal and asks again only at a full sync.
             reason = self.client.profile.delete_refused_reason
-            return SKIPPED, op.target_id, {"skip_reason": reason, "reason": reason,
-                                           "http_status": exc.status, "error": exc.detail}
+            return SKIPPED, target, {"skip_reason": reason, "reason": reason,
+                                     "http_status": exc.status, "error": exc.detail}
         self._drop_user(op.source_id)
-        return APPLIED, op.target_id, {}
+        return APPLIED, target, {}
 
     async def _user_adopt(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
         """A rehire: take over the departed user's target object (planner, `ADOPTED_FROM_DEPARTED`).
@@ -770,6 +770,8 @@ class Applier:
         want_active = bool(op.payload.get("active", True))
         extra: dict[str, Any] = {"from_source_id": old_id, "from_user": old.user_name, "changed": sorted(changed)}
         put = self.client.update_method == "put"
+        if "userName" in changed and not self.client.profile.username_mutable:
+            return await self._adopt_by_recreate(op, old, attrs, want_active, extra, attempts)
         if changed or want_active != old.active or put:
             try:
                 await self.client.update_user(op.target_id, changed, full=attrs,
@@ -780,6 +782,10 @@ class Applier:
                 if not want_active:
                     return SKIPPED, None, {"skip_reason": "gone_in_target", "reason": "gone_in_target"}
                 return await self._recreate(op, attrs, attempts)
+            except BadRequest as exc:
+                if exc.scim_type == "mutability" and "userName" in changed:   # the target refused it
+                    return await self._adopt_by_recreate(op, old, attrs, want_active, extra, attempts)
+                raise
         current = self.users.get(old_id) or old
         link = UserLink(op.source_id, op.target_id, op.name, attrs, want_active, origin="adopted")
         if not want_active:
@@ -789,6 +795,20 @@ class Applier:
             self._drop_user(op.source_id)    # this target deletes a user set inactive
         return APPLIED, op.target_id, extra
 
+    async def _adopt_by_recreate(self, op: Op, old: UserLink, attrs: dict[str, Any], active: bool,
+                                 extra: dict[str, Any], attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
+        """A rehire whose userName differs (in case, say) where the target refuses userName
+        changes: the departed link is handed over as it is (no request), then the new user's
+        userName change takes the recreate path (`_user_recreate`: create, move memberships,
+        delete the old account)."""
+        assert op.target_id is not None
+        current = self.users.get(old.source_id) or old
+        self._hand_over_user(current.source_id, replace(current, source_id=op.source_id, origin="adopted",
+                                                        disabled_reason=None, disabled_at=None))
+        status, target_id, more = await self._user_recreate(op, attrs, active, attempts)
+        more.pop("reason", None)     # the operation's own: adopted_from_departed
+        return status, target_id, {**more, **extra, "event": "adopted", "recreated": True}
+
     async def _user_retire(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
         """A departing link whose target object another link holds: forgotten, nothing sent."""
         link = self.users.get(op.source_id)
@@ -796,20 +816,22 @@ class Applier:
             self._drop_user(op.source_id)
         return APPLIED, op.target_id, {"holder": op.payload.get("holder")}
 
-    def _not_ours(self, op: Op) -> bool:
-        """A write to a user's target object is sent only while that user's link holds it and no
-        other link does (a rehire may have taken it over in this apply, or before)."""
+    def _target_of(self, op: Op) -> str | None:
+        """The object a write for this entity goes to now: the one its link holds (it may have
+        moved in this apply, e.g. a userName change applied as a recreate), else the planned one;
+        None when another link holds that object (a rehire took it over, in this apply or before):
+        then nothing is sent to it."""
         assert op.target_id is not None
         link = self.users.get(op.source_id) if op.kind == "user" else self.groups.get(op.source_id)
-        if link is not None and link.target_id != op.target_id:
-            return True
-        return self._held_by_another(op.kind, op.source_id, op.target_id)
+        target = link.target_id if link is not None else op.target_id
+        return None if self._held_by_another(op.kind, op.source_id, target) else target
 
     def _let_go(self, op: Op) -> tuple[str, str | None, dict[str, Any]]:
-        """The removal's object is another link's: the link goes, nothing is sent."""
-        link = self.users.get(op.source_id) if op.kind == "user" else self.groups.get(op.source_id)
-        if link is not None and link.target_id == op.target_id:
-            (self._drop_user if op.kind == "user" else self._drop_group)(op.source_id)
+        """The removal's object is another link's: this entity's link goes, nothing is sent."""
+        if op.kind == "user" and op.source_id in self.users:
+            self._drop_user(op.source_id)
+        elif op.kind == "group" and op.source_id in self.groups:
+            self._drop_group(op.source_id)
         return SKIPPED, op.target_id, {"skip_reason": HELD_BY_ANOTHER_LINK, "reason": HELD_BY_ANOTHER_LINK}
 
     # -- groups ---------------------------------------------------------------------------
@@ -993,13 +1015,13 @@ class Applier:
         return APPLIED, op.target_id, {}
 
     async def _group_delete(self, op: Op, attempts: list[int]) -> tuple[str, str | None, dict[str, Any]]:
-        assert op.target_id is not None
-        if self._not_ours(op):
+        target = self._target_of(op)
+        if target is None:
             return self._let_go(op)
         try:
-            await self.client.delete_group(op.target_id, attempts=attempts)
+            await self.client.delete_group(target, attempts=attempts)
         except NotFound:
             self._drop_group(op.source_id)
-            return APPLIED, op.target_id, {"reason": "already_gone"}
+            return APPLIED, target, {"reason": "already_gone"}
         self._drop_group(op.source_id)
-        return APPLIED, op.target_id, {}
+        return APPLIED, target, {}

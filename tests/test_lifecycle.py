@@ -912,12 +912,10 @@ def test_a_quiet_run_converges_and_stays_quiet() -> None:
     replay([], ([], True))
 
 
-# Known bugs of issue 13 that Hypothesis found on main (2026-11-29). Each is the minimal sequence.
-ITEM_1 = "issue 13 item 1: a rehire under the same username (another helper's fix; drop this mark when it lands)"
-ITEM_2 = "issue 13 item 2: a group re-created under its name (another helper's fix; drop this mark when it lands)"
+# Bugs of issue 13 that Hypothesis found on main (2026-11-29), fixed since (items 1, 2, 3). Each is
+# the minimal sequence.
 
 
-@pytest.mark.xfail(reason=ITEM_1, strict=False)
 def test_rehire_in_one_interval() -> None:
     """Ada leaves and a new PingOne user gets her username before the next cycle: every target
     must hold one active account for it, linked to the new user (found: ZPA and generic delete
@@ -925,14 +923,12 @@ def test_rehire_in_one_interval() -> None:
     replay([Rehire(user=0)])
 
 
-@pytest.mark.xfail(reason=ITEM_1, strict=False)
 def test_rehire_a_cycle_later_survives_the_full_sync() -> None:
     """Ada leaves (ZIA disables her account); a cycle later a new user gets her username and
     adopts the account; the next full sync must not disable it again for the departed link."""
     replay([Delete(user=0)], [Hire(0, 0, groups=(3,), reuse=True)], ([], True))
 
 
-@pytest.mark.xfail(reason=ITEM_2, strict=False)
 def test_pushed_group_recreated_under_its_name() -> None:
     """Sales (pushed to ZIA and generic) is deleted and re-created with the same members."""
     replay([RecreateGroup(group=4)])
@@ -945,10 +941,6 @@ def test_scope_group_recreated_empty_under_its_name() -> None:
     replay([RecreateGroup(group=0, same_members=False)])
 
 
-ITEM_3 = "issue 13 item 3: re-enable plus an attribute change (another helper's fix; drop this mark when it lands)"
-
-
-@pytest.mark.xfail(reason=ITEM_3, strict=False)
 def test_reenable_with_a_changed_department() -> None:
     """Ada is disabled; in the next interval she is re-enabled with a new department: one cycle
     later her ZIA and generic accounts must be active with the new department (found: the update
@@ -956,7 +948,6 @@ def test_reenable_with_a_changed_department() -> None:
     replay([SetEnabled(user=0, enabled=False)], [SetEnabled(user=0, enabled=True), SetDepartment(user=0, department=None)])
 
 
-@pytest.mark.xfail(reason=ITEM_3, strict=False)
 def test_full_sync_reactivates_a_drifted_account_with_a_changed_email() -> None:
     """Ada's generic account is deactivated behind provisiond's back while her email is removed in
     PingOne: the full sync must leave it active without the email (found: inactive, the repair's
@@ -965,11 +956,11 @@ def test_full_sync_reactivates_a_drifted_account_with_a_changed_email() -> None:
              ChangeEmail(user=0, remove=True)], True))
 
 
-NEW_1 = ("found by this test: on ZPA a userName change (applied as a recreate, item 10) in the same "
-         "interval as a disable creates the new account active")
+# Found by this test: on ZPA a userName change (applied as a recreate, item 10) in the same interval
+# as a disable created the new account active (the disable went to the old account's id). The
+# disable now goes to the object the user's link holds when it is sent.
 
 
-@pytest.mark.xfail(reason=NEW_1, strict=False)
 @pytest.mark.parametrize("how", ["new", "case"])
 def test_zpa_username_change_of_a_user_disabled_in_the_same_interval(how: str) -> None:
     """Ada is disabled and her userName changes before the next cycle: ZPA (where inactive means
@@ -977,11 +968,11 @@ def test_zpa_username_change_of_a_user_disabled_in_the_same_interval(how: str) -
     replay([SetEnabled(user=0, enabled=False), ChangeUsername(user=0, how=how)])
 
 
-NEW_2 = ("found by this test: on ZPA (userName immutable) a rehire whose new username differs in case "
-         "only adopts the departed user's account, cannot rename it, and leaves it active for the departed")
+# Found by this test: on ZPA (userName immutable) a rehire whose new username differed in case
+# only adopted the departed user's account, could not rename it, and left it active for the
+# departed. The takeover now goes through the recreate path of a refused userName change.
 
 
-@pytest.mark.xfail(reason=NEW_2, strict=False)
 def test_zpa_rehire_under_the_username_in_another_case() -> None:
     """Ada leaves; a new PingOne user gets her username in capitals in the same interval: ZPA must
     hold one active account, `ADA.LOVELACE@EXAMPLE.COM`, linked to the new user (found: the 409
