@@ -73,26 +73,15 @@ PREFIXES = {"zpa": "/scim/1/216196257331281920/v2", "zia": "/24326813/61233/scim
 
 # Pairs of events on one user in one interval that are not drawn until the named bug is fixed
 # on main (the regression tests below replay them).
-_DISABLE_RECREATE = ("a ZPA userName change recreates the account active although the user was disabled "
-                     "in the same interval (issue 13 item 10's recreate; found by this test)")
-DISABLED_PAIRS: dict[frozenset[str], str] = {
-    frozenset({"disable", "username"}): _DISABLE_RECREATE,
-    frozenset({"disable", "username_case"}): _DISABLE_RECREATE,
-    frozenset({"rehire", "username_case"}): "on ZPA a rehire whose username differs in case only leaves the "
-                                            "departed user's account active (items 1 and 10; found by this test)",
-}
+DISABLED_PAIRS: dict[frozenset[str], str] = {}
 
-# The generic target takes duplicate group displayNames, as some SCIM servers do (scim2-server):
-# there, only provisiond keeps a group from being created twice.
-OVERRIDES: dict[str, dict[str, Any]] = {"generic": {"group_name_unique": False}}
+# The generic target takes duplicate userNames and group displayNames, as some SCIM servers do
+# (scim2-server): there, only provisiond keeps an account or a group from being created twice.
+OVERRIDES: dict[str, dict[str, Any]] = {"generic": {"group_name_unique": False, "user_name_unique": False}}
 
 # Events that stay in the state machine's vocabulary but are not drawn, each until the named issue
 # item is fixed on main (the regression tests below replay what they found). Empty when all pass.
-DISABLED_EVENTS: dict[str, str] = {
-    "rehire": "issue 13 item 1 (rehire under the same username)",
-    "reuse_username": "issue 13 item 1 (rehire under the same username, intervals apart)",
-    "recreate_group": "issue 13 item 2 (a group re-created under its name)",
-}
+DISABLED_EVENTS: dict[str, str] = {}
 
 GIVEN = ("Ada", "Zoë", "José", "伟", "Grace", "Linus", "Sam", "Ann", "Bob", "Renée")
 FAMILY = ("Lovelace", "Müller", "Núñez", "李", "Hopper", "Torvalds", "Smith", "Lee", "Brown", "Østergaard")
