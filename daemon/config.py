@@ -68,6 +68,65 @@ MAX_TEXT: Final = 4096
 MAX_DELETES_COUNT: Final = 10**9
 ZIA_MAX_RPS: Final = 5.0  # ZIA's documented per-tenant SCIM rate limit (zscaler-scim.md §1)
 
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The documented range of one numeric key: `low..high`, both included unless `low_open`.
+
+    `unit` is "s" for durations (shown as durations, e.g. "1s..7d") and "" for plain numbers.
+    """
+
+    low: float
+    high: float
+    unit: str = ""
+    low_open: bool = False
+    integer: bool = False
+
+    def holds(self, value: float) -> bool:
+        """Whether `value` is in range (a NaN or an infinity never is)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if value > self.high:  # an int of any size compares exactly with a float
+            return False
+        return value > self.low if self.low_open else value >= self.low
+
+    def show(self, value: float) -> str:
+        """`value` written like the range's bounds ("7d", "1024", "0.5")."""
+        if self.unit == "s" and math.isfinite(value) and 0 <= value <= 1e12:
+            return format_duration(value)
+        if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
+            return str(int(value))
+        return f"{value:g}"
+
+    def text(self) -> str:
+        """ "1s..7d", "1..1024", "above 0, at most 100000": how README and errors write it."""
+        if self.low_open:
+            return f"above {self.show(self.low)}, at most {self.show(self.high)}"
+        return f"{self.show(self.low)}..{self.show(self.high)}"
+
+
+# Every numeric key and its range: one declaration, read by the parser, README and the tests.
+# Durations are float seconds. A key of every target is "target.KEY".
+RANGES: Final[dict[str, Range]] = {
+    "daemon.interval": Range(1.0, 7 * 86400.0, "s"),
+    "daemon.full_sync_every": Range(1.0, 365 * 86400.0, "s"),
+    "daemon.grace_period": Range(0.0, 3600.0, "s"),
+    "daemon.jitter": Range(0.0, 86400.0, "s"),
+    "daemon.max_source_shrink": Range(0.0, 1.0),
+    "source.page_size": Range(1, 1000, integer=True),
+    "source.timeout": Range(0.1, 3600.0, "s"),
+    "target.concurrency": Range(1, 1024, integer=True),
+    "target.requests_per_second": Range(0.0, 100000.0, low_open=True),
+    "target.burst": Range(1.0, 1000000.0),
+    "target.page_size": Range(1, 1000, integer=True),
+    "target.membership_batch": Range(1, 10000, integer=True),
+    "target.delete_after": Range(1.0, 365 * 86400.0, "s"),
+    "target.max_deletes.count": Range(0, 10**9, integer=True),
+    "target.max_deletes.percent": Range(0.0, 100.0),
+    "target.timeout": Range(0.1, 3600.0, "s"),
+    "target.full_sync_every": Range(1.0, 365 * 86400.0, "s"),
+}
+
+
 ENTERPRISE_USER: Final = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 
 REGIONS: dict[str, tuple[str, str]] = {
@@ -737,6 +796,21 @@ def _shown(value: str) -> str:
     return repr(value if len(value) <= 80 else value[:77] + "...")
 
 
+def _as_float(value: int | float) -> float:
+    """`float(value)`, with an integer too large for a float read as an infinity."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _shown_int(value: object) -> str:
+    """A number for an error message; an integer too long to print whole is cut."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value).bit_length() > 200:
+        return ("-" if value < 0 else "") + f"an integer of {abs(value).bit_length()} bits"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _shown_url(value: str) -> str:
     """A URL for an error message, with any user:password@ part masked."""
     return _shown(re.sub(r"(?<=//)[^/@]*@", "***@", value))
@@ -807,27 +881,26 @@ class _Table:
             raise self.error(key, f"expected true or false, got {_type_name(value)}")
         return value
 
-    def integer(self, key: str, default: int, low: int, high: int) -> int:
+    def integer(self, key: str, default: int, limits: Range) -> int:
         value = self.raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(key, f"expected an integer, got {_type_name(value)}")
-        if not low <= value <= high:
-            raise self.error(key, f"{value} is out of range ({low}..{high})")
+        if not limits.holds(value):
+            raise self.error(key, f"{_shown_int(value)} is out of range ({limits.text()})")
         return value
 
-    def number(self, key: str, default: float, low: float, high: float, *, above_low: bool = False) -> float:
+    def number(self, key: str, default: float, limits: Range) -> float:
         value = self.raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(key, f"expected a number, got {_type_name(value)}")
-        number = float(value)
-        if not math.isfinite(number):
+        number = _as_float(value)
+        if math.isnan(number):
             raise self.error(key, "must be a finite number")
-        if number < low or (above_low and number == low) or number > high:
-            bound = f"above {low:g}" if above_low else f"at least {low:g}"
-            raise self.error(key, f"{value} is out of range ({bound}, at most {high:g})")
+        if not limits.holds(number):
+            raise self.error(key, f"{_shown_int(value)} is out of range ({limits.text()})")
         return number
 
-    def opt_duration(self, key: str, *, allow_zero: bool = False) -> float | None:
+    def opt_duration(self, key: str, limits: Range) -> float | None:
         if key not in self.raw:
             return None
         value = self.raw[key]
@@ -836,22 +909,22 @@ class _Table:
                 seconds = parse_duration(value)
             except DurationError as exc:
                 raise self.error(key, str(exc)) from exc
+            shown = _shown(value)
         elif isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = float(value)
-            if not math.isfinite(seconds) or seconds < 0:
-                raise self.error(key, f"{value} is not a valid number of seconds")
-            try:
-                parse_duration(format_duration(seconds))  # same upper bound as strings
-            except DurationError as exc:
-                raise self.error(key, str(exc)) from exc
+            seconds = _as_float(value)
+            if math.isnan(seconds):
+                raise self.error(key, f"{_shown_int(value)} is not a valid number of seconds")
+            shown = _shown_int(value)
         else:
             raise self.error(key, f"expected a duration such as '5m' or seconds, got {_type_name(value)}")
-        if seconds == 0 and not allow_zero:
+        if seconds == 0 and limits.low > 0:
             raise self.error(key, "must be longer than zero")
+        if not limits.holds(seconds):
+            raise self.error(key, f"{shown} is out of range ({limits.text()})")
         return seconds
 
-    def duration(self, key: str, default: float, *, allow_zero: bool = False) -> float:
-        value = self.opt_duration(key, allow_zero=allow_zero)
+    def duration(self, key: str, default: float, limits: Range) -> float:
+        value = self.opt_duration(key, limits)
         return default if value is None else value
 
     def url(self, key: str, *, allow_insecure: bool, section: str) -> str | None:
@@ -1003,12 +1076,14 @@ def _parse_daemon(table: _Table) -> DaemonConfig:
         state_path = os.path.join(table.ctx.base_dir, state_path)
     return DaemonConfig(
         state_path=state_path,
-        interval=table.duration("interval", DEFAULT_INTERVAL),
-        full_sync_every=table.duration("full_sync_every", DEFAULT_FULL_SYNC_EVERY),
+        interval=table.duration("interval", DEFAULT_INTERVAL, RANGES["daemon.interval"]),
+        full_sync_every=table.duration(
+            "full_sync_every", DEFAULT_FULL_SYNC_EVERY, RANGES["daemon.full_sync_every"]
+        ),
         log_format=table.string("log_format", DEFAULT_LOG_FORMAT, choices=LOG_FORMATS),
         log_level=table.string("log_level", DEFAULT_LOG_LEVEL, choices=LOG_LEVELS),
-        grace_period=table.duration("grace_period", DEFAULT_GRACE_PERIOD, allow_zero=True),
-        jitter=table.duration("jitter", DEFAULT_JITTER, allow_zero=True),
+        grace_period=table.duration("grace_period", DEFAULT_GRACE_PERIOD, RANGES["daemon.grace_period"]),
+        jitter=table.duration("jitter", DEFAULT_JITTER, RANGES["daemon.jitter"]),
         max_source_shrink=_fraction(table, "max_source_shrink", DEFAULT_MAX_SOURCE_SHRINK),
         http_listen=_listen(table, "http_listen"),
     )
@@ -1022,11 +1097,15 @@ def _fraction(table: _Table, key: str, default: float) -> float:
             raise table.error(key, f"{_shown(value)} is not a percent such as '10%'")
         number = float(match.group(1)) / 100.0
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
+        number = _as_float(value)
     else:
         raise table.error(key, f"expected a percent such as '10%' or a fraction, got {_type_name(value)}")
-    if not math.isfinite(number) or not 0.0 <= number <= 1.0:
-        raise table.error(key, f"{value} is out of range: write '10%' or a fraction between 0 and 1")
+    if not RANGES["daemon.max_source_shrink"].holds(number):
+        raise table.error(
+            key,
+            f"{_shown(value) if isinstance(value, str) else _shown_int(value)} is out of range: "
+            "write '10%' or a fraction between 0 and 1",
+        )
     return number
 
 
@@ -1076,8 +1155,8 @@ def _parse_source(table: _Table) -> SourceConfig:
         api_url=api_url,
         auth_url=auth_url,
         client_auth=table.string("client_auth", DEFAULT_CLIENT_AUTH, choices=CLIENT_AUTHS),
-        page_size=table.integer("page_size", DEFAULT_SOURCE_PAGE_SIZE, 1, 1000),
-        timeout=table.duration("timeout", DEFAULT_TIMEOUT),
+        page_size=table.integer("page_size", DEFAULT_SOURCE_PAGE_SIZE, RANGES["source.page_size"]),
+        timeout=table.duration("timeout", DEFAULT_TIMEOUT, RANGES["source.timeout"]),
         allow_insecure_http=insecure,
         **_parse_changes(table),
     )
@@ -1166,10 +1245,10 @@ def _parse_target(ctx: _Ctx, index: int, raw: object) -> TargetConfig:
         client_secret = table.secret("client_secret", required=True, why=why)
 
     requests_per_second = table.number(
-        "requests_per_second", profile.requests_per_second, 0.0, 100000.0, above_low=True
+        "requests_per_second", profile.requests_per_second, RANGES["target.requests_per_second"]
     )
     remove_action = table.string("remove_action", profile.remove_action, choices=REMOVE_ACTIONS)
-    delete_after = table.opt_duration("delete_after")
+    delete_after = table.opt_duration("delete_after", RANGES["target.delete_after"])
     if remove_action == "disable_then_delete" and delete_after is None:
         raise table.error(
             "delete_after", 'missing: required with remove_action = "disable_then_delete", e.g. "7d"'
@@ -1194,11 +1273,13 @@ def _parse_target(ctx: _Ctx, index: int, raw: object) -> TargetConfig:
         group_membership=table.string(
             "group_membership", DEFAULT_GROUP_MEMBERSHIP, choices=GROUP_MEMBERSHIPS
         ),
-        concurrency=table.integer("concurrency", profile.concurrency, 1, 1024),
+        concurrency=table.integer("concurrency", profile.concurrency, RANGES["target.concurrency"]),
         requests_per_second=requests_per_second,
-        burst=table.number("burst", max(1.0, requests_per_second), 1.0, 1000000.0),
-        page_size=table.integer("page_size", profile.page_size, 1, 1000),
-        membership_batch=table.integer("membership_batch", profile.membership_batch, 1, 10000),
+        burst=table.number("burst", max(1.0, requests_per_second), RANGES["target.burst"]),
+        page_size=table.integer("page_size", profile.page_size, RANGES["target.page_size"]),
+        membership_batch=table.integer(
+            "membership_batch", profile.membership_batch, RANGES["target.membership_batch"]
+        ),
         remove_action=remove_action,
         delete_after=delete_after,
         max_deletes=_max_deletes(table, "max_deletes"),
@@ -1209,8 +1290,8 @@ def _parse_target(ctx: _Ctx, index: int, raw: object) -> TargetConfig:
         mapping=_mapping(table, "mapping", profile),
         create_only=_create_only(table, "mapping"),
         require_email_username=table.boolean("require_email_username", profile.require_email_username),
-        timeout=table.duration("timeout", DEFAULT_TIMEOUT),
-        full_sync_every=table.opt_duration("full_sync_every"),
+        timeout=table.duration("timeout", DEFAULT_TIMEOUT, RANGES["target.timeout"]),
+        full_sync_every=table.opt_duration("full_sync_every", RANGES["target.full_sync_every"]),
         allow_insecure_http=insecure,
         active_false_deletes=table.boolean("active_false_deletes", profile.active_false_deletes),
         username_mutable=(table.boolean("username_mutable", True) if table.has("username_mutable") else None),
@@ -1247,19 +1328,24 @@ def _max_deletes(table: _Table, key: str) -> MaxDeletes:
         if match is None:
             raise table.error(key, f"{_shown(value)} is not a percent such as '10%' (or write a count: 50)")
         percent = float(match.group(1))
-        if percent > 100.0:
+        if not RANGES["target.max_deletes.percent"].holds(percent):
             raise table.error(key, f"{_shown(value)} is above 100%")
         return MaxDeletes(percent=percent)
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0 or value > MAX_DELETES_COUNT:
-            raise table.error(key, f"{value} is out of range (0..{MAX_DELETES_COUNT})")
+        limits = RANGES["target.max_deletes.count"]
+        if not limits.holds(value):
+            raise table.error(key, f"{_shown_int(value)} is out of range ({limits.text()})")
         return MaxDeletes(count=value)
     if isinstance(value, dict):  # both limits: the lower one wins
         sub = _Table(table.ctx, table.key(key), value, ("count", "percent"))
         both_count = (
-            sub.integer("count", MAX_DELETES_COUNT, 0, MAX_DELETES_COUNT) if sub.has("count") else None
+            sub.integer("count", MAX_DELETES_COUNT, RANGES["target.max_deletes.count"])
+            if sub.has("count")
+            else None
         )
-        both_percent = sub.number("percent", 100.0, 0.0, 100.0) if sub.has("percent") else None
+        both_percent = (
+            sub.number("percent", 100.0, RANGES["target.max_deletes.percent"]) if sub.has("percent") else None
+        )
         if both_count is None and both_percent is None:
             raise table.error(key, "set count, percent or both")
         return MaxDeletes(count=both_count, percent=both_percent)
