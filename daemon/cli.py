@@ -23,8 +23,6 @@ from daemon import logs
 from daemon.config import Config, ConfigError, load_config, resolve_config_path
 from daemon.durations import local_time
 from daemon.engine import (
-    META_ACCEPT_SHRINK,
-    META_RELOAD_APPROVED,
     META_SOURCE_ERROR,
     META_SOURCE_FAILING_SINCE,
     META_SOURCE_LAST_COMPLETE,
@@ -177,6 +175,8 @@ def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
 
 
 async def _status(cfg: Config) -> dict[str, Any]:
+    from daemon import approvals
+
     store = await Store.open(cfg.daemon.state_path)
     try:
         cycles = await store.latest_cycles()
@@ -186,8 +186,13 @@ async def _status(cfg: Config) -> dict[str, Any]:
             c["managed_users"] = await store.managed_count(c["target"], "user")
             c["managed_groups"] = await store.managed_count(c["target"], "group")
             c["approval_pending"] = await store.approved(c["target"])
+            held_plan = await approvals.held_plan(store, c["target"], c["cycle"])
+            c["held_plan"] = held_plan.as_dict() if held_plan is not None else None
+            c["approved_plan"] = await approvals.pending(store, c["target"])
             c["recent_failures"] = await store.recent_failures(c["target"], limit=10)
             out["targets"].append(c)
+        out["held_reload"] = await approvals.held_reload(store)
+        out["source_shrunk"] = await approvals.shrunk(store)
         return out
     finally:
         await store.close()
@@ -231,6 +236,15 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     line = source_line(data["source"])
     if line is not None:
         print(line)
+    if data.get("held_reload"):
+        r = data["held_reload"]
+        print(f"RELOAD HELD: {r.get('path')} (held at {_when(r.get('held_at'))}) would remove more than "
+              f"max_deletes in {', '.join(sorted(r.get('targets') or {}))}; "
+              "activate with `provisiond approve --reload`")
+    if data.get("source_shrunk"):
+        sh = data["source_shrunk"]
+        print(f"SOURCE SHRUNK: the last snapshot had {sh['users']} users (last good {sh['last_good_users']}); "
+              "removals are deferred; accept with `provisiond approve --source-shrink`")
     if not data["targets"]:
         print("no cycle has run yet")
     for t in data["targets"]:
@@ -247,6 +261,13 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         if t["held"]:
             print(f"  HELD: {t['held']} operation(s) (removals above max_deletes and the member removals "
                   f"they imply); release with `provisiond approve --target {t['target']}`")
+        if t.get("held_plan"):
+            hp = t["held_plan"]
+            ops = ", ".join(f"{op} {n}" for op, n in sorted(hp["by_op"].items()))
+            print(f"  held plan {hp['plan']}: {hp['removals']} removal(s) ({ops}), {hp['member_removals']} "
+                  f"member removal(s); `provisiond approve --target {t['target']} --plan {hp['plan']}`")
+        if t.get("approved_plan") is not None:
+            print(f"  approved: plan {t['approved_plan']}, released at the next cycle")
         if s.get("deferred_removals"):
             print(f"  deferred: {s['deferred_removals']} removal(s) not planned (snapshot incomplete or shrunk)")
         if s.get("group_limit"):
@@ -310,21 +331,49 @@ def cmd_test_connection(args: argparse.Namespace, cfg: Config) -> int:
     return EX_OK if anyio.run(_test_connection, cfg) else EX_FAIL
 
 
-async def _approve(cfg: Config, target: str | None, reload: bool) -> None:
+async def _approve(cfg: Config, target: str | None, plan_id: int | None, reload: bool,
+                   source_shrink: bool) -> list[str]:
+    """Record each approval asked for, or none: a part with nothing to release refuses them all."""
+    from daemon import approvals
+
     store = await Store.open(cfg.daemon.state_path)
     try:
+        lines: list[str] = []
+        # Check every part first, so that a refused part leaves the others unwritten too.
+        if target is not None and await approvals.held_plan(store, target, plan_id) is None:
+            which = f"plan {plan_id}" if plan_id is not None else "its latest cycle"
+            raise approvals.NothingHeld(f"target {target}: nothing is held in {which}; nothing approved")
+        if reload and await approvals.held_reload(store) is None:
+            raise approvals.NothingHeld("no reload is staged by a running daemon; nothing approved")
+        if source_shrink and await approvals.shrunk(store) is None:
+            raise approvals.NothingHeld("no shrunk source snapshot is waiting; nothing approved")
         if target is not None:
-            await store.approve(target)
-            await store.set_meta(META_ACCEPT_SHRINK, "1")
+            held = await approvals.approve(store, target, plan_id)
+            lines.append(f"approved: target {target}, {held.text()}; its next cycle applies these once "
+                         "(any other removal is held again above max_deletes)")
         if reload:
-            await store.set_meta(META_RELOAD_APPROVED, "1")
+            staged = await approvals.approve_reload(store)
+            lines.append(f"approved: the reload of {staged.get('path')} held at {_when(staged.get('held_at'))} "
+                         f"(targets {', '.join(sorted(staged.get('targets') or {}))}); the running daemon "
+                         "activates it before its next cycle")
+        if source_shrink:
+            found = await approvals.accept_shrink(store)
+            lines.append(f"approved: a source snapshot of at least {found['users']} users (last good "
+                         f"{found['last_good_users']}) is used for removals from the next cycle; each "
+                         "target's max_deletes still applies")
+        return lines
     finally:
         await store.close()
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    if args.target is None and not args.reload:
-        print("provisiond: approve needs --target NAME and/or --reload", file=sys.stderr)
+    from daemon.approvals import NothingHeld
+
+    if args.target is None and not args.reload and not args.source_shrink:
+        print("provisiond: approve needs --target NAME, --reload and/or --source-shrink", file=sys.stderr)
+        return EX_FAIL
+    if args.plan is not None and args.target is None:
+        print("provisiond: --plan needs --target", file=sys.stderr)
         return EX_FAIL
     try:
         cfg = _load(args)
@@ -335,12 +384,13 @@ def cmd_approve(args: argparse.Namespace) -> int:
     except KeyError:
         print(f"provisiond: no target named {args.target!r} in {cfg.path}", file=sys.stderr)
         return EX_FAIL
-    anyio.run(_approve, cfg, args.target, args.reload)
-    if args.target is not None:
-        print(f"approved: the next cycle of {args.target} applies its held removals once "
-              "(and accepts a shrunk source snapshot)")
-    if args.reload:
-        print("approved: the running daemon activates its held reload before its next cycle")
+    try:
+        lines = anyio.run(_approve, cfg, args.target, args.plan, args.reload, args.source_shrink)
+    except NothingHeld as exc:
+        print(f"provisiond: {exc}", file=sys.stderr)
+        return EX_FAIL
+    for line in lines:
+        print(line)
     return EX_OK
 
 
@@ -664,7 +714,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("test-connection", help="authenticate and read once from each side")
                 ).set_defaults(func=cmd_test_connection)
     p = with_config(sub.add_parser("approve", help="release removals held by max_deletes, once"))
-    p.add_argument("--target", help="release this target's held removals (once)")
+    p.add_argument("--target", help="release this target's held plan (once): exactly the removals it held")
+    p.add_argument("--plan", type=int, metavar="ID",
+                   help="the held plan to release, as `status` shows it (default: the target's latest)")
+    p.add_argument("--source-shrink", action="store_true",
+                   help="accept the shrunk PingOne snapshot the daemon refused (removals deferred)")
     p.add_argument("--reload", action="store_true",
                    help="activate a reload the running daemon held because it would remove too much")
     p.set_defaults(func=cmd_approve)

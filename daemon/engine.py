@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 import anyio
 
-from daemon import refusals
+from daemon import approvals, refusals
 from daemon.applier import APPLIED, FAILED, Applier, ApplyResult, Observer, TargetUnhealthy
 from daemon.backoff import RetryPolicy
 from daemon.config import Config, GroupRef, TargetConfig
@@ -69,12 +69,12 @@ QUARANTINE_BASE = 60.0
 QUARANTINE_CAP = 3600.0
 RECOVERY_LOG_EVERY = 5.0      # seconds between two `recovery.progress` lines
 META_LAST_GOOD_USERS = "source.last_good_users"
-META_ACCEPT_SHRINK = "source.accept_shrink"
+META_ACCEPT_SHRINK = approvals.META_ACCEPT_SHRINK
 # Bumped by another process that writes a target's links (`provisiond sync-user`), so that a
 # running daemon drops its in-memory copy: "links.generation.<target>".
 META_LINKS_GENERATION = "links.generation"
 # Set by `provisiond approve --reload`: the running daemon activates its staged config.
-META_RELOAD_APPROVED = "reload.approved"
+META_RELOAD_APPROVED = approvals.META_RELOAD_APPROVED
 # Set by `provisiond resync` ("resync.requested.<target>" = a fresh token): the next cycle of that
 # target is a full sync; the token is cleared once the target has been read whole.
 META_RESYNC = "resync.requested"
@@ -145,6 +145,7 @@ class CycleContext:
     log: Any               # bound to the target and the cycle
     started: float
     source_complete: bool = True   # PingOne was read whole (else the outcome is SOURCE_INCOMPLETE)
+    approval: approvals.Approval | None = None   # the approval the plan honoured (consumed at the end)
 
 
 @dataclass
@@ -486,15 +487,18 @@ class Engine:
         last = await self.store.get_meta(META_LAST_GOOD_USERS)
         accept = await self.store.get_meta(META_ACCEPT_SHRINK)
         count = len(snapshot.users)
-        if last is not None and accept != "1":
+        if last is not None and not approvals.shrink_accepted(accept, count):
             previous = int(last)
             floor = previous * (1.0 - self.config.daemon.max_source_shrink)
             if previous > 0 and count < floor:
                 self.log.warning("snapshot.shrunk", user_count=count, last_good_users=previous,
                                  shrink_pct=round(100.0 * (previous - count) / previous, 1),
-                                 max_source_shrink_pct=round(100 * self.config.daemon.max_source_shrink, 1))
+                                 max_source_shrink_pct=round(100 * self.config.daemon.max_source_shrink, 1),
+                                 hint="provisiond approve --source-shrink accepts it")
+                await approvals.record_shrunk(self.store, count, previous)
                 return False
         await self.store.set_meta(META_LAST_GOOD_USERS, str(count))
+        await approvals.clear_shrunk(self.store)
         if accept is not None:
             await self.store.set_meta(META_ACCEPT_SHRINK, "0")
         return True
@@ -592,7 +596,8 @@ class Engine:
             pins = resolve_pins(snapshot, rt.rules, await self.pins(name))
             desired = desired_state(snapshot, rt.rules, pins)
             actual = await self.store.load_links(name)
-            plans[name] = await self.make_plan(rt, desired, actual, complete)
+            plans[name] = await self.make_plan(rt, desired, actual, complete,
+                                               approval=await approvals.in_effect(self.store, name))
         return plans, complete
 
     async def preview_reload(self, config: Config) -> dict[str, dict[str, Any]]:
@@ -710,7 +715,8 @@ class Engine:
     async def _target_cycle(self, rt: TargetRuntime, snapshot: Snapshot, complete: bool, cycle_id: int,
                             full: bool, log: Any) -> TargetReport:
         """Steps 3a-3f for one target; `target_cycle` wraps them in quarantine and failure handling."""
-        cx = CycleContext(rt, cycle_id, full, complete, log, time.time(), snapshot.complete)
+        cx = CycleContext(rt, cycle_id, full, complete, log, time.time(), snapshot.complete,
+                          approval=await approvals.in_effect(self.store, rt.config.name))
         await self.recover(rt, log)                                               # a
         desired = await self.desire(rt, snapshot)                                 # b
         actual = await self.known_links(rt, desired, log)                         # c
@@ -748,7 +754,7 @@ class Engine:
     async def plan_cycle(self, cx: CycleContext, desired: Desired, actual: Actual) -> Plan:
         """Step d: the plan (planner, pure), saved before anything is sent."""
         with gc_paused():
-            the_plan = await self.make_plan(cx.rt, desired, actual, cx.complete)
+            the_plan = await self.make_plan(cx.rt, desired, actual, cx.complete, approval=cx.approval)
         # Standing refusals (ZIA admin-linked deletes) are not sent again before a full sync.
         refusals.hold(the_plan, await refusals.load(self.store, cx.rt.config.name), full_sync=cx.full)
         await self.store.save_plan(cx.cycle_id, cx.rt.config.name, the_plan.ops)
@@ -871,15 +877,17 @@ class Engine:
             return 0.0
         return round(operations / max(rt.governor.rate, 0.01), 1)
 
-    async def make_plan(self, rt: TargetRuntime, desired: Desired, actual: Actual, complete: bool) -> Plan:
+    async def make_plan(self, rt: TargetRuntime, desired: Desired, actual: Actual, complete: bool, *,
+                        approval: approvals.Approval | None = None) -> Plan:
+        """The planner's plan; the removals `approval` (of a held plan) names are released."""
         cfg = rt.config
         managed = len(actual.users)
-        granted = await self.store.approval_granted(cfg.name)
+        granted = approval.granted if approval is not None else None   # consumed by finish, exactly this one
         policy = Policy(
             create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,
             deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action, delete_after=cfg.delete_after,
             group_membership=cfg.group_membership, max_deletes=cfg.max_deletes.limit(managed),
-            approved=granted is not None,
+            released=approval.releases if approval is not None else frozenset(),
             max_groups_per_user=rt.client.profile.max_groups_per_user)
         result = plan(desired, actual, policy, complete=complete, now=time.time())
         result.approval = granted

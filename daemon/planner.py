@@ -74,6 +74,7 @@ class Policy:
     max_deletes: int | None = None          # removals allowed this cycle (None = no limit)
     approved: bool = False                  # the operator released held removals once
     max_groups_per_user: int | None = None  # the target's cap (ZIA 127): memberships beyond it are skipped
+    released: frozenset[str] = frozenset()  # removals an approval of a held plan releases (kind:source_id)
 
 
 class _Builder:
@@ -430,7 +431,9 @@ def _cap_memberships(b: _Builder, actual: Actual, cap: int) -> None:
 
 
 def _hold_removals(result: Plan, policy: Policy) -> None:
-    removals = [op for op in result.ops if op.is_removal and op.status == PENDING]
+    # Removals an approval released are not counted; the others are judged by max_deletes again.
+    removals = [op for op in result.ops if op.is_removal and op.status == PENDING
+                and f"{op.kind}:{op.source_id}" not in policy.released]
     result.removals_limit = policy.max_deletes
     if policy.max_deletes is None or policy.approved or len(removals) <= policy.max_deletes:
         return

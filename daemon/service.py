@@ -37,11 +37,10 @@ import aiohttp
 import anyio
 from anyio.abc import TaskGroup
 
-from daemon import logs
+from daemon import approvals, logs
 from daemon.config import Config, ConfigError, diff_configs, load_config
 from daemon.durations import format_duration
 from daemon.engine import (
-    META_RELOAD_APPROVED,
     CycleReport,
     Engine,
     TargetReport,
@@ -217,6 +216,7 @@ class Service:
         self._status_at = 0.0
         self._last_line = "no cycle yet"
         self.staged: Config | None = None      # a reload held by its impact preview
+        self._staged_id: str | None = None     # its id in the state file (`approve --reload` names it)
         self.metrics = Metrics()
         self.health = Health(source_bound=source_bound(config))
 
@@ -231,6 +231,7 @@ class Service:
         with anyio.open_signal_receiver(signal.SIGHUP, *STOP_SIGNALS) as signals:
             store = await Store.open(self.config.daemon.state_path)
             try:
+                await approvals.clear_held_reload(store)   # a staged reload does not outlive its process
                 async with http_session(gate) as session, AsyncExitStack() as stack:
                     self._engine = engine = Engine(self.config, store, session, log=self.log)
                     engine.progress = self._on_progress
@@ -483,20 +484,22 @@ class Service:
         held = {name: i for name, i in impact.items() if i["held"]}
         if held:
             self.staged = new
-            await engine.store.set_meta(META_RELOAD_APPROVED, "0")
+            self._staged_id = await approvals.record_held_reload(engine.store, self.config_path, held)
             self.log.warning("config.reload_held", path=self.config_path, impact=held,
                              hint="provisiond approve --reload activates it; the running config stays")
             self.notifier.ready(status="reload held: it would remove more than max_deletes; "
                                        "`provisiond approve --reload` activates it")
             return False
-        self.staged = None
+        if self.staged is not None:
+            self.staged = self._staged_id = None
+            await approvals.clear_held_reload(engine.store)
         return self._adopt(new, impact)
 
     async def _adopt_staged_if_approved(self) -> None:
-        if self.staged is None or await self.engine.store.get_meta(META_RELOAD_APPROVED) != "1":
+        if self.staged is None or not await approvals.reload_approved(self.engine.store, self._staged_id):
             return
-        staged, self.staged = self.staged, None
-        await self.engine.store.set_meta(META_RELOAD_APPROVED, "0")
+        staged, self.staged, self._staged_id = self.staged, None, None
+        await approvals.clear_held_reload(self.engine.store)
         self.log.info("config.reload_approved", path=self.config_path)
         self._adopt(staged, {})
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from daemon import approvals
 from daemon.applier import ApplyResult
 from daemon.config import Actions, GroupRef, Scope
 from daemon.engine import Engine, share_member_sets, share_with_desired
@@ -946,7 +947,8 @@ async def test_removals_above_max_deletes_are_held_until_approved(tmp_path: Path
         assert writes(h.sb.zia, "PATCH /Groups") == 0
         assert await h.store.held_count("zia") == len(leavers) + 1
 
-        await h.store.approve("zia")
+        released = await approvals.approve(h.store, "zia")
+        assert released.removals == {"disable": len(leavers)} and released.member_removals == 1
         await h.cycle()
         assert h.sb.zia.counters["PATCH /Users"] == len(leavers)
         assert_in_sync(h, "zia", lingering=[username(h, u) for u in leavers])

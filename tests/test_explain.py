@@ -22,6 +22,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from daemon import approvals
 from daemon.config import Config, GroupRef, MaxDeletes, Scope, load_config
 from daemon.engine import CycleReport, Engine
 from daemon.explain import UnknownUser, explain, render_explanation
@@ -219,7 +220,7 @@ async def test_a_removal_held_by_max_deletes_is_reported_held_until_approved(tmp
         assert t["last_operations"][0]["status"] == "held"
         assert "provisiond approve --target zpa" in render_explanation(
             await explain(w.store, w.config, left, "zpa"))
-        await w.store.approve("zpa")
+        await approvals.approve(w.store, "zpa")
         t = target(await explain(w.store, w.config, left, "zpa"), "zpa")
         assert t["held"] is False and t["approval_pending"] is True
         assert [o["status"] for o in t["next_cycle"]["operations"] if o["kind"] == "user"] == ["pending"]

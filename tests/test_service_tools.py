@@ -45,14 +45,44 @@ async def test_a_reload_that_would_remove_too_much_is_held_until_approved(tmp_pa
             assert w.sb.zpa.writes() == 0
             assert not d.named("config.reloaded")
 
+            status = await run_command("status", "-c", str(w.config))
+            assert "RELOAD HELD: " in status.stdout.decode() and "approve --reload" in status.stdout.decode()
             result = await run_command("approve", "-c", str(w.config), "--reload")
             assert result.returncode == 0, result.stderr
+            assert "approved: the reload of " in result.stdout.decode()
             await until(lambda: d.named("config.reload_approved"), "config.reload_approved",
                         explain=d.describe)
             (reloaded,) = await until(lambda: d.named("config.reloaded"), "config.reloaded", explain=d.describe)
             assert any(key.startswith("target.zpa.scope") for key in reloaded["changed"]), reloaded
             # the removals themselves still meet max_deletes in the cycle, as any other plan
             await until(lambda: d.named("plan.removals_held"), "plan.removals_held", explain=d.describe)
+            # the staged reload is spent: a second approval has nothing to activate, and says so
+            again = await run_command("approve", "-c", str(w.config), "--reload")
+            assert again.returncode != 0 and "no reload is staged" in again.stderr.decode()
+            assert "RELOAD HELD" not in (await run_command("status", "-c", str(w.config))).stdout.decode()
+            code = await stop(d)
+    assert code == 0, d.describe()
+
+
+async def test_approve_reload_with_nothing_staged_says_so_and_a_later_heavy_reload_is_held(tmp_path: Path) -> None:
+    async with world(tmp_path) as w:
+        write_config(w.sb, w.config, interval="1s")
+        async with daemon_running(w.config, w.notify, w.tg) as d:
+            await ready(w, d)
+            await until(lambda: d.named("cycle.summary"), "first cycle", explain=d.describe)
+            blind = await run_command("approve", "-c", str(w.config), "--reload")
+            assert blind.returncode != 0, blind.stdout
+            assert "no reload is staged" in blind.stderr.decode()
+            provisioned = {u["userName"] for u in w.sb.zpa.users.values()}
+            w.config.write_text(w.config.read_text().replace('scope = { groups = ["ZPA Users"] }',
+                                                             'scope = { groups = ["ZPA Contractors"] }'))
+            d.signal(1)   # SIGHUP: the blind approval before it does not activate it
+            await until(lambda: d.named("config.reload_held"), "config.reload_held", explain=d.describe)
+            mark = len(d.named("cycle.summary"))
+            await until(lambda: len(d.named("cycle.summary")) >= mark + 2, "two cycles on the old config",
+                        explain=d.describe)
+            assert not d.named("config.reloaded") and not d.named("config.reload_approved")
+            assert {u["userName"] for u in w.sb.zpa.users.values()} == provisioned
             code = await stop(d)
     assert code == 0, d.describe()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,82 @@ async def test_while_removals_are_held_no_member_is_removed_from_a_pushed_group_
         await h.cycle()
         assert h.events("plan.removals_held", target="zpa")
         assert removal_requests(h.emulator("zpa")) == []
+
+
+async def held_plan_id(h: Harness, target: str) -> int:
+    status = await cli("status", "--json", "-c", str(h.config_path))
+    assert status.returncode == 0, status.stderr
+    row = next(t for t in json.loads(status.stdout)["targets"] if t["target"] == target)
+    assert row["held_plan"] is not None, row
+    return int(row["held_plan"]["plan"])
+
+
+async def test_approve_with_nothing_held_says_so_changes_nothing_and_the_next_mass_removal_is_held(
+        tmp_path: Path) -> None:
+    async with harness(tmp_path, users=80) as h:
+        assert not (await h.cycle()).failed
+        zpa_em = h.emulator("zpa")
+        blind = await cli("approve", "--target", "zpa", "-c", str(h.config_path))
+        assert blind.returncode != 0, blind.stdout
+        assert "nothing is held" in blind.stderr.decode()
+        assert not await h.store.approved("zpa")
+        status = await cli("status", "--json", "-c", str(h.config_path))
+        assert all(t["approved_plan"] is None and not t["approval_pending"]
+                   for t in json.loads(status.stdout)["targets"])
+
+        leaving = remove_from_scope(h, 0.3)   # made after the blind approval: held all the same
+        await h.cycle()
+        (held,) = h.events("plan.removals_held", target="zpa")
+        assert held["held"] == len(leaving)
+        assert removal_requests(zpa_em, members=False) == []
+        assert all(zpa_em.user_by_username(h.directory.users[u]["username"])["active"] for u in leaving)
+
+        wrong = await cli("approve", "--target", "zpa", "--plan", "999999", "-c", str(h.config_path))
+        assert wrong.returncode != 0 and "nothing is held in plan 999999" in wrong.stderr.decode()
+        assert not await h.store.approved("zpa")
+        other = await cli("approve", "--target", "zia", "-c", str(h.config_path))   # per target
+        assert other.returncode != 0 and "target zia: nothing is held" in other.stderr.decode()
+
+
+async def test_an_approval_releases_exactly_the_held_plan_and_a_different_removal_is_held_again(
+        tmp_path: Path) -> None:
+    async with harness(tmp_path, users=80) as h:
+        assert not (await h.cycle()).failed
+        zpa_em = h.emulator("zpa")
+        first = remove_from_scope(h, 0.3)
+        await h.cycle()
+        assert h.events("plan.removals_held", target="zpa")
+        plan_id = await held_plan_id(h, "zpa")
+        text = (await cli("status", "-c", str(h.config_path))).stdout.decode()
+        assert f"held plan {plan_id}: {len(first)} removal(s) (disable {len(first)})" in text
+
+        approve = await cli("approve", "--target", "zpa", "--plan", str(plan_id), "-c", str(h.config_path))
+        assert approve.returncode == 0, approve.stderr
+        out = approve.stdout.decode()
+        assert f"plan {plan_id}: {len(first)} removal(s) (disable {len(first)})" in out
+        status = await cli("status", "--json", "-c", str(h.config_path))
+        zpa = next(t for t in json.loads(status.stdout)["targets"] if t["target"] == "zpa")
+        assert zpa["approved_plan"] == plan_id
+
+        # after the approval, before the cycle: a different scope change takes more users out
+        second = remove_from_scope(h, 0.3)
+        assert not set(first) & set(second)
+        ids = {uid: zpa_em.user_by_username(h.directory.users[uid]["username"])["id"] for uid in first + second}
+        await h.cycle()
+        # exactly the approved removals were sent; the new ones are held again
+        (held,) = h.events("plan.removals_held", target="zpa")
+        assert held["held"] == len(second)
+        removed = {r["path"].rstrip("/").rsplit("/", 1)[1] for r in removal_requests(zpa_em, members=False)}
+        assert removed == {ids[uid] for uid in first}
+        for uid in second:      # read back over SCIM: still there and active
+            assert zpa_em.user_by_username(h.directory.users[uid]["username"])["active"] is True
+        for uid in first:       # disabled (ZPA may delete on active=false)
+            found = zpa_em.user_by_username(h.directory.users[uid]["username"])
+            assert found is None or found["active"] is False
+        assert not await h.store.approved("zpa")   # spent
+
+        await h.cycle()                            # and stays held: the approval does not carry over
+        assert h.events("plan.removals_held", target="zpa")
+        assert removal_requests(zpa_em, members=False) == []     # (the log is per cycle)
+        for uid in second:
+            assert zpa_em.user_by_username(h.directory.users[uid]["username"])["active"] is True

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon import approvals
 from daemon.sandbox.runner import Sandbox
 from tests.safety import assert_converged, cli, harness
 
@@ -45,11 +46,12 @@ async def test_objects_provisiond_did_not_create_are_never_touched_and_counted_u
         text = (await cli("status", "-c", str(h.config_path))).stdout.decode()
         assert f"unmanaged users in target: {len(OUTSIDERS)}" in text
 
-        # every user in scope leaves it (approved, so nothing is held): only ours go
-        await h.store.approve("zpa")
+        # every user in scope leaves it (held, then approved): only ours go
         gid = h.directory.group_by_name("ZPA Users")["id"]
         for uid in list(h.directory.direct_member_ids(gid)):
             h.directory.remove_member(gid, uid)
+        await h.cycle()
+        await approvals.approve(h.store, "zpa")
         await h.cycle()
         await h.cycle()
         for rid, before in theirs.items():

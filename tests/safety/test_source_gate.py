@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemon.sandbox.directory import Directory
-from tests.safety import TARGETS, Harness, assert_converged, fast_source, harness, removal_requests
+from tests.safety import TARGETS, Harness, assert_converged, cli, fast_source, harness, removal_requests
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -133,3 +133,41 @@ async def test_a_users_listing_that_does_not_add_up_to_its_count_removes_nothing
             assert_converged(h.directory, h.emulator(target), target)
             found = h.emulator(target).user_by_username(gone_name)
             assert found is None or found.get("active") is False
+
+
+async def test_a_shrunk_snapshot_is_accepted_only_by_name_and_each_target_then_approves_its_own_plan(
+        tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        fast_source(h, page_size=PAGE_SIZE)
+        assert not (await h.cycle()).failed
+        config = str(h.config_path)
+        nothing = await cli("approve", "--source-shrink", "-c", config)
+        assert nothing.returncode != 0 and "no shrunk source snapshot" in nothing.stderr.decode()
+
+        delete_users(0.5)(h)
+        await h.cycle()
+        assert h.events("snapshot.shrunk")
+        # a target approval is not a shrink acceptance: nothing is held, so it is refused
+        blind = await cli("approve", "--target", "zpa", "-c", config)
+        assert blind.returncode != 0 and "nothing is held" in blind.stderr.decode()
+        await h.cycle()
+        assert h.events("snapshot.shrunk"), "still refused: nothing accepted it"
+        status = (await cli("status", "-c", config)).stdout.decode()
+        assert "SOURCE SHRUNK: the last snapshot had 30 users (last good 60)" in status
+
+        accepted = await cli("approve", "--source-shrink", "-c", config)
+        assert accepted.returncode == 0, accepted.stderr
+        assert "at least 30 users (last good 60)" in accepted.stdout.decode()
+        await h.cycle()
+        assert not h.events("snapshot.shrunk")
+        # the removals are now planned, and each target's max_deletes holds them
+        for target in TARGETS:
+            assert h.events("plan.removals_held", target=target), target
+            assert removal_requests(h.emulator(target), members=False) == [], target
+        approve = await cli("approve", "--target", "zpa", "-c", config)
+        assert approve.returncode == 0, approve.stderr
+        await h.cycle()
+        assert removal_requests(h.emulator("zpa"), members=False), "zpa's approved plan is applied"
+        assert h.events("plan.removals_held", target="zia"), "zia's is still held: approvals are per target"
+        assert removal_requests(h.emulator("zia"), members=False) == []
+        assert_converged(h.directory, h.emulator("zpa"), "zpa")
