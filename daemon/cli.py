@@ -296,6 +296,13 @@ def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
     return EX_OK
 
 
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from daemon.config_schema import json_schema_text
+
+    sys.stdout.write(json_schema_text())
+    return EX_OK
+
+
 async def _test_connection(cfg: Config) -> bool:
     from daemon.engine import build_runtime, source_client
 
@@ -711,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     with_config(sub.add_parser("check-config", help="validate and print the config, secrets masked")
                 ).set_defaults(func=cmd_check_config)
+    sub.add_parser("config-schema", help="print the config file's JSON Schema (draft 2020-12), for editors"
+                   ).set_defaults(func=cmd_config_schema)
     with_config(sub.add_parser("test-connection", help="authenticate and read once from each side")
                 ).set_defaults(func=cmd_test_connection)
     p = with_config(sub.add_parser("approve", help="release removals held by max_deletes, once"))

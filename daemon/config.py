@@ -33,6 +33,27 @@ import jmespath
 from scim2_filter_parser.lexer import SCIMLexer
 from scim2_filter_parser.parser import SCIMParser
 
+from daemon.config_schema import (
+    ACTION_KEYS,
+    CHANGE_MODES,
+    CLIENT_AUTHS,
+    DAEMON_KEYS,
+    GROUP_MEMBERSHIPS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MAPPING_ENTRY_KEYS,
+    MAX_DELETES_KEYS,
+    MEMBERSHIPS,
+    PROFILE_NAMES,
+    RANGES,
+    REMOVE_ACTIONS,
+    SCOPE_KEYS,
+    SOURCE_KEYS,
+    TARGET_AUTHS,
+    TARGET_KEYS,
+    UPDATE_METHODS,
+    Range,
+)
 from daemon.durations import DurationError, format_duration, parse_duration
 
 DEFAULT_CONFIG_PATH: Final = "/etc/provisiond/provisiond.toml"
@@ -52,7 +73,6 @@ DEFAULT_CLIENT_AUTH: Final = "basic"
 DEFAULT_SOURCE_PAGE_SIZE: Final = 500
 # [source] changes: how changes between full snapshots are learnt (issue 15; daemon/source/changes.py).
 DEFAULT_CHANGES: Final = "poll"
-CHANGE_MODES: Final = ("poll", "webhook", "off")
 DEFAULT_CHANGE_POLL_INTERVAL: Final = 5.0
 DEFAULT_TIMEOUT: Final = 30.0
 DEFAULT_TARGET_AUTH: Final = "bearer"
@@ -68,65 +88,6 @@ MAX_TEXT: Final = 4096
 MAX_DELETES_COUNT: Final = 10**9
 ZIA_MAX_RPS: Final = 5.0  # ZIA's documented per-tenant SCIM rate limit (zscaler-scim.md §1)
 
-@dataclass(frozen=True, slots=True)
-class Range:
-    """The documented range of one numeric key: `low..high`, both included unless `low_open`.
-
-    `unit` is "s" for durations (shown as durations, e.g. "1s..7d") and "" for plain numbers.
-    """
-
-    low: float
-    high: float
-    unit: str = ""
-    low_open: bool = False
-    integer: bool = False
-
-    def holds(self, value: float) -> bool:
-        """Whether `value` is in range (a NaN or an infinity never is)."""
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        if value > self.high:  # an int of any size compares exactly with a float
-            return False
-        return value > self.low if self.low_open else value >= self.low
-
-    def show(self, value: float) -> str:
-        """`value` written like the range's bounds ("7d", "1024", "0.5")."""
-        if self.unit == "s" and math.isfinite(value) and 0 <= value <= 1e12:
-            return format_duration(value)
-        if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
-            return str(int(value))
-        return f"{value:g}"
-
-    def text(self) -> str:
-        """ "1s..7d", "1..1024", "above 0, at most 100000": how README and errors write it."""
-        if self.low_open:
-            return f"above {self.show(self.low)}, at most {self.show(self.high)}"
-        return f"{self.show(self.low)}..{self.show(self.high)}"
-
-
-# Every numeric key and its range: one declaration, read by the parser, README and the tests.
-# Durations are float seconds. A key of every target is "target.KEY".
-RANGES: Final[dict[str, Range]] = {
-    "daemon.interval": Range(1.0, 7 * 86400.0, "s"),
-    "daemon.full_sync_every": Range(1.0, 365 * 86400.0, "s"),
-    "daemon.grace_period": Range(0.0, 3600.0, "s"),
-    "daemon.jitter": Range(0.0, 86400.0, "s"),
-    "daemon.max_source_shrink": Range(0.0, 1.0),
-    "source.page_size": Range(1, 1000, integer=True),
-    "source.timeout": Range(0.1, 3600.0, "s"),
-    "target.concurrency": Range(1, 1024, integer=True),
-    "target.requests_per_second": Range(0.0, 100000.0, low_open=True),
-    "target.burst": Range(1.0, 1000000.0),
-    "target.page_size": Range(1, 1000, integer=True),
-    "target.membership_batch": Range(1, 10000, integer=True),
-    "target.delete_after": Range(1.0, 365 * 86400.0, "s"),
-    "target.max_deletes.count": Range(0, 10**9, integer=True),
-    "target.max_deletes.percent": Range(0.0, 100.0),
-    "target.timeout": Range(0.1, 3600.0, "s"),
-    "target.full_sync_every": Range(1.0, 365 * 86400.0, "s"),
-}
-
-
 ENTERPRISE_USER: Final = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 
 REGIONS: dict[str, tuple[str, str]] = {
@@ -138,15 +99,6 @@ REGIONS: dict[str, tuple[str, str]] = {
     "AP": ("https://api.pingone.asia/v1", "https://auth.pingone.asia"),
 }
 
-LOG_FORMATS: Final = ("json", "console")
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-CLIENT_AUTHS: Final = ("basic", "post")
-PROFILE_NAMES: Final = ("zpa", "zia", "generic")
-TARGET_AUTHS: Final = ("bearer", "basic", "oauth_client_credentials")
-UPDATE_METHODS: Final = ("patch", "put")
-GROUP_MEMBERSHIPS: Final = ("overwrite", "merge")
-REMOVE_ACTIONS: Final = ("disable", "delete", "disable_then_delete")
-MEMBERSHIPS: Final = ("transitive", "direct")
 SCOPE_ALL: Final = "all"
 
 # Attributes the server or provisiond owns; a mapping may not set them.
@@ -660,78 +612,10 @@ def diff_configs(old: Config, new: Config) -> dict[str, Any]:
 # Reading tables
 
 
-_DAEMON_KEYS: Final = (
-    "state_path",
-    "interval",
-    "full_sync_every",
-    "log_format",
-    "log_level",
-    "grace_period",
-    "jitter",
-    "max_source_shrink",
-    "http_listen",
-)
-_SOURCE_KEYS: Final = (
-    "region",
-    "api_url",
-    "auth_url",
-    "environment_id",
-    "client_id",
-    "client_auth",
-    "client_secret",
-    "client_secret_file",
-    "client_secret_env",
-    "page_size",
-    "timeout",
-    "allow_insecure_http",
-    "changes",
-    "change_poll_interval",
-    "webhook_secret",
-    "webhook_secret_file",
-    "webhook_secret_env",
-)
-_TARGET_KEYS: Final = (
-    "name",
-    "profile",
-    "base_url",
-    "auth",
-    "token",
-    "token_file",
-    "token_env",
-    "username",
-    "password",
-    "password_file",
-    "password_env",
-    "token_url",
-    "client_id",
-    "client_secret",
-    "client_secret_file",
-    "client_secret_env",
-    "update_method",
-    "match_filter",
-    "group_match_filter",
-    "group_membership",
-    "concurrency",
-    "requests_per_second",
-    "burst",
-    "page_size",
-    "membership_batch",
-    "remove_action",
-    "delete_after",
-    "max_deletes",
-    "actions",
-    "groups",
-    "membership",
-    "scope",
-    "mapping",
-    "require_email_username",
-    "timeout",
-    "full_sync_every",
-    "allow_insecure_http",
-    "active_false_deletes",
-    "username_mutable",
-    "max_groups_per_user",
-)
+# The keys each table accepts: from the one declaration in daemon.config_schema.
+_DAEMON_KEYS: Final = DAEMON_KEYS
+_SOURCE_KEYS: Final = SOURCE_KEYS
+_TARGET_KEYS: Final = TARGET_KEYS
 # Keys that belong to one auth method only.
 _AUTH_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "bearer": ("token",),
@@ -1168,7 +1052,8 @@ def _parse_changes(table: _Table) -> dict[str, Any]:
     webhook = changes == "webhook"
     return {
         "changes": changes,
-        "change_poll_interval": table.duration("change_poll_interval", DEFAULT_CHANGE_POLL_INTERVAL),
+        "change_poll_interval": table.duration("change_poll_interval", DEFAULT_CHANGE_POLL_INTERVAL,
+                                               RANGES["source.change_poll_interval"]),
         "webhook_secret": table.secret("webhook_secret", required=webhook,
                                        why=" (changes = \"webhook\" needs the shared secret)"),
     }
@@ -1295,7 +1180,7 @@ def _parse_target(ctx: _Ctx, index: int, raw: object) -> TargetConfig:
         allow_insecure_http=insecure,
         active_false_deletes=table.boolean("active_false_deletes", profile.active_false_deletes),
         username_mutable=(table.boolean("username_mutable", True) if table.has("username_mutable") else None),
-        max_groups_per_user=(table.integer("max_groups_per_user", 1, 1, 1_000_000)
+        max_groups_per_user=(table.integer("max_groups_per_user", 1, RANGES["target.max_groups_per_user"])
                              if table.has("max_groups_per_user") else None),
     )
 
@@ -1337,7 +1222,7 @@ def _max_deletes(table: _Table, key: str) -> MaxDeletes:
             raise table.error(key, f"{_shown_int(value)} is out of range ({limits.text()})")
         return MaxDeletes(count=value)
     if isinstance(value, dict):  # both limits: the lower one wins
-        sub = _Table(table.ctx, table.key(key), value, ("count", "percent"))
+        sub = _Table(table.ctx, table.key(key), value, MAX_DELETES_KEYS)
         both_count = (
             sub.integer("count", MAX_DELETES_COUNT, RANGES["target.max_deletes.count"])
             if sub.has("count")
@@ -1354,7 +1239,7 @@ def _max_deletes(table: _Table, key: str) -> MaxDeletes:
 
 def _actions(table: _Table, key: str) -> Actions:
     sub = _Table(
-        table.ctx, table.key(key), table.get(key, {}), ("create", "update", "disable", "deprovision")
+        table.ctx, table.key(key), table.get(key, {}), ACTION_KEYS
     )
     return Actions(
         create=sub.boolean("create", True),
@@ -1414,7 +1299,7 @@ def _scope(table: _Table, key: str) -> Scope:
                 key, f'{_shown(raw)}: write scope = "all" or a table {{ groups = [...], filter = "..." }}'
             )
         return Scope(everyone=True)
-    sub = _Table(table.ctx, table.key(key), raw, ("groups", "filter"))
+    sub = _Table(table.ctx, table.key(key), raw, SCOPE_KEYS)
     groups = _group_refs(table, sub.key("groups"), sub.get("groups", []))
     text = sub.opt_string("filter")
     if text is not None:
@@ -1480,7 +1365,7 @@ MAPPING_CREATE_ONLY = "create_only"
 
 def _mapping_entry(ctx: _Ctx, at: str, raw: dict[str, Any]) -> object:
     """`{ expr = "…", create_only = true }`: the expression (checked by the caller)."""
-    sub = _Table(ctx, at, raw, (MAPPING_EXPR, MAPPING_CREATE_ONLY))
+    sub = _Table(ctx, at, raw, MAPPING_ENTRY_KEYS)
     sub.boolean(MAPPING_CREATE_ONLY, False)
     return raw[MAPPING_EXPR]
 
