@@ -39,6 +39,7 @@ from daemon.config_schema import (
     CLIENT_AUTHS,
     DAEMON_KEYS,
     GROUP_MEMBERSHIPS,
+    GROUP_REF_KEYS,
     LOG_FORMATS,
     LOG_LEVELS,
     MAPPING_ENTRY_KEYS,
@@ -1278,7 +1279,6 @@ def _group_refs(table: _Table, where: str, raw: object) -> tuple[GroupRef, ...]:
     return tuple(refs)
 
 
-GROUP_REF_KEYS = ("id", "name", "prefix", "filter")
 
 
 def _check_group_rule(sub: _Table, text: str) -> None:

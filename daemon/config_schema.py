@@ -223,14 +223,22 @@ class MaxDeletesFile(_Table):
 
 
 class GroupById(_Table):
-    id: Text
+    id: Text = Field(description="A PingOne group id")
 
 
 class GroupByName(_Table):
-    name: Text
+    name: Text = Field(description="A PingOne group name")
 
 
-GroupRefFile = Text | GroupById | GroupByName
+class GroupByPrefix(_Table):
+    prefix: Text = Field(description="Every PingOne group whose name starts with this")
+
+
+class GroupByFilter(_Table):
+    filter: Text = Field(description='Every PingOne group matching this SCIM filter, e.g. name sw "ZPA-"')
+
+
+GroupRefFile = Text | GroupById | GroupByName | GroupByPrefix | GroupByFilter
 
 
 class ScopeFile(_Table):
@@ -317,6 +325,8 @@ ACTION_KEYS: Final[tuple[str, ...]] = tuple(ActionsFile.model_fields)
 MAX_DELETES_KEYS: Final[tuple[str, ...]] = tuple(MaxDeletesFile.model_fields)
 SCOPE_KEYS: Final[tuple[str, ...]] = tuple(ScopeFile.model_fields)
 MAPPING_ENTRY_KEYS: Final[tuple[str, ...]] = tuple(MappingEntry.model_fields)
+GROUP_REF_KEYS: Final[tuple[str, ...]] = tuple(
+    key for model in (GroupById, GroupByName, GroupByPrefix, GroupByFilter) for key in model.model_fields)
 
 
 def _drop_nulls(node: Any) -> Any:
