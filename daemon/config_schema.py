@@ -159,7 +159,7 @@ Percent = Annotated[str, Field(pattern=PERCENT_PATTERN)]
 
 
 class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)   # built when the schema is asked for
 
 
 class DaemonFile(_Table):
