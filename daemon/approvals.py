@@ -14,6 +14,8 @@ CLI), so that what "approved" means lives in one place:
     in_effect(store, target)             the planner's input: the approval and what it releases
     consume(store, target, approval)     after the cycle that planned with it; an approval given
                                          since (a newer one) is kept for the next cycle
+    held_removal(store, target, k, id)   whether the latest plan held one entity's removal (sync-user)
+    used_up(approval, applied)           whether a one-user apply used all an approval releases
     held_plan(store, target, plan_id)    what a plan held (for `status` and the CLI)
 
 A reload held by its impact preview is recorded too (`record_held_reload`), so that `approve
@@ -153,6 +155,30 @@ async def consume(store: Store, target: str, approval: Approval | None) -> None:
             return
         await db.execute("DELETE FROM approval WHERE target=?", (target,))
         await db.execute("DELETE FROM meta WHERE key=?", (f"{META_APPROVED_PLAN}.{target}",))
+
+
+async def held_removal(store: Store, target: str, kind: str, source_id: str) -> int | None:
+    """The target's latest plan (its latest daemon cycle), when it held this entity's removal; else None.
+
+    `sync-user` holds such a removal unless an approval releases it: a held mass removal is not
+    sent piecewise, one user at a time, without the approval of the plan that held it.
+    """
+    async with store.db.execute("SELECT max(id) FROM cycle WHERE target=? AND kind=?", (target, CYCLE_KIND)) as cur:
+        row = await cur.fetchone()
+    if row is None or row[0] is None:
+        return None
+    plan_id = int(row[0])
+    async with store.db.execute(
+            "SELECT 1 FROM operation WHERE cycle_id=? AND target=? AND kind=? AND source_id=? "
+            "AND status='held' AND op != ? LIMIT 1", (plan_id, target, kind, source_id, MEMBER_REMOVAL)) as cur:
+        return plan_id if await cur.fetchone() is not None else None
+
+
+def used_up(approval: Approval | None, applied: frozenset[str]) -> bool:
+    """Whether a partial apply (`sync-user`: one user's removals, `applied`) used all `approval`
+    releases. Only then is it consumed; otherwise the removals it still releases are the next
+    cycle's, which consumes it as usual. An approval releasing nothing is left to the cycle."""
+    return approval is not None and bool(approval.releases) and approval.releases <= applied
 
 
 # -- held reloads ---------------------------------------------------------------------------------

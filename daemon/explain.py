@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from daemon import refusals
+from daemon import approvals, refusals
 from daemon.config import Config, TargetConfig
 from daemon.durations import local_time
 from daemon.engine import profile_overrides, rules_for
@@ -194,21 +194,25 @@ def narrow(actual: Actual, user_id: str, departed: Iterable[UserLink] = ()) -> A
     return Actual(users, groups)
 
 
-def policy_for(cfg: TargetConfig, *, max_deletes: int | None = None, approved: bool = False) -> Policy:
+def policy_for(cfg: TargetConfig, *, max_deletes: int | None = None, approved: bool = False,
+               released: frozenset[str] = frozenset()) -> Policy:
     return Policy(create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,
                   deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action,
                   delete_after=cfg.delete_after, group_membership=cfg.group_membership,
-                  max_deletes=max_deletes, approved=approved,
+                  max_deletes=max_deletes, approved=approved, released=released,
                   max_groups_per_user=profile_for(cfg.profile, **profile_overrides(cfg)).max_groups_per_user)
 
 
 def plan_for_user(desired: Desired, actual: Actual, user_id: str, cfg: TargetConfig, *, now: float,
                   max_deletes: int | None = None, approved: bool = False,
+                  released: frozenset[str] = frozenset(),
                   departed: Sequence[UserLink] = ()) -> Plan:
     """The planner over one user: desired groups that are not linked yet are created only when
     this user belongs in them; group links not desired are left alone (never deleted here), and
     so are renames. `departed`: links of namesakes known to be gone from PingOne (a rehire takes
-    one over); nothing else is planned for them here."""
+    one over); nothing else is planned for them here. `released`: the removals an approval of a
+    held plan releases (`Approval.releases`, `kind:source_id`), exactly as a cycle's plan takes
+    them: a released removal is not counted against `max_deletes`, any other is judged again."""
     scoped = Actual(actual.users, {g: link for g, link in actual.groups.items() if g in desired.groups})
     wanted = Desired(users=desired.users, skipped=desired.skipped, missing_groups=desired.missing_groups,
                      present_users=desired.present_users, present_groups=desired.present_groups,
@@ -216,7 +220,8 @@ def plan_for_user(desired: Desired, actual: Actual, user_id: str, cfg: TargetCon
                      groups={g: w for g, w in desired.groups.items()
                              if g in scoped.groups or user_id in w.members})
     result = plan(wanted, narrow(scoped, user_id, departed),
-                  policy_for(cfg, max_deletes=max_deletes, approved=approved), complete=True, now=now)
+                  policy_for(cfg, max_deletes=max_deletes, approved=approved, released=released),
+                  complete=True, now=now)
     # A rename of a pushed group is the next cycle's business, not this user's; so is a departed
     # namesake's removal.
     result.ops = [op for op in result.ops if not (op.kind == "group" and op.op == "rename")
@@ -374,11 +379,16 @@ async def _explain_target(store: Store, cfg: TargetConfig, rules: Rules, pins: M
     actual = Actual({user_id: link} if link is not None else {}, links)
     departed = ([n for n in await namesake_links(store, name, want.user_name, user_id)
                  if not await in_snapshot(store, n.source_id)] if want is not None and link is None else [])
-    the_plan = plan_for_user(desired, actual, user_id, cfg, now=now, departed=departed)
+    approval = await approvals.in_effect(store, name)
+    released = approval.releases if approval is not None else frozenset()
+    the_plan = plan_for_user(desired, actual, user_id, cfg, now=now, released=released, departed=departed)
     history = await store.operations_for(name, user_id, limit=DEFAULT_HISTORY)
     last_cycle = await last_daemon_cycle(store, name)
     held_last = any(op["cycle"] == last_cycle and op["status"] == HELD for op in history)
-    approved = await store.approved(name)
+    # Approved only when the approved plan held this user's removal (the engine's identity);
+    # an approval of another plan leaves it held.
+    removal_approved = held_last and approvals.removal_key("user", user_id) in released
+    approved = removal_approved
     refused = (await refusals.load(store, name)).get(user_id)    # a standing refusal (admin_linked)
     if refused is not None:
         refusals.hold(the_plan, {user_id: refused}, full_sync=False)
@@ -411,7 +421,9 @@ async def _explain_target(store: Store, cfg: TargetConfig, rules: Rules, pins: M
         "last_operations": history,
         "held": held_last and not approved,
         "refused": refused,
-        "approval_pending": approved,
+        "approval_pending": approval is not None,
+        "approved_plan": approval.plan_id if approval is not None and approval.plan_id >= 0 else None,
+        "removal_approved": removal_approved if held_last else None,
         "next_cycle": {"operations": next_ops, "summary": _next_summary(next_ops, scope, want, skip, link)},
     }
 
@@ -516,6 +528,11 @@ def render_explanation(data: dict[str, Any]) -> str:
             lines.append(f"  refused: the target refuses to delete this user ({t['refused']}); "
                          "provisiond asks again at the next full sync")
         lines.append(f"  next cycle: {t['next_cycle']['summary']}")
-        if t["held"]:
-            lines.append(f"  held: release with `provisiond approve --target {t['target']}`")
+        if t.get("removal_approved"):
+            lines.append(f"  held, APPROVED: plan {t['approved_plan']} held this removal and is approved; "
+                         "the next cycle (or `sync-user`) sends it")
+        elif t["held"]:
+            other = (f" (the pending approval of plan {t['approved_plan']} does not release it: "
+                     "that plan did not hold this removal)" if t.get("approved_plan") is not None else "")
+            lines.append(f"  held: release with `provisiond approve --target {t['target']}`{other}")
     return "\n".join(lines)

@@ -32,12 +32,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from daemon import approvals
 from daemon.applier import APPLIED, FAILED, Applier
 from daemon.config import Config, TargetConfig
 from daemon.engine import (
@@ -64,7 +65,7 @@ from daemon.explain import (
     user_link,
     user_snapshot,
 )
-from daemon.links import PENDING, Actual, Op
+from daemon.links import HELD, PENDING, REMOVALS_HELD, Actual, Op, Plan
 from daemon.mapping import Desired, desired_state, resolve_pins
 from daemon.model import JSON, Snapshot
 from daemon.planner import plan
@@ -223,6 +224,23 @@ async def _gone(source: PingOneClient, user_id: str) -> bool:
     return False
 
 
+def hold_unreleased(the_plan: Plan, user_id: str, released: frozenset[str]) -> None:
+    """The target's latest plan held this user's removal: hold it here too unless `released`
+    (an approval of a plan that held it) releases it, with the user's member removals, as the
+    planner holds them."""
+    if approvals.removal_key("user", user_id) in released:
+        return
+    removals = [op for op in the_plan.ops if op.is_removal and op.kind == "user" and op.source_id == user_id
+                and op.status == PENDING]
+    if not removals:
+        return
+    held = {op.seq for op in removals} | {op.seq for op in the_plan.ops
+                                          if op.op == "remove_members" and op.status == PENDING}
+    the_plan.removals_held += len(removals)
+    the_plan.ops = [replace(op, status=HELD, skip_reason=REMOVALS_HELD) if op.seq in held else op
+                    for op in the_plan.ops]
+
+
 async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, writes_to: Store,
                        session: aiohttp.ClientSession, dry_run: bool, log: Any, emit: Emit,
                        source: PingOneClient, progress: ProgressSink | None = None) -> TargetSync:
@@ -261,13 +279,15 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
     departed = [n for n in namesakes_linked if link is None and await _gone(source, n.source_id)]
     managed = await store.managed_count(name)
     limit = cfg.max_deletes.limit(managed)
-    granted = await store.approval_granted(name)
+    # Like a cycle, sync-user honours an approval of a held plan: it releases this user's removal
+    # only when that plan held it (by `kind:source_id`, the engine's identity); any other removal
+    # is judged by max_deletes again, and one the target's latest plan holds stays held.
+    approval = await approvals.in_effect(store, name)
+    released = approval.releases if approval is not None else frozenset()
     the_plan = plan_for_user(desired, actual, src.user_id, cfg, now=time.time(), max_deletes=limit,
-                             approved=granted is not None, departed=departed)
-    # Like a cycle, sync-user honours an approval; it consumes it when it needed it: when its
-    # removals are more than max_deletes allows (else the daemon's held removals keep theirs).
-    removals = sum(1 for op in the_plan.ops if op.is_removal and op.status == PENDING)
-    uses_approval = granted is not None and removals > limit
+                             released=released, departed=departed)
+    if await approvals.held_removal(store, name, "user", src.user_id) is not None:
+        hold_unreleased(the_plan, src.user_id, released)
     out.ops = the_plan.ops
     verdict = "in scope" if want is not None else "not in scope" if src.user is not None else "deleted in PingOne"
     if not the_plan.ops:
@@ -313,9 +333,17 @@ async def _sync_target(cfg: TargetConfig, src: _SourceUser, *, store: Store, wri
     if isinstance(client, DryRunClient):
         out.writes = list(client.writes)
     counts = result.counts()
-    if uses_approval and not dry_run and granted is not None:
-        await store.consume_approval(name, granted)
-        emit(f"  the approval of {name} was used (and consumed) for this user's removal")
+    if approval is not None and not dry_run:
+        applied = frozenset(approvals.removal_key(op.kind, op.source_id) for op in the_plan.ops
+                            if op.is_removal and op.seq in result.outcomes
+                            and result.outcomes[op.seq].status == APPLIED
+                            and approvals.removal_key(op.kind, op.source_id) in approval.releases)
+        if approvals.used_up(approval, applied):
+            await approvals.consume(store, name, approval)
+            emit(f"  the approval of {name} (plan {approval.plan_id}) was used (and consumed) for this user's removal")
+        elif applied:
+            emit(f"  the approval of {name} (plan {approval.plan_id}) released this user's removal; "
+                 "it is kept for the next cycle, which sends the rest of that plan")
     outcome = "success" if not counts.get(FAILED) else "partial_failure"
     await writes_to.finish_cycle(cycle_id, outcome, {
         "kind": SYNC_USER_KIND, "user": src.user_id, "operations": counts,

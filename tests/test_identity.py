@@ -559,6 +559,109 @@ async def test_sync_user_honours_and_consumes_an_approval(tmp_path: Path) -> Non
         assert not await h.store.approved("zia"), "sync-user left the approval it used"
 
 
+def zia_max_deletes(h: Harness, count: int) -> str:
+    """Write `max_deletes = count` for zia into the config file the CLI reads; its path."""
+    text = h.config_path.read_text()
+    head, sep, tail = text.partition('name = "zia"')
+    tail, n = re.subn(r"(?m)^max_deletes = .*$", f"max_deletes = {count}", tail, count=1)
+    if not n:
+        tail = f"\nmax_deletes = {count}" + tail
+    h.config_path.write_text(head + sep + tail)
+    return str(h.config_path)
+
+
+async def by_external_id(h: Harness, target: str) -> dict[str, dict[str, Any]]:
+    return {str(u.get("externalId")): u for u in await scim_list(h, target, "Users")}
+
+
+async def test_sync_user_sends_a_removal_only_the_approved_plan_held(tmp_path: Path) -> None:
+    """Items 13.9 / 14.3: a cycle holds 3 removals (plan P). Before any approval, `sync-user` of
+    one of them holds it too (the plan's hold is not bypassed one user at a time). Once
+    `approve --plan P` is given, `sync-user` of a user P held sends the removal (read back
+    inactive); the approval is kept, since P released two more removals, and the next cycle
+    sends those and consumes it."""
+    async with harness(tmp_path, zia={"max_deletes": MaxDeletes(count=1)}) as h:
+        assert not (await h.cycle()).failed
+        config = zia_max_deletes(h, 1)
+        gone = zia_members(h, 3)
+        for uid in gone:
+            h.directory.delete_user(uid)
+        await h.cycle()
+        plan_id = h.target_report("zia").cycle_id
+        assert h.target_report("zia").summary["held"] == 3
+        first = gone[0]
+
+        held = await cli("sync-user", first, "--target", "zia", "-c", config)
+        assert held.returncode == 0, held.stderr
+        assert b"held" in held.stdout.lower(), held.stdout
+        assert active((await by_external_id(h, "zia"))[first]), "a held plan's removal was sent unapproved"
+
+        ok = await cli("approve", "--target", "zia", "--plan", str(plan_id), "-c", config)
+        assert ok.returncode == 0, ok.stderr
+        why = await cli("why", first, "--target", "zia", "--json", "-c", config)
+        assert why.returncode == 0, why.stderr
+        (told,) = json.loads(why.stdout)["targets"]
+        assert told["removal_approved"] is True and told["held"] is False and told["approved_plan"] == plan_id
+
+        done = await cli("sync-user", first, "--target", "zia", "-c", config)
+        assert done.returncode == 0, done.stderr
+        after = await by_external_id(h, "zia")
+        assert not active(after[first])
+        assert all(active(after[uid]) for uid in gone[1:])
+        assert await approvals.pending(h.store, "zia") == plan_id, "sync-user consumed an approval it half used"
+
+        await h.cycle()
+        assert h.target_report("zia").summary["held"] == 0
+        after = await by_external_id(h, "zia")
+        assert not any(active(after[uid]) for uid in gone)
+        assert len(h.events("user.disabled", target="zia")) == 2      # the first one was not sent again
+        assert not await h.store.approved("zia")
+
+
+async def test_sync_user_holds_a_removal_the_approved_plan_did_not_hold(tmp_path: Path) -> None:
+    """Items 13.9 / 14.3: plan P held 3 removals and is approved; a user leaves scope afterwards.
+    `sync-user` of that user holds its removal (exit 0, `held`, read back active) and leaves the
+    approval pending; `why` says the pending approval does not release it."""
+    async with harness(tmp_path, zia={"max_deletes": MaxDeletes(count=0)}) as h:
+        assert not (await h.cycle()).failed
+        config = zia_max_deletes(h, 0)
+        members = zia_members(h, 4)
+        gone, later = members[:3], members[3]
+        for uid in gone:
+            h.directory.delete_user(uid)
+        await h.cycle()
+        plan_id = h.target_report("zia").cycle_id
+        assert h.target_report("zia").summary["held"] == 3
+        ok = await cli("approve", "--target", "zia", "--plan", str(plan_id), "-c", config)
+        assert ok.returncode == 0, ok.stderr
+
+        d = h.directory
+        d.remove_member(d.group_by_name("ZIA Users")["id"], later)      # a scope change after the hold
+        held = await cli("sync-user", later, "--target", "zia", "-c", config)
+        assert held.returncode == 0, held.stderr
+        assert b"held" in held.stdout.lower(), held.stdout
+        after = await by_external_id(h, "zia")
+        assert active(after[later]), "sync-user sent a removal the approved plan did not hold"
+        assert all(active(after[uid]) for uid in gone)
+        assert await approvals.pending(h.store, "zia") == plan_id
+
+        # the next cycle sends exactly what P held; the later removal is held again
+        await h.cycle()
+        assert h.target_report("zia").summary["held"] == 1
+        after = await by_external_id(h, "zia")
+        assert not any(active(after[uid]) for uid in gone) and active(after[later])
+
+        # approved again (plan P), `why` still says the later removal is held, not approved
+        ok = await cli("approve", "--target", "zia", "--plan", str(plan_id), "-c", config)
+        assert ok.returncode == 0, ok.stderr
+        why = await cli("why", later, "--target", "zia", "-c", config)
+        assert why.returncode == 0, why.stderr
+        assert f"pending approval of plan {plan_id} does not release it".encode() in why.stdout, why.stdout
+        held = await cli("sync-user", later, "--target", "zia", "-c", config)
+        assert held.returncode == 0 and b"held" in held.stdout.lower(), held.stdout
+        assert active((await by_external_id(h, "zia"))[later])
+
+
 # -- item 8: a malformed state-file row ------------------------------------------------------------
 
 
