@@ -30,11 +30,12 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import jmespath
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 from scim2_filter_parser.lexer import SCIMLexer
 from scim2_filter_parser.parser import SCIMParser
 
 from daemon.config_schema import (
-    ACTION_KEYS,
     CHANGE_MODES,
     CLIENT_AUTHS,
     DAEMON_KEYS,
@@ -42,20 +43,24 @@ from daemon.config_schema import (
     GROUP_REF_KEYS,
     LOG_FORMATS,
     LOG_LEVELS,
-    MAPPING_ENTRY_KEYS,
-    MAX_DELETES_KEYS,
     MEMBERSHIPS,
     PROFILE_NAMES,
     RANGES,
     REMOVE_ACTIONS,
-    SCOPE_KEYS,
     SOURCE_KEYS,
     TARGET_AUTHS,
     TARGET_KEYS,
     UPDATE_METHODS,
+    ActionsFile,
+    DaemonFile,
+    MappingEntry,
+    MaxDeletesFile,
     Range,
+    ScopeFile,
+    SourceFile,
+    TargetFile,
 )
-from daemon.durations import DurationError, format_duration, parse_duration
+from daemon.durations import format_duration, parse_duration
 
 DEFAULT_CONFIG_PATH: Final = "/etc/provisiond/provisiond.toml"
 CONFIG_PATH_ENV: Final = "PROVISIOND_CONFIG"
@@ -523,10 +528,10 @@ def parse_config(
         base_dir=base_dir if base_dir is not None else os.getcwd(),
     )
     top = _Table(ctx, "", data, ("daemon", "source", "target"))
-    daemon = _parse_daemon(_Table(ctx, "daemon", top.get("daemon", {}), _DAEMON_KEYS))
+    daemon = _parse_daemon(_Table(ctx, "daemon", top.get("daemon", {}), DaemonFile, "daemon"))
     if "source" not in top.raw:
         raise ctx.error("source", "missing: a [source] section (PingOne) is required")
-    source = _parse_source(_Table(ctx, "source", top.raw["source"], _SOURCE_KEYS))
+    source = _parse_source(_Table(ctx, "source", top.raw["source"], SourceFile, "source"))
     targets = _parse_targets(ctx, top.raw.get("target"))
     cfg = Config(path=path, daemon=daemon, source=source, targets=targets)
     return Config(
@@ -706,15 +711,121 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-class _Table:
-    """A TOML table being read: unknown keys refused up front, typed getters with dotted keys."""
+# What each model field is, for the messages (see `_problem`); a field of none of these kinds is
+# checked by the code below with its own messages (URLs, secrets, filters, mappings, percents).
+_CHOICES: Final[dict[str, tuple[str, ...]]] = {
+    "daemon.log_format": LOG_FORMATS, "daemon.log_level": LOG_LEVELS, "source.region": tuple(REGIONS),
+    "source.client_auth": CLIENT_AUTHS, "source.changes": CHANGE_MODES, "target.profile": PROFILE_NAMES,
+    "target.auth": TARGET_AUTHS, "target.update_method": UPDATE_METHODS,
+    "target.group_membership": GROUP_MEMBERSHIPS, "target.remove_action": REMOVE_ACTIONS,
+    "target.membership": MEMBERSHIPS,
+}
+_MISSING: Final[dict[str, str]] = {
+    "source.environment_id": "missing: the PingOne environment id",
+    "source.client_id": "missing: the worker app's client id",
+    "target.profile": f"missing: one of {', '.join(PROFILE_NAMES)}",
+    "target.base_url": "missing: the SCIM base URL of the target",
+}
+# Keys read by code with messages of its own: secrets (`k`, `k_file`, `k_env`), the forms
+# "10%" / count / table, scope = "all", group lists and mappings, mapping expressions; and the
+# sub-tables, which are validated as tables of their own (`actions`, `max_deletes = { … }`).
+_OWN_MESSAGES: Final = frozenset({
+    "source.client_secret", "source.client_secret_file", "source.client_secret_env",
+    "source.webhook_secret", "source.webhook_secret_file", "source.webhook_secret_env",
+    "target.token", "target.token_file", "target.token_env", "target.password", "target.password_file",
+    "target.password_env", "target.client_secret", "target.client_secret_file", "target.client_secret_env",
+    "daemon.max_source_shrink", "target.max_deletes", "target.actions", "target.scope", "target.groups", "target.mapping",
+    "target.scope.groups", "mapping.expr",
+})
 
-    def __init__(self, ctx: _Ctx, where: str, raw: object, known: Sequence[str]) -> None:
+
+def _problem(kind: str, field: str, value: object, errors: Sequence[ErrorDetails]) -> str | None:
+    """Today's message for the pydantic errors of one field (`kind` is e.g. "daemon"), or None when
+    the field's own check below says it (a pattern: URL, host:port, environment id, target name)."""
+    types = {error["type"] for error in errors}
+    dotted = f"{kind}.{field}"
+    if dotted in _OWN_MESSAGES:
+        return None
+    if "missing" in types:
+        return _MISSING.get(dotted)
+    limits = RANGES.get(dotted)
+    if limits is not None and limits.unit == "s":
+        return _duration_problem(value, limits, errors)
+    if limits is not None:
+        wanted = "an integer" if limits.integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                limits.integer and not isinstance(value, int)):
+            return f"expected {wanted}, got {_type_name(value)}"
+        if isinstance(value, float) and math.isnan(value):
+            return "must be a finite number"
+        return f"{_shown_int(value)} is out of range ({limits.text()})"
+    if "bool_type" in types:
+        return f"expected true or false, got {_type_name(value)}"
+    if not isinstance(value, str):
+        return f"expected a string, got {_type_name(value)}"
+    if not value.strip():
+        return "must not be empty"
+    if len(value) > MAX_TEXT:
+        return f"longer than {MAX_TEXT} characters"
+    choices = _CHOICES.get(dotted)
+    if choices is not None:
+        folded = value.strip().upper() if dotted == "source.region" else value.strip().lower()
+        if folded in choices:   # choices are read in any case, around spaces
+            return None
+        shown = folded if dotted == "source.region" else value
+        return f"{_shown(shown)} is not one of {', '.join(choices)}" + _suggest(folded, choices)
+    return None
+
+
+def _duration_problem(value: object, limits: Range, errors: Sequence[ErrorDetails]) -> str:
+    for error in errors:
+        if error["type"] == "duration":
+            return str(error.get("ctx", {}).get("problem", "not a duration"))
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return f"expected a duration such as '5m' or seconds, got {_type_name(value)}"
+    seconds = parse_duration(value) if isinstance(value, str) else _as_float(value)
+    if math.isnan(seconds):
+        return f"{_shown_int(value)} is not a valid number of seconds"
+    if seconds == 0 and limits.low > 0:
+        return "must be longer than zero"
+    return f"{_shown(value) if isinstance(value, str) else _shown_int(value)} is out of range ({limits.text()})"
+
+
+def _validate(ctx: _Ctx, where: str, kind: str, model: type[BaseModel], raw: dict[str, Any]) -> None:
+    """Validate one table with its model from daemon.config_schema; raise the first problem as a
+    ConfigError with today's text: unknown keys first, then the fields in the model's order."""
+    try:
+        model.model_validate(raw, strict=True)
+    except ValidationError as exc:
+        by_field: dict[str, list[ErrorDetails]] = {}
+        for error in exc.errors():
+            if error["loc"] and isinstance(error["loc"][0], str):
+                by_field.setdefault(error["loc"][0], []).append(error)
+        known = tuple(model.model_fields)
+        for field in by_field:
+            if field not in known:
+                raise ctx.error(_join(where, field), "unknown key" + _suggest(field, known)) from None
+        for field in known:
+            if field in by_field:
+                problem = _problem(kind, field, raw.get(field), by_field[field])
+                if problem is not None:
+                    raise ctx.error(_join(where, field), problem) from None
+
+
+class _Table:
+    """A TOML table being read: checked whole by its model (or, for a group reference, its keys),
+    then read with getters that apply the defaults."""
+
+    def __init__(self, ctx: _Ctx, where: str, raw: object, known: type[BaseModel] | Sequence[str],
+                 kind: str = "") -> None:
         if not isinstance(raw, dict):
             raise ctx.error(where, f"expected a table, got {_type_name(raw)}")
         self.ctx = ctx
         self.where = where
         self.raw: dict[str, Any] = raw
+        if isinstance(known, type):
+            _validate(ctx, where, kind, known, raw)
+            return
         for key in raw:
             if key not in known:
                 raise ctx.error(_join(where, key), "unknown key" + _suggest(key, known))
@@ -735,20 +846,12 @@ class _Table:
         if key not in self.raw:
             return None
         value = self.raw[key]
-        if not isinstance(value, str):
-            raise self.error(key, f"expected a string, got {_type_name(value)}")
-        if not value.strip():
-            raise self.error(key, "must not be empty")
-        if len(value) > MAX_TEXT:
-            raise self.error(key, f"longer than {MAX_TEXT} characters")
-        if choices:
-            folded = value.strip().lower()
-            if folded not in choices:
-                raise self.error(
-                    key, f"{_shown(value)} is not one of {', '.join(choices)}" + _suggest(folded, choices)
-                )
-            return folded
-        return value
+        # checked by the model, except in a group reference ({ id = "…" }) and for blank text
+        problem = _problem("", key, value, [])
+        if problem is not None:
+            raise self.error(key, problem)
+        text: str = value
+        return text.strip().lower() if choices else text
 
     def string(self, key: str, default: str, *, choices: Sequence[str] = ()) -> str:
         value = self.opt_string(key, choices=choices)
@@ -761,55 +864,25 @@ class _Table:
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw.get(key, default)
-        if not isinstance(value, bool):
-            raise self.error(key, f"expected true or false, got {_type_name(value)}")
+        value: bool = self.raw.get(key, default)   # the model checked it
         return value
 
-    def integer(self, key: str, default: int, limits: Range) -> int:
-        value = self.raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"expected an integer, got {_type_name(value)}")
-        if not limits.holds(value):
-            raise self.error(key, f"{_shown_int(value)} is out of range ({limits.text()})")
+    def integer(self, key: str, default: int) -> int:
+        value: int = self.raw.get(key, default)   # the model checked type and range
         return value
 
-    def number(self, key: str, default: float, limits: Range) -> float:
-        value = self.raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(key, f"expected a number, got {_type_name(value)}")
-        number = _as_float(value)
-        if math.isnan(number):
-            raise self.error(key, "must be a finite number")
-        if not limits.holds(number):
-            raise self.error(key, f"{_shown_int(value)} is out of range ({limits.text()})")
-        return number
+    def number(self, key: str, default: float) -> float:
+        value: int | float = self.raw.get(key, default)   # the model checked type and range
+        return float(value)
 
-    def opt_duration(self, key: str, limits: Range) -> float | None:
-        if key not in self.raw:
+    def opt_duration(self, key: str) -> float | None:
+        value = self.raw.get(key)   # the model checked form and range
+        if value is None:
             return None
-        value = self.raw[key]
-        if isinstance(value, str):
-            try:
-                seconds = parse_duration(value)
-            except DurationError as exc:
-                raise self.error(key, str(exc)) from exc
-            shown = _shown(value)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = _as_float(value)
-            if math.isnan(seconds):
-                raise self.error(key, f"{_shown_int(value)} is not a valid number of seconds")
-            shown = _shown_int(value)
-        else:
-            raise self.error(key, f"expected a duration such as '5m' or seconds, got {_type_name(value)}")
-        if seconds == 0 and limits.low > 0:
-            raise self.error(key, "must be longer than zero")
-        if not limits.holds(seconds):
-            raise self.error(key, f"{shown} is out of range ({limits.text()})")
-        return seconds
+        return parse_duration(value) if isinstance(value, str) else float(value)
 
-    def duration(self, key: str, default: float, limits: Range) -> float:
-        value = self.opt_duration(key, limits)
+    def duration(self, key: str, default: float) -> float:
+        value = self.opt_duration(key)
         return default if value is None else value
 
     def url(self, key: str, *, allow_insecure: bool, section: str) -> str | None:
@@ -961,14 +1034,12 @@ def _parse_daemon(table: _Table) -> DaemonConfig:
         state_path = os.path.join(table.ctx.base_dir, state_path)
     return DaemonConfig(
         state_path=state_path,
-        interval=table.duration("interval", DEFAULT_INTERVAL, RANGES["daemon.interval"]),
-        full_sync_every=table.duration(
-            "full_sync_every", DEFAULT_FULL_SYNC_EVERY, RANGES["daemon.full_sync_every"]
-        ),
+        interval=table.duration("interval", DEFAULT_INTERVAL),
+        full_sync_every=table.duration("full_sync_every", DEFAULT_FULL_SYNC_EVERY),
         log_format=table.string("log_format", DEFAULT_LOG_FORMAT, choices=LOG_FORMATS),
         log_level=table.string("log_level", DEFAULT_LOG_LEVEL, choices=LOG_LEVELS),
-        grace_period=table.duration("grace_period", DEFAULT_GRACE_PERIOD, RANGES["daemon.grace_period"]),
-        jitter=table.duration("jitter", DEFAULT_JITTER, RANGES["daemon.jitter"]),
+        grace_period=table.duration("grace_period", DEFAULT_GRACE_PERIOD),
+        jitter=table.duration("jitter", DEFAULT_JITTER),
         max_source_shrink=_fraction(table, "max_source_shrink", DEFAULT_MAX_SOURCE_SHRINK),
         http_listen=_listen(table, "http_listen"),
     )
@@ -1014,11 +1085,7 @@ def _listen(table: _Table, key: str) -> str | None:
 
 def _parse_source(table: _Table) -> SourceConfig:
     insecure = table.boolean("allow_insecure_http", False)
-    region = table.string("region", DEFAULT_REGION).strip().upper()
-    if region not in REGIONS:
-        raise table.error(
-            "region", f"{_shown(region)} is not one of {', '.join(REGIONS)}" + _suggest(region, list(REGIONS))
-        )
+    region = table.string("region", DEFAULT_REGION).strip().upper()   # the model checked it
     api_url = table.url("api_url", allow_insecure=insecure, section="[source]")
     auth_url = table.url("auth_url", allow_insecure=insecure, section="[source]")
     if (api_url is None) != (auth_url is None):
@@ -1040,8 +1107,8 @@ def _parse_source(table: _Table) -> SourceConfig:
         api_url=api_url,
         auth_url=auth_url,
         client_auth=table.string("client_auth", DEFAULT_CLIENT_AUTH, choices=CLIENT_AUTHS),
-        page_size=table.integer("page_size", DEFAULT_SOURCE_PAGE_SIZE, RANGES["source.page_size"]),
-        timeout=table.duration("timeout", DEFAULT_TIMEOUT, RANGES["source.timeout"]),
+        page_size=table.integer("page_size", DEFAULT_SOURCE_PAGE_SIZE),
+        timeout=table.duration("timeout", DEFAULT_TIMEOUT),
         allow_insecure_http=insecure,
         **_parse_changes(table),
     )
@@ -1053,8 +1120,7 @@ def _parse_changes(table: _Table) -> dict[str, Any]:
     webhook = changes == "webhook"
     return {
         "changes": changes,
-        "change_poll_interval": table.duration("change_poll_interval", DEFAULT_CHANGE_POLL_INTERVAL,
-                                               RANGES["source.change_poll_interval"]),
+        "change_poll_interval": table.duration("change_poll_interval", DEFAULT_CHANGE_POLL_INTERVAL),
         "webhook_secret": table.secret("webhook_secret", required=webhook,
                                        why=" (changes = \"webhook\" needs the shared secret)"),
     }
@@ -1092,7 +1158,7 @@ def _parse_target(ctx: _Ctx, index: int, raw: object) -> TargetConfig:
         if not isinstance(name, str):
             raise ctx.error(key, f"expected a string, got {_type_name(name)}")
         raise ctx.error(key, f"{_shown(name)} must match [a-z0-9_-]+ (at most 64 characters)")
-    table = _Table(ctx, f"target.{name}", raw, _TARGET_KEYS)
+    table = _Table(ctx, f"target.{name}", raw, TargetFile, "target")
 
     profile_name = table.opt_string("profile", choices=PROFILE_NAMES)
     if profile_name is None:
@@ -1130,11 +1196,9 @@ def _parse_target(ctx: _Ctx, index: int, raw: object) -> TargetConfig:
         client_id = table.required_string("client_id", f"the OAuth client id{why}")
         client_secret = table.secret("client_secret", required=True, why=why)
 
-    requests_per_second = table.number(
-        "requests_per_second", profile.requests_per_second, RANGES["target.requests_per_second"]
-    )
+    requests_per_second = table.number("requests_per_second", profile.requests_per_second)
     remove_action = table.string("remove_action", profile.remove_action, choices=REMOVE_ACTIONS)
-    delete_after = table.opt_duration("delete_after", RANGES["target.delete_after"])
+    delete_after = table.opt_duration("delete_after")
     if remove_action == "disable_then_delete" and delete_after is None:
         raise table.error(
             "delete_after", 'missing: required with remove_action = "disable_then_delete", e.g. "7d"'
@@ -1159,13 +1223,11 @@ def _parse_target(ctx: _Ctx, index: int, raw: object) -> TargetConfig:
         group_membership=table.string(
             "group_membership", DEFAULT_GROUP_MEMBERSHIP, choices=GROUP_MEMBERSHIPS
         ),
-        concurrency=table.integer("concurrency", profile.concurrency, RANGES["target.concurrency"]),
+        concurrency=table.integer("concurrency", profile.concurrency),
         requests_per_second=requests_per_second,
-        burst=table.number("burst", max(1.0, requests_per_second), RANGES["target.burst"]),
-        page_size=table.integer("page_size", profile.page_size, RANGES["target.page_size"]),
-        membership_batch=table.integer(
-            "membership_batch", profile.membership_batch, RANGES["target.membership_batch"]
-        ),
+        burst=table.number("burst", max(1.0, requests_per_second)),
+        page_size=table.integer("page_size", profile.page_size),
+        membership_batch=table.integer("membership_batch", profile.membership_batch),
         remove_action=remove_action,
         delete_after=delete_after,
         max_deletes=_max_deletes(table, "max_deletes"),
@@ -1176,12 +1238,12 @@ def _parse_target(ctx: _Ctx, index: int, raw: object) -> TargetConfig:
         mapping=_mapping(table, "mapping", profile),
         create_only=_create_only(table, "mapping"),
         require_email_username=table.boolean("require_email_username", profile.require_email_username),
-        timeout=table.duration("timeout", DEFAULT_TIMEOUT, RANGES["target.timeout"]),
-        full_sync_every=table.opt_duration("full_sync_every", RANGES["target.full_sync_every"]),
+        timeout=table.duration("timeout", DEFAULT_TIMEOUT),
+        full_sync_every=table.opt_duration("full_sync_every"),
         allow_insecure_http=insecure,
         active_false_deletes=table.boolean("active_false_deletes", profile.active_false_deletes),
         username_mutable=(table.boolean("username_mutable", True) if table.has("username_mutable") else None),
-        max_groups_per_user=(table.integer("max_groups_per_user", 1, RANGES["target.max_groups_per_user"])
+        max_groups_per_user=(table.integer("max_groups_per_user", 1)
                              if table.has("max_groups_per_user") else None),
     )
 
@@ -1223,14 +1285,14 @@ def _max_deletes(table: _Table, key: str) -> MaxDeletes:
             raise table.error(key, f"{_shown_int(value)} is out of range ({limits.text()})")
         return MaxDeletes(count=value)
     if isinstance(value, dict):  # both limits: the lower one wins
-        sub = _Table(table.ctx, table.key(key), value, MAX_DELETES_KEYS)
+        sub = _Table(table.ctx, table.key(key), value, MaxDeletesFile, "target.max_deletes")
         both_count = (
-            sub.integer("count", MAX_DELETES_COUNT, RANGES["target.max_deletes.count"])
+            sub.integer("count", MAX_DELETES_COUNT)
             if sub.has("count")
             else None
         )
         both_percent = (
-            sub.number("percent", 100.0, RANGES["target.max_deletes.percent"]) if sub.has("percent") else None
+            sub.number("percent", 100.0) if sub.has("percent") else None
         )
         if both_count is None and both_percent is None:
             raise table.error(key, "set count, percent or both")
@@ -1239,9 +1301,7 @@ def _max_deletes(table: _Table, key: str) -> MaxDeletes:
 
 
 def _actions(table: _Table, key: str) -> Actions:
-    sub = _Table(
-        table.ctx, table.key(key), table.get(key, {}), ACTION_KEYS
-    )
+    sub = _Table(table.ctx, table.key(key), table.get(key, {}), ActionsFile, "actions")
     return Actions(
         create=sub.boolean("create", True),
         update=sub.boolean("update", True),
@@ -1299,7 +1359,7 @@ def _scope(table: _Table, key: str) -> Scope:
                 key, f'{_shown(raw)}: write scope = "all" or a table {{ groups = [...], filter = "..." }}'
             )
         return Scope(everyone=True)
-    sub = _Table(table.ctx, table.key(key), raw, SCOPE_KEYS)
+    sub = _Table(table.ctx, table.key(key), raw, ScopeFile, "target.scope")
     groups = _group_refs(table, sub.key("groups"), sub.get("groups", []))
     text = sub.opt_string("filter")
     if text is not None:
@@ -1365,7 +1425,7 @@ MAPPING_CREATE_ONLY = "create_only"
 
 def _mapping_entry(ctx: _Ctx, at: str, raw: dict[str, Any]) -> object:
     """`{ expr = "…", create_only = true }`: the expression (checked by the caller)."""
-    sub = _Table(ctx, at, raw, MAPPING_ENTRY_KEYS)
+    sub = _Table(ctx, at, raw, MappingEntry, "mapping")
     sub.boolean(MAPPING_CREATE_ONLY, False)
     return raw[MAPPING_EXPR]
 

@@ -23,9 +23,10 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
-from daemon.durations import format_duration
+from daemon.durations import DurationError, format_duration, parse_duration
 
 SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_ID: Final = "https://github.com/provisiond/provisiond/config/provisiond.schema.json"
@@ -141,6 +142,19 @@ def _number(key: str, description: str) -> Any:
     return Annotated[kind, Field(description=f"{description} ({limits.text()})", **bounds)]  # type: ignore[call-overload]
 
 
+def _seconds(value: object) -> object:
+    """A duration string read as float seconds (validation only: the schema keeps the string form).
+
+    A string that is not a duration fails as `duration`, with daemon.durations' text in ctx["problem"].
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_duration(value)
+    except DurationError as exc:
+        raise PydanticCustomError("duration", "{problem}", {"problem": str(exc)}) from exc
+
+
 def _duration(key: str, description: str) -> Any:
     """A duration string ("90s", "5m", "1h30m") or a number of seconds, in the range RANGES[key]."""
     limits = RANGES[key]
@@ -148,7 +162,7 @@ def _duration(key: str, description: str) -> Any:
     bounds["gt" if limits.low_open else "ge"] = limits.low
     seconds = Annotated[float, Field(**bounds)]
     text = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=64)]
-    return Annotated[seconds | text, Field(description=f"{description} ({limits.text()}): a duration "
+    return Annotated[seconds | text, BeforeValidator(_seconds), Field(description=f"{description} ({limits.text()}): a duration "
                                                        "such as \"90s\", \"5m\", \"1h30m\", \"7d\", or seconds")]
 
 
