@@ -6,14 +6,15 @@ applied). Two things are derived from them:
 
 - `json_schema()`: a JSON Schema (draft 2020-12) for editors (`provisiond config-schema`,
   `config/provisiond.schema.json`, referenced from the example configs with `#:schema`);
-- in `daemon.config`: the keys each table accepts (anything else is "unknown key"), the choices
-  of each enumerated key and the range of each numeric key (`RANGES`).
-
-`daemon.config` still does the reading itself, with its own messages (file, key, problem):
-cross-key rules (auth methods, `delete_after` with `remove_action`), URLs, secrets, SCIM filters
-and JMESPath expressions are checked there, and it must accept exactly what this schema accepts
-for the keys' types, choices and ranges (tests/test_config_schema.py fuzzes the two against each
-other).
+- in `daemon.config`: the validation itself. Each table of the file (`[daemon]`, `[source]`, each
+  `[[target]]`, `actions`, `max_deletes = { … }`, `scope = { … }`, a mapping `{ expr = … }`) is
+  validated by its model here (strict: TOML's own types, no coercion); `daemon.config` translates
+  pydantic's errors into its messages (file, key, problem) and keeps what the models do not say:
+  cross-key rules (auth methods, `delete_after` with `remove_action`), URLs (scheme, loopback,
+  TLS), secrets, the percent forms, SCIM filters and JMESPath expressions. Durations are parsed by
+  the models too (`_seconds`, validation only): the schema keeps the string form, so editors
+  check a duration string's form and the loader also its range (tests/test_config_schema.py
+  fuzzes the two against each other).
 """
 
 from __future__ import annotations
