@@ -560,11 +560,15 @@ class Store:
                     rows[i:i + BATCH])
 
     async def mark_in_flight(self, cycle_id: int, seqs: Sequence[int]) -> None:
+        # One statement per call, not BEGIN/UPDATE.../COMMIT: this runs before every request the
+        # applier sends, and each round trip to SQLite's thread costs CPU on the event loop.
+        # A single UPDATE in autocommit mode is atomic on its own.
         now = time.time()
-        async with self.transaction() as db:
-            await db.executemany(
-                "UPDATE operation SET status='in_flight', started=? WHERE cycle_id=? AND seq=?",
-                [(now, cycle_id, s) for s in seqs])
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            await self._write(
+                "UPDATE operation SET status='in_flight', started=? WHERE cycle_id=? AND seq IN ("
+                + ",".join("?" * len(chunk)) + ")", (now, cycle_id, *chunk))
 
     async def record_outcomes(self, cycle_id: int, outcomes: Sequence[Outcome]) -> None:
         if not outcomes:
