@@ -14,6 +14,12 @@
                                             log event per entity
       f summarise                           -> SQLite + `cycle.finished` finish
 
+The incremental cycle (`merge_changes`, then `incremental_cycle` per target; README "How changes
+flow") runs b-f over the entities the change feed names: the changes merged into the last
+snapshot (`daemon.incremental.merge`), the desired state and links sliced to what they touch
+(`slice_to`), removals counted against `max_deletes` over a rolling window (meta
+`change_removals.<target>`), `cycle.kind = "incremental"`.
+
 `_target_cycle` is 3a-3f on one screen; the steps take the desired state, links and plan as
 arguments, so a cycle over a subset of entities can call them in the same order. A target that
 fails (auth, mostly transient failures, unreachable) is quarantined with a growing back-off;
@@ -42,6 +48,7 @@ from daemon.applier import APPLIED, FAILED, Applier, ApplyResult, Observer, Targ
 from daemon.backoff import RetryPolicy
 from daemon.config import Config, GroupRef, TargetConfig
 from daemon.errors import Forbidden, NotFound, RemoteError, TransientError, Unauthorized
+from daemon.incremental import INCREMENTAL_KIND, Increment, merge, removal_window, slice_to
 from daemon.links import GROUP_LIMIT, HELD, PENDING, Actual, GroupLink, Op, Plan, UserLink
 from daemon.mapping import (
     Desired,
@@ -57,9 +64,10 @@ from daemon.model import JSON, UNCHANGED, Members, Snapshot, shared
 from daemon.pingone_filter import GROUP_RULE_DIALECT, compile_filter
 from daemon.planner import Policy, in_sync, plan
 from daemon.ratelimit import RateGovernor
+from daemon.source.changes import Reads
 from daemon.source.pingone import PingOneClient
 from daemon.source.snapshot import UserHook, take_snapshot
-from daemon.store import MalformedRow, Store, StoreError
+from daemon.store import CYCLE_KIND, MalformedRow, Store, StoreError
 from daemon.target.auth import auth_from
 from daemon.target.profiles import profile_for
 from daemon.target.resource import read_active, read_user
@@ -86,6 +94,11 @@ META_SOURCE_ERROR = "source.error"
 # A target cycle that applied everything it planned from an incomplete snapshot: not a success,
 # since what PingOne could not say (removals, users on unread pages) was not done.
 SOURCE_INCOMPLETE = "source_incomplete"
+# Removals applied by incremental cycles, per target ("change_removals.<target>": JSON
+# [[epoch, count], ...]): a burst of deletions arriving as events meets `max_deletes` over
+# this window as one seen in a snapshot does.
+META_CHANGE_REMOVALS = "change_removals"
+DEFAULT_REMOVAL_WINDOW = 3600.0
 _MEMBER_OF_RE = re.compile(r'memberOfGroups\[\s*id\s+eq\s+"([^"]+)"\s*\]', re.IGNORECASE)
 
 ProgressHook = Callable[[str, int, int], None]
@@ -146,6 +159,7 @@ class CycleContext:
     started: float
     source_complete: bool = True   # PingOne was read whole (else the outcome is SOURCE_INCOMPLETE)
     approval: approvals.Approval | None = None   # the approval the plan honoured (consumed at the end)
+    kind: str = CYCLE_KIND         # or "incremental"
 
 
 @dataclass
@@ -375,6 +389,13 @@ class Engine:
         # A mapping cache (some target's) whose every entry's hash is the one `source_user` holds:
         # set once a snapshot has been saved, cleared while one is being taken.
         self._stored_cache: MappingCache | None = None
+        # The last snapshot, with the changes since merged in: the base of the incremental cycle.
+        # Kept only when `keep_snapshot` (the service, with a change feed); dropped when a target's
+        # rules change (its mapping cache no longer covers the users held as `UNCHANGED`).
+        self.keep_snapshot = False
+        self.last_snapshot: Snapshot | None = None
+        self.last_complete = False
+        self.removal_window = DEFAULT_REMOVAL_WINDOW
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -388,6 +409,7 @@ class Engine:
                 continue
             runtime = build_runtime(target, self.session)
             runtime.client.on_request = self._request_hook(target.name)
+            self.last_snapshot = None       # its UNCHANGED users are not in this runtime's cache
             if previous is not None:
                 runtime.quarantine = previous.quarantine
             self.runtimes[target.name] = runtime
@@ -566,6 +588,8 @@ class Engine:
             report.source_incomplete = shown + (f" (and {more} more)" if more > 0 else "")
         await self.record_source(report)
         await self.save_snapshot(snapshot)
+        if self.keep_snapshot:
+            self.last_snapshot, self.last_complete = snapshot, complete
         report.snapshot_users = len(snapshot.users)
         report.snapshot_complete = complete
         self.log.info("snapshot.taken", user_count=len(snapshot.users), group_count=len(snapshot.groups),
@@ -848,14 +872,118 @@ class Engine:
         log.info("cycle.finished", outcome=outcome, applied=counts.get(APPLIED, 0), failed=failed,
                  skipped=counts.get("skipped", 0) + sum(1 for op in the_plan.ops if op.status != PENDING),
                  held=the_plan.removals_held, users=summary["users"], groups=summary["groups"],
-                 full_sync=cx.full, **({"reason": result.stopped.reason} if result.stopped is not None else {}))
+                 full_sync=cx.full, kind=cx.kind,
+                 **({"reason": result.stopped.reason} if result.stopped is not None else {}))
         report = TargetReport(name, cx.cycle_id, outcome, cx.full, the_plan.counts(), counts, summary, failed)
         if result.stopped is not None:
             self._quarantine(rt, result.stopped.reason, result.stopped.detail, log)
-        self._notify("cycle.finished", {"target": name, "outcome": outcome, "summary": summary,
+        self._notify("cycle.finished", {"target": name, "outcome": outcome, "summary": summary, "kind": cx.kind,
                                         "started": cx.started, "finished": time.time(),
                                         "queue": 0, "reason": result.stopped.reason if result.stopped else None})
         return report
+
+    # -- the incremental cycle (README "How changes flow") ----------------------------------
+
+    async def merge_changes(self, reads: Reads) -> Increment | None:
+        """The changes read from the feed merged into the last snapshot, which they then are;
+        None when there is none to merge into (no full snapshot since the start or a reload):
+        the caller runs a full cycle first. The merged snapshot is saved (`why`, a reload's
+        preview); the next snapshot compares with the state file's hashes, not a cache's."""
+        base = self.last_snapshot
+        if base is None:
+            return None
+        inc = merge(base, reads)
+        self.last_snapshot = inc.snapshot
+        self._stored_cache = None
+        await self.store.save_snapshot(inc.snapshot, inc.snapshot.hashes)
+        return inc
+
+    async def incremental_cycle(self, rt: TargetRuntime, inc: Increment) -> TargetReport:
+        """Steps b-f over what *inc* touches, for one target (`cycle.kind = "incremental"`).
+
+        The caller serialises it with the target's full cycle (the service's per-target lock):
+        at most one write in flight per entity. A quarantined target is skipped; a target that
+        fails is quarantined as in a full cycle."""
+        name = rt.config.name
+        log = self.log.bind(target=name)
+        now = time.time()
+        if rt.quarantine.active(now):
+            log.info("target.skipped", reason="quarantined", kind=INCREMENTAL_KIND,
+                     quarantine_reason=rt.quarantine.reason, retry_in_s=round(rt.quarantine.until - now))
+            return TargetReport(name, None, "quarantined")
+        cycle_id = await self.store.start_cycle(name, full_sync=False, kind=INCREMENTAL_KIND)
+        log = log.bind(cycle=cycle_id)
+        log.info("cycle.started", kind=INCREMENTAL_KIND, users=len(inc.users), groups=len(inc.groups))
+        cx = CycleContext(rt, cycle_id, False, self.last_complete, log, now, inc.snapshot.complete,
+                          kind=INCREMENTAL_KIND)
+        try:
+            await self.recover(rt, log)
+            desired = await self.desire(rt, inc.snapshot)
+            actual = await self.known_links(rt, desired)
+            part, links = slice_to(desired, actual, inc.users, inc.groups)
+            the_plan = await self._incremental_plan(cx, part, links)
+            if the_plan.ops:
+                self.report_plan(cx, part, the_plan)
+            result, after = await self.apply_plan(cx, inc.snapshot, part, actual, the_plan)
+            await self._count_removals(rt, the_plan, result)
+            report = await self.finish(cx, part, after, the_plan, result)
+        except (Unauthorized, Forbidden, TransientError, TargetUnhealthy) as exc:
+            reason = exc.reason if isinstance(exc, TargetUnhealthy) else (
+                "auth_failed" if isinstance(exc, Unauthorized | Forbidden) else "unreachable")
+            self._quarantine(rt, reason, str(exc), log)
+            await self.store.finish_cycle(cycle_id, "quarantined", {"reason": reason, "error": str(exc)})
+            log.warning("cycle.finished", outcome="quarantined", reason=reason, kind=INCREMENTAL_KIND)
+            return TargetReport(name, cycle_id, "quarantined")
+        except StoreError:
+            raise
+        except Exception as exc:   # a malformed answer or a defect: this target's cycle fails
+            reason = exc.reason if isinstance(exc, RemoteError) else "internal_error"
+            error = str(exc) if isinstance(exc, RemoteError) else f"{type(exc).__name__}: {exc}"
+            await self.store.finish_cycle(cycle_id, "failed", {"reason": reason, "error": error[:500]})
+            log.error("cycle.finished", outcome="failed", reason=reason, error=error, kind=INCREMENTAL_KIND,
+                      exc_info=not isinstance(exc, RemoteError))
+            return TargetReport(name, cycle_id, "failed")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.store.finish_cycle(cycle_id, "aborted", {})
+            raise
+        return report
+
+    async def _incremental_plan(self, cx: CycleContext, desired: Desired, actual: Actual) -> Plan:
+        """Step d over the slice: `max_deletes` less the removals incremental cycles applied within
+        the rolling window, so a burst of deletions arriving as events is held as a whole."""
+        rt = cx.rt
+        cfg = rt.config
+        _, recent = removal_window(await self._removals(rt), time.time(), self.removal_window)
+        limit = cfg.max_deletes.limit(await self.store.managed_count(cfg.name))
+        policy = Policy(
+            create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,
+            deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action, delete_after=cfg.delete_after,
+            group_membership=cfg.group_membership, max_deletes=max(0, limit - recent),
+            approved=await self.store.approved(cfg.name),
+            max_groups_per_user=rt.client.profile.max_groups_per_user)
+        the_plan = plan(desired, actual, policy, complete=cx.complete, now=time.time())
+        refusals.hold(the_plan, await refusals.load(self.store, cfg.name), full_sync=False)
+        await self.store.save_plan(cx.cycle_id, cfg.name, the_plan.ops)
+        return the_plan
+
+    async def _removals(self, rt: TargetRuntime) -> list[tuple[float, int]]:
+        text = await self.store.get_meta(f"{META_CHANGE_REMOVALS}.{rt.config.name}")
+        try:
+            return [(float(at), int(n)) for at, n in json.loads(text)] if text else []
+        except (ValueError, TypeError):
+            return []
+
+    async def _count_removals(self, rt: TargetRuntime, the_plan: Plan, result: ApplyResult) -> None:
+        """Add the removals this apply sent to the rolling window (SQLite meta)."""
+        sent = sum(1 for op in the_plan.ops if op.is_removal and (outcome := result.outcomes.get(op.seq)) is not None
+                   and outcome.status == APPLIED)
+        if not sent:
+            return
+        now = time.time()
+        kept, _ = removal_window(await self._removals(rt), now, self.removal_window)
+        kept.append((now, sent))
+        await self.store.set_meta(f"{META_CHANGE_REMOVALS}.{rt.config.name}", json.dumps(kept))
 
     async def _standing_refusals(self, rt: TargetRuntime, the_plan: Plan, result: ApplyResult,
                                  after: Actual, desired: Desired) -> dict[str, int]:

@@ -270,8 +270,14 @@ class ChangeFeed:
         return None if mark is None else max(0.0, self.clock() - mark)
 
     async def start_at(self, moment: float) -> None:
-        """A full snapshot that began at *moment* covers every change before it."""
-        await self.store.set_meta(WATERMARK_KEY, repr(float(moment)))
+        """A full snapshot that began at *moment* covers every change before it; the changes
+        recorded since (from `overlap` before it) are handed on again, although seen: the full
+        cycle applies the snapshot's older view of them, and the incremental cycle after it must
+        bring them back."""
+        async with self.store.transaction() as db:
+            await db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                             (WATERMARK_KEY, repr(float(moment))))
+            await db.execute("DELETE FROM change_seen WHERE recorded_at >= ?", (stamp(moment - self.overlap),))
 
     async def poll(self, *, audit: bool | None = None) -> ChangeBatch:
         """What is new: the inbox's pending batches and, with *audit* (default: the feed's `poll`
