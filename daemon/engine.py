@@ -919,7 +919,7 @@ class Engine:
         try:
             await self.recover(rt, log)
             desired = await self.desire(rt, inc.snapshot)
-            actual = await self.known_links(rt, desired)
+            actual = await self.known_links(rt, desired, log)
             part, links = slice_to(desired, actual, inc.users, inc.groups)
             the_plan = await self._incremental_plan(cx, part, links)
             if the_plan.ops:
