@@ -190,12 +190,28 @@ async def _status(cfg: Config) -> dict[str, Any]:
             c["held_plan"] = held_plan.as_dict() if held_plan is not None else None
             c["approved_plan"] = await approvals.pending(store, c["target"])
             c["recent_failures"] = await store.recent_failures(c["target"], limit=10)
+            c["kind"] = "cycle"
+            c["last_incremental"] = await store.latest_cycle_of_kind(c["target"], "incremental")
             out["targets"].append(c)
         out["held_reload"] = await approvals.held_reload(store)
         out["source_shrunk"] = await approvals.shrunk(store)
+        out["changes"] = await _changes_state(cfg, store)
         return out
     finally:
         await store.close()
+
+
+async def _changes_state(cfg: Config, store: Store) -> dict[str, Any]:
+    """The change feed (README "How changes flow"): its mode, watermark and lag."""
+    from daemon.source.changes import WATERMARK_KEY
+
+    text = await store.get_meta(WATERMARK_KEY)
+    try:
+        mark = float(text) if text is not None else None
+    except ValueError:
+        mark = None
+    return {"mode": cfg.source.changes, "watermark": mark,
+            "lag_s": round(max(0.0, time.time() - mark), 1) if mark is not None else None}
 
 
 async def _source_state(store: Store) -> dict[str, Any]:
@@ -245,6 +261,11 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         sh = data["source_shrunk"]
         print(f"SOURCE SHRUNK: the last snapshot had {sh['users']} users (last good {sh['last_good_users']}); "
               "removals are deferred; accept with `provisiond approve --source-shrink`")
+    changes = data["changes"]
+    if changes["mode"] != "off":
+        print(f"change feed ({changes['mode']}): " + (
+            f"watermark {_when(changes['watermark'])}, lag {changes['lag_s']}s" if changes["watermark"] is not None
+            else "no watermark yet (a full snapshot comes first)"))
     if not data["targets"]:
         print("no cycle has run yet")
     for t in data["targets"]:
@@ -256,6 +277,11 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             if kind in s:
                 row = s[kind]
                 print(f"  {kind:<7} " + "  ".join(f"{k} {row[k]}" for k in SUMMARY_ORDER if k in row))
+        inc = t.get("last_incremental")
+        if inc is not None:
+            ops = sum(n for key, n in inc["summary"].get("operations", {}).items() if key.endswith(".applied"))
+            print(f"  last incremental cycle {inc['cycle']} {inc['outcome']} (finished {_when(inc['finished'])}, "
+                  f"{ops} applied)")
         print(f"  managed: {t['managed_users']} users, {t['managed_groups']} groups; "
               f"unmanaged users in target: {s.get('unmanaged_users', '-')}")
         if t["held"]:

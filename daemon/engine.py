@@ -34,7 +34,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -822,7 +822,7 @@ class Engine:
         rt.reported = reported
 
     async def apply_plan(self, cx: CycleContext, snapshot: Snapshot, desired: Desired, actual: Actual,
-                         the_plan: Plan) -> tuple[ApplyResult, Actual]:
+                         the_plan: Plan, changed_at: Mapping[str, str] | None = None) -> tuple[ApplyResult, Actual]:
         """Step e: send the plan's pending operations; the links after them are kept in memory
         for the next cycle, sharing the desired state's objects where equal."""
         rt, name = cx.rt, cx.rt.config.name
@@ -840,7 +840,7 @@ class Engine:
             can_create=rt.config.actions.create, active_false_deletes=rt.config.active_false_deletes,
             progress=(lambda done, total: hook(name, done, total)) if hook is not None else None,
             observer=self._notify if self.observers else None,
-            source_updated=source_updated(snapshot, pending))
+            source_updated={**source_updated(snapshot, pending), **(changed_at or {})})
         result = await applier.apply(the_plan.ops)
         share_with_desired(users, groups, desired)
         rt.links = Actual(users, groups)
@@ -877,25 +877,31 @@ class Engine:
         report = TargetReport(name, cx.cycle_id, outcome, cx.full, the_plan.counts(), counts, summary, failed)
         if result.stopped is not None:
             self._quarantine(rt, result.stopped.reason, result.stopped.detail, log)
-        self._notify("cycle.finished", {"target": name, "outcome": outcome, "summary": summary, "kind": cx.kind,
+        if cx.kind != CYCLE_KIND:
+            return report          # /healthz and the cycle metrics follow the full cycles only
+        self._notify("cycle.finished", {"target": name, "outcome": outcome, "summary": summary,
                                         "started": cx.started, "finished": time.time(),
                                         "queue": 0, "reason": result.stopped.reason if result.stopped else None})
         return report
 
     # -- the incremental cycle (README "How changes flow") ----------------------------------
 
-    async def merge_changes(self, reads: Reads) -> Increment | None:
+    async def merge_changes(self, reads: Reads, recorded: Mapping[str, str] | None = None) -> Increment | None:
         """The changes read from the feed merged into the last snapshot, which they then are;
         None when there is none to merge into (no full snapshot since the start or a reload):
         the caller runs a full cycle first. The merged snapshot is saved (`why`, a reload's
-        preview); the next snapshot compares with the state file's hashes, not a cache's."""
+        preview); the next snapshot compares with the state file's hashes, not a cache's.
+        *recorded* (entity id -> the activity's `recordedAt`) dates each user's change for the
+        propagation latency (`source_updated_at` of its events)."""
         base = self.last_snapshot
         if base is None:
             return None
-        inc = merge(base, reads)
+        inc = merge(base, reads, recorded or {})
         self.last_snapshot = inc.snapshot
         self._stored_cache = None
-        await self.store.save_snapshot(inc.snapshot, inc.snapshot.hashes)
+        # Saved as incomplete: it adds and updates rows, never drops one (a full snapshot saved
+        # meanwhile may hold users this merge's base did not).
+        await self.store.save_snapshot(replace(inc.snapshot, complete=False), inc.snapshot.hashes)
         return inc
 
     async def incremental_cycle(self, rt: TargetRuntime, inc: Increment) -> TargetReport:
@@ -924,7 +930,7 @@ class Engine:
             the_plan = await self._incremental_plan(cx, part, links)
             if the_plan.ops:
                 self.report_plan(cx, part, the_plan)
-            result, after = await self.apply_plan(cx, inc.snapshot, part, actual, the_plan)
+            result, after = await self.apply_plan(cx, inc.snapshot, part, actual, the_plan, inc.changed_at)
             await self._count_removals(rt, the_plan, result)
             report = await self.finish(cx, part, after, the_plan, result)
         except (Unauthorized, Forbidden, TransientError, TargetUnhealthy) as exc:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from daemon.links import Actual, GroupLink
@@ -35,6 +35,7 @@ class Increment:
     users: frozenset[str]           # users named by an event, or members (before or after) of a changed group
     groups: frozenset[str]          # groups named by an event
     deleted_users: frozenset[str]
+    changed_at: Mapping[str, str] = field(default_factory=dict)   # user id -> when PingOne recorded its change
 
 
 def _source_user(raw: Mapping[str, Any]) -> tuple[JSON, set[str] | None]:
@@ -52,7 +53,7 @@ def _without(members: AbstractSet[str], drop: Iterable[str]) -> AbstractSet[str]
     return Members.of(m for m in members if m not in gone)
 
 
-def merge(base: Snapshot, reads: Reads) -> Increment:
+def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = None) -> Increment:
     """*base* with *reads* merged in (a copy: a full cycle may be running on *base*).
 
     A group read anew takes its members and parents; a deleted group leaves. A user read anew
@@ -105,7 +106,15 @@ def merge(base: Snapshot, reads: Reads) -> Increment:
     for gid in reads.groups:
         if gid in snap.groups:
             touched.update(snap.member_ids(gid, transitive=True, children=after_children))
-    return Increment(snap, frozenset(touched), frozenset(reads.groups), reads.deleted_users)
+    recorded = recorded or {}
+    group_times = [recorded[g] for g in reads.groups if g in recorded]
+    earliest = min(group_times) if group_times else None
+    changed_at: dict[str, str] = {}
+    for uid in touched:
+        at = recorded.get(uid, earliest)
+        if at is not None:
+            changed_at[uid] = at
+    return Increment(snap, frozenset(touched), frozenset(reads.groups), reads.deleted_users, changed_at)
 
 
 def slice_to(desired: Desired, actual: Actual, users: AbstractSet[str],

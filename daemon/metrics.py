@@ -22,7 +22,9 @@ What is measured, from the engine's observer events (`daemon.applier` entity eve
     provisiond_cycle_duration_seconds{target}               histogram
     provisiond_last_success_timestamp_seconds{target}       gauge     end of the last successful cycle
     provisiond_source_last_complete_timestamp_seconds       gauge     end of the last complete snapshot
-    provisiond_propagation_latency_seconds{target}          histogram PingOne updatedAt -> applied
+    provisiond_propagation_latency_seconds{target}          histogram PingOne updatedAt (or, on the change
+                                                                      feed, the activity's recordedAt) -> applied
+    provisiond_change_feed_lag_seconds                      gauge     now - the feed's watermark, at each poll
     provisiond_removals_held{target}                        gauge     removals the last cycle held
     provisiond_target_quarantined{target}                   gauge     1 while the target is quarantined
     provisiond_source_up                                    gauge     1 when the last snapshot read PingOne
@@ -134,6 +136,7 @@ class _OperatorGauges(Collector):
         self.engine: Any = None
         self.held: dict[str, float] = {}
         self.source_up: float | None = None
+        self.feed_lag: float | None = None
         self.version = build_version()
 
     def observe_cycle(self, target: str, fields: Mapping[str, Any]) -> None:
@@ -154,6 +157,10 @@ class _OperatorGauges(Collector):
             rt = runtimes.get(name)
             quarantined.add_metric([name], 1.0 if rt is not None and rt.quarantine.reason is not None else 0.0)
         out: list[Metric] = [held, quarantined]
+        if self.feed_lag is not None:
+            out.append(GaugeMetricFamily(f"{NAMESPACE}_change_feed_lag_seconds",
+                                         "Seconds between now and the change feed's watermark, at the last poll "
+                                         "(absent until the feed has been polled).", value=self.feed_lag))
         if self.source_up is not None:
             out.append(GaugeMetricFamily(f"{NAMESPACE}_source_up",
                                          "1 when the last snapshot read PingOne, 0 when it failed.",
@@ -215,6 +222,10 @@ class Metrics:
         """Read the HTTP counters of this engine's clients (and its targets' quarantine) at every scrape."""
         self._clients.engine = engine
         self._operator.engine = engine
+
+    def record_feed_lag(self, seconds: float) -> None:
+        """The change feed's lag after a poll (now - its watermark)."""
+        self._operator.feed_lag = seconds
 
     def record_source(self, error: str | None) -> None:
         """The last snapshot's failure (`CycleReport.source_error`), or None when PingOne was read."""

@@ -15,6 +15,13 @@
              exit 0. A second SIGTERM/SIGINT exits at once.
     STATUS=  the last cycle's result, the apply progress ("zpa: applying 1200/5000, ETA 2m"), or
              a recovery's ("zpa: recovering 120/448 operations in flight at the last stop").
+    changes  with `[source] changes` "poll" or "webhook" (README "How changes flow"), a second loop
+             every `change_poll_interval`: poll the feed, read the affected users and groups, run
+             an incremental cycle per target (never beside that target's full cycle: one lock
+             per target), commit the batch once every target took it. A complete snapshot moves
+             the watermark to its start; a feed gap, or a feed failing for FEED_FAILING_POLLS
+             polls, starts a full cycle now. Webhook mode mounts POST /pingone/events on
+             `http_listen`.
     WATCHDOG=1 while the main loop keeps beating (see `daemon.notify`): the idle scheduler beats
              every second, a cycle on every HTTP request that starts or ends and every operation
              applied; a target's Retry-After pause excuses a silent cycle.
@@ -47,12 +54,14 @@ from daemon.engine import (
     TargetRuntime,
     release_free_memory,
 )
+from daemon.errors import ProvisiondError
 from daemon.http_session import DEFAULT_HTTP_CONNECTIONS
 from daemon.http_session import http_session as plain_session
 from daemon.lock import StateLock, StateLocked
 from daemon.metrics import Health, Metrics, serve_http
 from daemon.model import Snapshot
 from daemon.notify import Heartbeat, Notifier, NotifyAddressError, watchdog, watchdog_timeout
+from daemon.source.changes import ChangeFeed, FeedGap, Inbox, mount_webhook, read_affected
 from daemon.store import Store, StoreError
 
 EXIT_OK: Final = 0
@@ -64,6 +73,9 @@ DEFAULT_BEAT_EVERY: Final = 1.0          # seconds: the idle scheduler beats the
 DEFAULT_STATUS_EVERY: Final = 1.0        # seconds between two progress STATUS= updates
 SOURCE_FAILING_INTERVALS: Final = 2     # /healthz fails once PingOne has failed for this many intervals
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+# The change feed failing for this many polls in a row (30 s at the default 5 s) starts a full
+# cycle now, and again every as many polls while it lasts: the snapshot is the backstop.
+FEED_FAILING_POLLS: Final = 6
 # Keys a reload records but cannot apply to a running daemon.
 RESTART_KEYS: Final = ("daemon.state_path", "daemon.http_listen")
 
@@ -219,6 +231,10 @@ class Service:
         self._staged_id: str | None = None     # its id in the state file (`approve --reload` names it)
         self.metrics = Metrics()
         self.health = Health(source_bound=source_bound(config))
+        self._locks: dict[str, anyio.Lock] = {}                 # target -> held by its full or incremental cycle
+        self.feed_failing_since: float | None = None
+        self._feed_fallback_at = 0.0
+        self._asked_at_tick = -1                                # the tick after which a full cycle was asked for
 
     @property
     def engine(self) -> Engine:
@@ -240,10 +256,12 @@ class Service:
                     self.health.attach(engine)
                     engine.observers += [self.metrics.observe, self.health.observe]
                     engine.request_observers.append(self.metrics.observe_request)
+                    engine.keep_snapshot = self.config.source.changes != "off"
                     listen = self.config.daemon.http_listen
                     if listen:   # /metrics and /healthz (a change needs a restart)
-                        url = await stack.enter_async_context(serve_http(self.metrics, self.health, listen))
-                        self.log.info("http.listening", url=url, paths=["/metrics", "/healthz"])
+                        mount, paths = await self._webhook(stack, store)
+                        url = await stack.enter_async_context(serve_http(self.metrics, self.health, listen, mount))
+                        self.log.info("http.listening", url=url, paths=["/metrics", "/healthz", *paths])
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._handle_signals, signals, tg)
                         if self.watchdog_timeout is not None:
@@ -275,6 +293,7 @@ class Service:
         with anyio.CancelScope() as work_scope:
             self._work_scope = work_scope
             async with anyio.create_task_group() as work:
+                work.start_soon(self._follow_changes)
                 while not self.stopping:
                     started = anyio.current_time()
                     await self._tick(work)
@@ -334,6 +353,10 @@ class Service:
         finally:
             self._snapshotting = False
         self._record_source(report)
+        if taken is not None and taken[1] and report.source_problem is None \
+                and engine.config.source.changes != "off":
+            # Every change before the snapshot began is in it; the feed follows from there.
+            await ChangeFeed(engine.source, engine.store).start_at(taken[0].started_at or report.started)
         # Which targets take this snapshot is decided now that it is here: one whose cycle ended
         # while it was taken does.
         idle = [name for name in engine.runtimes if name not in self._running]
@@ -358,7 +381,12 @@ class Service:
         self._progress.pop(name, None)
         result: TargetReport
         try:
-            result = await self.engine.target_cycle(rt, snapshot, complete)
+            async with self._lock(name):
+                result = await self.engine.target_cycle(rt, snapshot, complete)
+                if complete and self.engine.config.source.changes != "off":
+                    # This target now holds the snapshot's view: what changed since it began is
+                    # handed on again, and the next poll brings the target up to date.
+                    await ChangeFeed(self.engine.source, self.engine.store).start_at(snapshot.started_at or run.report.started)
         except anyio.get_cancelled_exc_class():
             self.log.warning("cycle.interrupted", cycle_number=run.number, target=name,
                              took_s=round(time.time() - run.report.started, 3), reason="stopping",
@@ -415,6 +443,93 @@ class Service:
         elif problem is None and self.health.state_problem is not None:
             self.log.info("state.restored", path=self.engine.store.path)
         self.health.state_problem = problem
+
+    # -- the change feed (README "How changes flow") ------------------------------------------
+
+    def _lock(self, target: str) -> anyio.Lock:
+        """The one lock a target's full and incremental cycles share: never two writers at once."""
+        return self._locks.setdefault(target, anyio.Lock())
+
+    async def _webhook(self, stack: AsyncExitStack, store: Store) -> tuple[Callable[[Any], None] | None, list[str]]:
+        """Webhook mode: the inbox (its own SQLite connection) and the route to mount on http_listen."""
+        src = self.config.source
+        if src.changes != "webhook" or src.webhook_secret is None:
+            return None, []
+        inbox = await Inbox.open(store.path)
+        stack.push_async_callback(inbox.close)
+        secret = src.webhook_secret.reveal()
+        return (lambda app: mount_webhook(app, inbox, secret)), ["/pingone/events"]
+
+    async def _follow_changes(self) -> None:
+        """Every `change_poll_interval`: one poll of the feed, applied to every target."""
+        while not self.stopping:
+            await anyio.sleep(self.engine.config.source.change_poll_interval)
+            engine = self.engine
+            if self.stopping or engine.config.source.changes == "off" or engine.last_snapshot is None:
+                continue          # no full snapshot yet (start, reload): the next tick takes one
+            try:
+                await self._apply_changes()
+            except FeedGap as exc:
+                self.log.warning("changes.gap", error=str(exc), hint="a full cycle starts now")
+                self._full_cycle_now()
+            except (ProvisiondError, OSError) as exc:
+                self._feed_failed(exc)
+            else:
+                if self.feed_failing_since is not None:
+                    self.log.info("changes.recovered", failed_for_s=round(time.time() - self.feed_failing_since, 1))
+                    self.feed_failing_since = None
+
+    def _feed_failed(self, exc: Exception) -> None:
+        """Logged when it starts failing; a full cycle once it has failed FEED_FAILING_POLLS polls."""
+        now = time.time()
+        bound = FEED_FAILING_POLLS * self.engine.config.source.change_poll_interval
+        if self.feed_failing_since is None:
+            self.feed_failing_since = now
+            self._feed_fallback_at = now + bound
+            self.log.error("changes.failing", error=f"{type(exc).__name__}: {exc}", fallback_after_s=bound,
+                           hint="changes wait for the next full cycle")
+        elif now >= self._feed_fallback_at:
+            self._feed_fallback_at = now + bound
+            self.log.warning("changes.fallback", error=f"{type(exc).__name__}: {exc}",
+                             failing_s=round(now - self.feed_failing_since, 1), hint="a full cycle starts now")
+            self._full_cycle_now()
+
+    def _full_cycle_now(self) -> None:
+        """End the wait between ticks (if waiting): the next full cycle starts at once. Asked once
+        per tick: a gap that a full cycle cannot close (an incomplete snapshot) does not turn
+        the schedule into back-to-back snapshots."""
+        if self._sleep_scope is not None and not self.stopping and self._asked_at_tick != self.cycles:
+            self._asked_at_tick = self.cycles
+            self._sleep_scope.cancel()
+
+    async def _apply_changes(self) -> None:
+        """One poll: read what the batch names, an incremental cycle per target, then commit.
+
+        A target running its full cycle is left out and the batch is not committed: the next
+        poll hands it on again (applying it twice changes nothing)."""
+        engine = self.engine
+        feed = ChangeFeed(engine.source, engine.store)
+        batch = await feed.poll()
+        complete = True
+        if batch.changes:
+            reads = await read_affected(engine.source, batch.changes)
+            inc = await engine.merge_changes(reads, batch.changes.first_recorded)
+            if inc is None:
+                return
+            for name, rt in list(engine.runtimes.items()):
+                if name in self._running or self._lock(name).locked():
+                    complete = False
+                    continue
+                async with self._lock(name):
+                    report = await engine.incremental_cycle(rt, inc)
+                self.heartbeat.beat()
+                if report.outcome == "aborted":
+                    complete = False
+        if complete:
+            await feed.commit(batch)
+        lag = await feed.lag()
+        if lag is not None:
+            self.metrics.record_feed_lag(lag)
 
     # -- signals ------------------------------------------------------------------------------
 
@@ -545,6 +660,8 @@ class Service:
         for warning in new.warnings:
             self.log.warning("config.warning", warning=warning)
         self.notifier.ready(status=f"reloaded; last cycle {self._last_line}")
+        if engine.keep_snapshot and engine.last_snapshot is None and self.cycles:
+            self._full_cycle_now()     # a rebuilt target: the change feed waits for a full snapshot
         return True
 
     # -- status and health --------------------------------------------------------------------

@@ -533,6 +533,17 @@ class Store:
             row = await cur.fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
+    async def latest_cycle_of_kind(self, target: str, kind: str) -> dict[str, Any] | None:
+        """The newest cycle of *kind* (e.g. "incremental") for a target, as `latest_cycles` shows one."""
+        async with self.db.execute(
+            "SELECT id, started, finished, outcome, summary FROM cycle WHERE target=? AND kind=? "
+            "ORDER BY id DESC LIMIT 1", (target, kind)) as cur:
+            r = await cur.fetchone()
+        if r is None:
+            return None
+        return {"cycle": r[0], "kind": kind, "started": r[1], "finished": r[2], "outcome": r[3],
+                "summary": json.loads(r[4]) if r[4] else {}}
+
     async def latest_cycles(self) -> list[dict[str, Any]]:
         async with self.db.execute(
             "SELECT c.id, c.target, c.started, c.finished, c.full_sync, c.outcome, c.summary FROM cycle c "
