@@ -957,7 +957,8 @@ class Engine:
 
     async def _incremental_plan(self, cx: CycleContext, desired: Desired, actual: Actual) -> Plan:
         """Step d over the slice: `max_deletes` less the removals incremental cycles applied within
-        the rolling window, so a burst of deletions arriving as events is held as a whole."""
+        the rolling window, so a burst of deletions arriving as events is held as a whole. Held
+        removals stay for the next full cycle, which `provisiond approve` releases."""
         rt = cx.rt
         cfg = rt.config
         _, recent = removal_window(await self._removals(rt), time.time(), self.removal_window)
@@ -966,7 +967,7 @@ class Engine:
             create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,
             deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action, delete_after=cfg.delete_after,
             group_membership=cfg.group_membership, max_deletes=max(0, limit - recent),
-            approved=await self.store.approved(cfg.name),
+            approved=False,      # `approve` releases what the next full cycle holds, not a poll's
             max_groups_per_user=rt.client.profile.max_groups_per_user)
         the_plan = plan(desired, actual, policy, complete=cx.complete, now=time.time())
         refusals.hold(the_plan, await refusals.load(self.store, cfg.name), full_sync=False)

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from daemon.engine import TargetReport
+from daemon.incremental import slice_to
+from daemon.links import Actual, GroupLink
+from daemon.mapping import Desired, DesiredGroup
+from daemon.model import Members
 from daemon.sandbox.activities import FeedSettings
 from daemon.source.changes import ChangeFeed, read_affected
 from tests.harness import Harness, harness
@@ -128,3 +133,28 @@ async def test_a_burst_of_deletions_above_max_deletes_is_held_also_when_spread_o
         d.delete_user(uid)
     await incremental(h)
     assert not removal_requests(h.sb.zpa, members=False), "the window's removals count"
+
+
+# --- pure: the slice ---------------------------------------------------------------------------
+
+def _group(gid: str, members: set[str]) -> tuple[DesiredGroup, GroupLink]:
+    return (DesiredGroup(gid, gid.upper(), Members.of(members)),
+            GroupLink(gid, f"t-{gid}", gid.upper(), Members.of(members), frozenset({"foreign"})))
+
+
+def test_the_slice_cuts_member_sets_to_the_touched_users_and_leaves_unnamed_groups_alone() -> None:
+    want_g, link_g = _group("g", {"a", "b"})
+    _, link_c = _group("c", {"b", "c"})               # no longer desired, named by no event
+    link_g = replace(link_g, members=Members.of({"a", "b", "c"}))   # c: left g, not named
+    desired = Desired(groups={"g": want_g})
+    actual = Actual({}, {"g": link_g, "c": link_c})
+    part, links = slice_to(desired, actual, frozenset({"a"}), frozenset())
+    assert part.groups == {} and links.groups == {}   # a's membership did not change: nothing to plan
+    part, links = slice_to(desired, actual, frozenset({"a", "b", "x"}), frozenset())
+    assert set(links.groups) == set() and set(part.groups) == set()
+    desired = Desired(groups={"g": replace(want_g, members=Members.of({"b"}))})
+    part, links = slice_to(desired, actual, frozenset({"a"}), frozenset())
+    assert part.groups["g"].members == set() and links.groups["g"].members == {"a"}
+    assert links.groups["g"].foreign == frozenset() and "c" not in links.groups
+    part, links = slice_to(desired, actual, frozenset(), frozenset({"c"}))
+    assert "c" in links.groups and "c" not in part.groups   # named: its deletion is planned
