@@ -474,6 +474,9 @@ class Service:
                 self._full_cycle_now()
             except (ProvisiondError, OSError) as exc:
                 self._feed_failed(exc)
+            except Exception as exc:   # a defect: logged, the loop and the daemon go on
+                self.log.error("changes.crashed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+                self._feed_failed(exc)
             else:
                 if self.feed_failing_since is not None:
                     self.log.info("changes.recovered", failed_for_s=round(time.time() - self.feed_failing_since, 1))
