@@ -21,7 +21,7 @@ from tests.test_service_tools import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
-POLL = "300ms"
+POLL = "1s"
 
 
 MAX_DELETES = 4
