@@ -233,6 +233,11 @@ async def test_the_watermark_survives_a_restart(world: World) -> None:
         await until(lambda: d.named("daemon.ready"), "ready", explain=d.describe)
         assert watermark(state) is not None and watermark(state) >= before
         await wait_for(lambda: gone_or_inactive(t, "zia", w.name(uid)), "the change made while down", d)
+        mark = len(d.events)
+        d_.set_enabled(uid, True)
+        await wait_for(lambda: _active(t, "zia", w.name(uid)), "a change through the feed after the restart", d)
+        assert not d.named("changes.gap"), "the stored watermark was used: no gap, no extra full cycle"
+        assert incremental_finished(d, mark) >= 1
         d.signal(signal.SIGTERM)
         assert await d.exit_code(20) == 0
 
