@@ -919,7 +919,8 @@ class Engine:
             return TargetReport(name, None, "quarantined")
         cycle_id = await self.store.start_cycle(name, full_sync=False, kind=INCREMENTAL_KIND)
         log = log.bind(cycle=cycle_id)
-        log.info("cycle.started", kind=INCREMENTAL_KIND, users=len(inc.users), groups=len(inc.groups))
+        log.info("cycle.started", targets=[name], kind=INCREMENTAL_KIND, user_count=len(inc.users),
+                 group_count=len(inc.groups))
         cx = CycleContext(rt, cycle_id, False, self.last_complete, log, now, inc.snapshot.complete,
                           kind=INCREMENTAL_KIND)
         try:

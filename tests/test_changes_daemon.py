@@ -16,6 +16,7 @@ import pytest
 
 from daemon.sandbox.runner import ZIA_TOKEN, ZPA_TOKEN, Sandbox, build_sandbox, running, write_config
 from tests.test_alerts import scrape
+from tests.test_faults_daemon import assert_log_schema
 from tests.test_service import Daemon, daemon_running, run_command, until
 from tests.test_service_tools import free_port
 
@@ -161,6 +162,7 @@ async def test_changes_reach_the_targets_within_seconds_with_an_hour_interval(wo
                     explain=d.describe)
         assert not w.sb.zpa.request_log and not w.sb.zia.request_log
         assert len(d.named("cycle.summary")) == 1, "no full cycle ran: the feed carried every change"
+        assert {"cycle.started", "cycle.finished"} <= assert_log_schema(d.events)   # README's event table
         port = int(str(d.named("http.listening")[0]["url"]).rsplit(":", 1)[1])
         samples = await scrape(port)
         counts = {s[0]["target"]: s[1] for s in samples["provisiond_propagation_latency_seconds_count"]}
