@@ -12,7 +12,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -473,27 +473,9 @@ async def _sync_group(cfg: Config, args: argparse.Namespace) -> Any:
 
 @configured
 def cmd_sync_group(args: argparse.Namespace, cfg: Config) -> int:
-    from daemon.errors import ProvisiondError
     from daemon.ondemand import UnknownGroup
 
-    _setup_logging(cfg, to_stderr=True, level="warning")
-    try:
-        result = anyio.run(_sync_group, cfg, args)
-    except UnknownGroup as exc:
-        print(f"provisiond: {exc}", file=sys.stderr)
-        return EX_FAIL
-    except KeyError:
-        print(f"provisiond: no target named {args.target!r} in {cfg.path}", file=sys.stderr)
-        return EX_FAIL
-    except ProvisiondError as exc:
-        print(f"provisiond: PingOne: {logs.REDACTOR.scrub(str(exc))}", file=sys.stderr)
-        return EX_FAIL
-    if args.json:
-        print(json.dumps(result.as_json(), ensure_ascii=False, indent=2, default=str))
-    else:
-        print(f"{'dry run ' if result.dry_run else ''}done in {result.took_s:.3f}s"
-              + (": some operations FAILED" if result.failed else ""))
-    return EX_FAIL if result.failed else EX_OK
+    return _run_on_demand(args, cfg, _sync_group, UnknownGroup)
 
 
 # -- backup -----------------------------------------------------------------------------------
@@ -561,13 +543,21 @@ async def _sync_user(cfg: Config, args: argparse.Namespace) -> Any:
 
 @configured
 def cmd_sync_user(args: argparse.Namespace, cfg: Config) -> int:
-    from daemon.errors import ProvisiondError
     from daemon.explain import UnknownUser
+
+    return _run_on_demand(args, cfg, _sync_user, UnknownUser)
+
+
+def _run_on_demand(args: argparse.Namespace, cfg: Config,
+                   run: Callable[[Config, argparse.Namespace], Awaitable[Any]],
+                   unknown: type[Exception]) -> int:
+    """`sync-user` and `sync-group`: run one on-demand sync, print its result, exit 0 or 1."""
+    from daemon.errors import ProvisiondError
 
     _setup_logging(cfg, to_stderr=True, level="warning")
     try:
-        result = anyio.run(_sync_user, cfg, args)
-    except UnknownUser as exc:
+        result = anyio.run(run, cfg, args)
+    except unknown as exc:
         print(f"provisiond: {exc}", file=sys.stderr)
         return EX_FAIL
     except KeyError:
