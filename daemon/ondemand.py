@@ -130,6 +130,17 @@ class TargetSync:
     def failed(self) -> int:
         return sum(1 for status in self.results.values() if status == FAILED)
 
+    def as_json(self, *, in_scope_key: str) -> dict[str, Any]:
+        """This target's part of `sync-user --json` (`in_scope`) or `sync-group --json` (`pushed`)."""
+        return {
+            "target": self.target, in_scope_key: self.in_scope, "skipped": self.skipped, "cycle": self.cycle_id,
+            "operations": [{"seq": op.seq, "kind": op.kind, "op": op.op, "name": op.name, "reason": op.reason,
+                            "status": self.results.get(op.seq, op.status), "skip_reason": op.skip_reason}
+                           for op in self.ops],
+            "events": self.events,
+            "writes": [{"method": m, "path": p} for m, p, _ in self.writes],
+        }
+
 
 @dataclass
 class SyncResult:
@@ -148,14 +159,7 @@ class SyncResult:
         return {
             "user_id": self.user_id, "user": self.user_name, "in_source": self.in_source,
             "dry_run": self.dry_run, "took_s": round(self.took_s, 3), "failed": self.failed,
-            "targets": [{
-                "target": t.target, "in_scope": t.in_scope, "skipped": t.skipped, "cycle": t.cycle_id,
-                "operations": [{"seq": op.seq, "kind": op.kind, "op": op.op, "name": op.name, "reason": op.reason,
-                                "status": t.results.get(op.seq, op.status), "skip_reason": op.skip_reason}
-                               for op in t.ops],
-                "events": t.events,
-                "writes": [{"method": m, "path": p} for m, p, _ in t.writes],
-            } for t in self.targets],
+            "targets": [t.as_json(in_scope_key="in_scope") for t in self.targets],
         }
 
 
@@ -416,14 +420,7 @@ class GroupSyncResult:
         return {
             "group_id": self.group_id, "group": self.group_name, "dry_run": self.dry_run,
             "snapshot_complete": self.complete, "took_s": round(self.took_s, 3), "failed": self.failed,
-            "targets": [{
-                "target": t.target, "pushed": t.in_scope, "skipped": t.skipped, "cycle": t.cycle_id,
-                "operations": [{"seq": op.seq, "kind": op.kind, "op": op.op, "name": op.name, "reason": op.reason,
-                                "status": t.results.get(op.seq, op.status), "skip_reason": op.skip_reason}
-                               for op in t.ops],
-                "events": t.events,
-                "writes": [{"method": m, "path": p} for m, p, _ in t.writes],
-            } for t in self.targets],
+            "targets": [t.as_json(in_scope_key="pushed") for t in self.targets],
         }
 
 
