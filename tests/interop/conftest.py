@@ -57,11 +57,14 @@ def _wait_for_port(port: int, deadline: float) -> None:
 
 
 @contextmanager
-def scim2_server_process(token: str = SCIM2_TOKEN) -> Iterator[str]:
-    """Start scim2-server on a free loopback port; yield ``http://127.0.0.1:P/v2``; stop it."""
+def scim2_server_process(token: str = SCIM2_TOKEN, *options: str) -> Iterator[str]:
+    """Start scim2-server on a free loopback port (with any further scim2-server *options*);
+    yield ``http://127.0.0.1:P/v2``; stop it."""
     with tempfile.TemporaryFile(mode="w+") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, str(LAUNCHER), "--hostname", DEFAULT_HOST, "--port", "0", "--bearer-token", token],
+            [sys.executable, str(LAUNCHER), "--hostname", DEFAULT_HOST, "--port", "0",
+             f"--bearer-token={token}",   # one argument: a token that starts with "-" is no option
+             *options],
             stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
         )
         try:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import base64
 import math
-import os
 import secrets
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -41,11 +39,11 @@ from daemon.target.auth import BasicAuth, BearerAuth, OAuthClientCredentials, Ta
 from daemon.target.profiles import profile_for
 from daemon.target.resource import ENTERPRISE_USER, patch_body
 from daemon.target.scim import ScimClient
+from tests.interop.conftest import scim2_server_process
 
 FAST = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05, max_elapsed=10.0)
 DEPT = f"{ENTERPRISE_USER}:department"
 WORK_EMAIL = 'emails[type eq "work"].value'
-SERVER_START_TIMEOUT = 15.0
 
 
 def _free_port() -> int:
@@ -56,27 +54,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def scim2_server() -> Iterator[tuple[int, str]]:
-    """One scim2-server process for the module; each test gets its own dynamic tenant."""
-    port, token = _free_port(), secrets.token_urlsafe(16)
-    exe = os.path.join(os.path.dirname(sys.executable), "scim2-server")
-    proc = subprocess.Popen(
-        [exe, "--hostname", "127.0.0.1", "--port", str(port), "--bearer-token", token, "--dynamic-tenants"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("scim2-server did not start") from None
-                time.sleep(0.05)
+    """One scim2-server process for the module; each test gets its own dynamic tenant. Started
+    through the interop launcher: it binds port 0 and reports the port (no free-port race), and
+    a failure to start carries the server's stderr."""
+    token = secrets.token_urlsafe(16)
+    with scim2_server_process(token, "--dynamic-tenants") as url:
+        port = urlsplit(url).port
+        assert port is not None
         yield port, token
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @dataclass
