@@ -46,7 +46,7 @@ from daemon.links import (
     UserLink,
 )
 from daemon.planner import changed_attributes
-from daemon.store import Outcome, Store
+from daemon.store import Holder, Outcome, Store
 from daemon.target.resource import read_active, read_user
 from daemon.target.scim import ScimClient
 
@@ -59,6 +59,7 @@ REQUEST_RATIO = 0.8         # unanswered (timeout, connection) or 5xx among them
 APPLIED = "applied"
 FAILED = "failed"
 SKIPPED = "skipped"
+BUSY = "busy"               # skip reason: another process holds a claim on the entity (`Store.mark_in_flight`)
 
 PAST = {
     "create": "created", "update": "updated", "enable": "enabled", "disable": "disabled",
@@ -140,6 +141,14 @@ class _NotStarted(Exception):
     """The apply stopped before an operation sent anything: it is skipped like the others."""
 
 
+class _Busy(Exception):
+    """Another process holds the entity's claim: the operation sends nothing."""
+
+    def __init__(self, holder: Holder) -> None:
+        super().__init__(holder.text())
+        self.holder = holder
+
+
 class _StoppedMidway(Exception):
     """The apply stopped (target unhealthy) while an operation had sent part of its requests."""
 
@@ -196,6 +205,7 @@ class Applier:
         progress: Progress | None = None,
         observer: Observer | None = None,
         source_updated: Mapping[str, str | None] | None = None,
+        claim_since: float | None = None,
     ) -> None:
         self.target = target
         self.cycle_id = cycle_id
@@ -211,6 +221,10 @@ class Applier:
         self.progress = progress
         self.observer = observer
         self.source_updated = source_updated or {}
+        # When the plan's links were read: another process's write to an entity recorded after
+        # it makes this plan stale for that entity (skipped `busy`, re-planned by the caller).
+        self.claim_since = claim_since
+        self._refused: dict[int, Holder] = {}       # seq -> who holds its entity
         self.health = _Health()
         self.result = ApplyResult()
         self._buffer: list[Outcome] = []
@@ -265,15 +279,23 @@ class Applier:
         self.result.stopped = self.health.stopped
         return self.result
 
-    async def _mark_sent(self, op: Op) -> None:
-        """Journal `op` in flight before its first request (group commit: the operations that
-        reach this point together are written in one transaction)."""
+    async def _mark_sent(self, op: Op) -> Holder | None:
+        """Journal `op` in flight before its first request, which claims its entity across
+        processes (group commit: the operations that reach this point together are written in
+        one statement). None when claimed; else who holds the entity: nothing may be sent."""
         self._to_mark.append(op.seq)
         async with self._mark_lock:
-            if not self._to_mark:
-                return            # written by the one who held the lock before
-            seqs, self._to_mark = self._to_mark, []
-            await self.store.mark_in_flight(self.cycle_id, seqs)
+            if self._to_mark:     # else written by the one who held the lock before
+                seqs, self._to_mark = self._to_mark, []
+                self._refused.update(await self.store.mark_in_flight(self.cycle_id, seqs, since=self.claim_since))
+        return self._refused.pop(op.seq, None)
+
+    def _busy_outcome(self, op: Op, started: float, holder: Holder) -> tuple[Outcome, dict[str, Any]]:
+        """Not sent: another process holds this entity (its write is in flight, or it wrote since
+        this plan was made). The caller re-plans it from the current state, or the next cycle does."""
+        outcome = Outcome(op.seq, SKIPPED, skip_reason=BUSY, started=started, finished=time.time())
+        return outcome, {"reason": BUSY, "holder": holder.text(), "holder_pid": holder.owner.partition(":")[0],
+                         "holder_cycle": holder.cycle_id, "holder_kind": holder.kind, "held": holder.state}
 
     async def _run_stage(self, stage: list[Op]) -> None:
         queued = [op for op in stage if not _is_member_add(op)]
@@ -442,8 +464,9 @@ class Applier:
         if self.health.stopped is None:
             async with self._exclusive(op.kind, op.source_id), self.limiter:
                 if self.health.stopped is None:   # again: it may have stopped while this waited
-                    await self._mark_sent(op)
-                    done = await self._attempt(op, started, self._dispatch)
+                    holder = await self._mark_sent(op)
+                    done = (self._busy_outcome(op, started, holder) if holder is not None
+                            else await self._attempt(op, started, self._dispatch))
         if done is None:
             self._skip_stopped(op, started)
             return
@@ -917,8 +940,8 @@ class Applier:
                     if not requests:
                         raise _NotStarted
                     raise _StoppedMidway(self.health.stopped.reason)
-                if not requests:
-                    await self._mark_sent(op)
+                if not requests and (holder := await self._mark_sent(op)) is not None:
+                    raise _Busy(holder)
                 try:
                     async with self._group_lock(op.source_id):
                         requests += await self.client.add_members(group_id, ids, attempts=attempts)
@@ -970,6 +993,9 @@ class Applier:
                         chunk, chunk_ids = [], []
             if chunk_ids:
                 await send(chunk, chunk_ids)
+        except _Busy as busy:
+            _, extra = self._busy_outcome(op, time.time(), busy.holder)
+            return SKIPPED, None, {"skip_reason": BUSY, **extra}
         except _NotStarted:
             assert self.health.stopped is not None
             reason = f"target_{self.health.stopped.reason}"

@@ -34,6 +34,7 @@ import json
 import re
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
@@ -44,12 +45,12 @@ import aiohttp
 import anyio
 
 from daemon import approvals, refusals
-from daemon.applier import APPLIED, FAILED, Applier, ApplyResult, Observer, TargetUnhealthy
+from daemon.applier import APPLIED, BUSY, FAILED, Applier, ApplyResult, Observer, TargetUnhealthy
 from daemon.backoff import RetryPolicy
 from daemon.config import Config, GroupRef, TargetConfig
 from daemon.errors import Forbidden, NotFound, RemoteError, TransientError, Unauthorized
 from daemon.incremental import INCREMENTAL_KIND, Increment, merge, removal_window, slice_to
-from daemon.links import GROUP_LIMIT, HELD, PENDING, Actual, GroupLink, Op, Plan, UserLink
+from daemon.links import GROUP_LIMIT, HELD, PENDING, REMOVALS_HELD, Actual, GroupLink, Op, Plan, UserLink
 from daemon.mapping import (
     Desired,
     GroupSelector,
@@ -99,6 +100,10 @@ SOURCE_INCOMPLETE = "source_incomplete"
 # this window as one seen in a snapshot does.
 META_CHANGE_REMOVALS = "change_removals"
 DEFAULT_REMOVAL_WINDOW = 3600.0
+# An entity another process holds (`busy`): how long a reconcile step waits for it before it plans
+# it again from the current state, and how often it looks (one indexed query per entity).
+DEFAULT_BUSY_WAIT = 10.0
+BUSY_POLL = 0.1
 _MEMBER_OF_RE = re.compile(r'memberOfGroups\[\s*id\s+eq\s+"([^"]+)"\s*\]', re.IGNORECASE)
 
 ProgressHook = Callable[[str, int, int], None]
@@ -132,6 +137,7 @@ class TargetRuntime:
     mapped: MappingCache = field(default_factory=dict)   # valid for these rules only
     links: Actual | None = None           # the store's links as of the end of the last cycle
     links_generation: str | None = None   # META_LINKS_GENERATION as of `links`
+    links_loaded_at: float | None = None  # when `links` were read from SQLite: the claims' `since`
     reported: dict[str, str] = field(default_factory=dict)   # skips logged at info last cycle
 
 
@@ -145,6 +151,7 @@ class TargetReport:
     results: dict[str, int] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     failed: int = 0
+    busy: int = 0          # entities left `skipped`/`busy`: another process held them (`reconcile`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +166,59 @@ class CycleContext:
     started: float
     source_complete: bool = True   # PingOne was read whole (else the outcome is SOURCE_INCOMPLETE)
     approval: approvals.Approval | None = None   # the approval the plan honoured (consumed at the end)
-    kind: str = CYCLE_KIND         # or "incremental"
+    kind: str = CYCLE_KIND         # or "incremental", "sync-user", "sync-group" (`reconcile`)
+    summary: Mapping[str, Any] = field(default_factory=dict)   # more keys for the cycle's summary
+
+
+@dataclass(frozen=True)
+class Reconcile:
+    """How `Engine.reconcile` runs over a set of entities: what differs between the incremental
+    cycle, `sync-user` and `sync-group` (the steps are the same)."""
+
+    kind: str                          # cycle.kind: incremental | sync-user | sync-group
+    recover: bool = True               # resolve an interrupted cycle's operations first (the daemon)
+    approvals: bool = False            # honour (and consume) an approval of a held plan (sync-user)
+    complete: bool | None = None       # may removals be planned; None: as the last full snapshot said
+    announce: bool = False             # another process than the daemon: bump links.generation
+    busy_wait: float = DEFAULT_BUSY_WAIT
+    # The links to plan against (default: the daemon's, `known_links`); sync-user reads its few.
+    links: Callable[[Desired], Awaitable[Actual]] | None = None
+    # The slice (default: `slice_to` the increment's users and groups); sync-group's keeps one group.
+    slice: Callable[[Desired, Actual], tuple[Desired, Actual]] | None = None
+    on_plan: Callable[[Desired, Plan], None] | None = None   # sees (and may trim) each plan before it is saved
+    summary: Mapping[str, Any] = field(default_factory=dict)   # more keys for the cycle's summary
+
+
+@dataclass
+class Reconciled:
+    """What one `reconcile` did for one target."""
+
+    report: TargetReport
+    cycle_id: int | None = None
+    ops: list[Op] = field(default_factory=list)          # every round's plan (seqs unique)
+    statuses: dict[int, str] = field(default_factory=dict)   # seq -> applied | failed | skipped
+    desired: Desired | None = None                      # the slice planned
+    busy: int = 0
+    approval: approvals.Approval | None = None
+    approval_used: str | None = None                    # consumed | kept | None
+    error: str | None = None
+
+
+def hold_unreleased(the_plan: Plan, user_id: str, released: frozenset[str]) -> None:
+    """The target's latest plan held this user's removal: hold it here too unless `released`
+    (an approval of a plan that held it) releases it, with the member removals, as the planner
+    holds them."""
+    if approvals.removal_key("user", user_id) in released:
+        return
+    removals = [op for op in the_plan.ops if op.is_removal and op.kind == "user" and op.source_id == user_id
+                and op.status == PENDING]
+    if not removals:
+        return
+    held = {op.seq for op in removals} | {op.seq for op in the_plan.ops
+                                          if op.op == "remove_members" and op.status == PENDING}
+    the_plan.removals_held += len(removals)
+    the_plan.ops = [replace(op, status=HELD, skip_reason=REMOVALS_HELD) if op.seq in held else op
+                    for op in the_plan.ops]
 
 
 @dataclass
@@ -769,6 +828,8 @@ class Engine:
         name = rt.config.name
         generation = await self.store.get_meta(f"{META_LINKS_GENERATION}.{name}")
         cached = rt.links if rt.links is not None and generation == rt.links_generation else None
+        if cached is None:
+            rt.links_loaded_at = time.time()
         actual = cached if cached is not None else await self.load_links(rt, desired, log)
         share_member_sets(desired, actual)
         rt.links = None   # until this cycle ends well, the store is the only truth
@@ -822,9 +883,13 @@ class Engine:
         rt.reported = reported
 
     async def apply_plan(self, cx: CycleContext, snapshot: Snapshot, desired: Desired, actual: Actual,
-                         the_plan: Plan, changed_at: Mapping[str, str] | None = None) -> tuple[ApplyResult, Actual]:
+                         the_plan: Plan, changed_at: Mapping[str, str] | None = None, *,
+                         claim_since: float | None = None) -> tuple[ApplyResult, Actual]:
         """Step e: send the plan's pending operations; the links after them are kept in memory
-        for the next cycle, sharing the desired state's objects where equal."""
+        for the next cycle, sharing the desired state's objects where equal. Each entity is
+        claimed before its first write (`Store.mark_in_flight`): one another process holds, or
+        wrote since the links were read (*claim_since*, default when they were loaded), is
+        skipped `busy`."""
         rt, name = cx.rt, cx.rt.config.name
         pending = the_plan.pending()
         # The applier updates these in place; with nothing to apply, the links are reused as they
@@ -840,7 +905,8 @@ class Engine:
             can_create=rt.config.actions.create, active_false_deletes=rt.config.active_false_deletes,
             progress=(lambda done, total: hook(name, done, total)) if hook is not None else None,
             observer=self._notify if self.observers else None,
-            source_updated={**source_updated(snapshot, pending), **(changed_at or {})})
+            source_updated={**source_updated(snapshot, pending), **(changed_at or {})},
+            claim_since=claim_since if claim_since is not None else rt.links_loaded_at)
         result = await applier.apply(the_plan.ops)
         share_with_desired(users, groups, desired)
         rt.links = Actual(users, groups)
@@ -862,6 +928,8 @@ class Engine:
             known = await self.store.get_meta(f"unmanaged.{name}")
             rt.unmanaged = int(known) if known is not None else None
         summary["unmanaged_users"] = rt.unmanaged   # as of the last full sync
+        if cx.kind != CYCLE_KIND:
+            summary = {"kind": cx.kind, **cx.summary, **summary}
         failed = counts.get(FAILED, 0)
         outcome = "success" if not failed else "partial_failure"
         if outcome == "success" and not cx.source_complete:
@@ -907,73 +975,193 @@ class Engine:
     async def incremental_cycle(self, rt: TargetRuntime, inc: Increment) -> TargetReport:
         """Steps b-f over what *inc* touches, for one target (`cycle.kind = "incremental"`).
 
-        The caller serialises it with the target's full cycle (the service's per-target lock):
-        at most one write in flight per entity. A quarantined target is skipped; a target that
-        fails is quarantined as in a full cycle."""
+        The caller serialises it with the target's full cycle (the service's per-target lock);
+        across processes, each write claims its entity (`reconcile`)."""
+        return (await self.reconcile(rt, inc, Reconcile(INCREMENTAL_KIND))).report
+
+    # -- one reconcile step over a set of entities (README "How changes flow") ----------------
+
+    async def reconcile(self, rt: TargetRuntime, inc: Increment, how: Reconcile) -> Reconciled:
+        """Steps b-f over the entities *inc* names, for one target: the incremental cycle (the
+        changed ones), `sync-user` (one user) and `sync-group` (one group and its members) are
+        this one step; the full cycle runs the same steps over everything (`_target_cycle`).
+
+        desired state over `inc.snapshot` -> links -> the slice (`slice_to`, or `how.slice`) ->
+        plan (`max_deletes` less the removals of the rolling window; a removal the target's
+        latest plan held stays held unless an approval of that plan releases it, honoured only
+        with `how.approvals`) -> apply -> summary. Each write first claims its entity across
+        processes (`Store.mark_in_flight`): an entity another process holds is skipped `busy`;
+        this step waits for it (up to `how.busy_wait` seconds) and plans it again from the
+        current state, and what is still busy then stays `skipped`/`busy` (`report.busy`).
+        A quarantined target is skipped; a target that fails is quarantined as in a full cycle."""
         name = rt.config.name
+        kind = how.kind
         log = self.log.bind(target=name)
         now = time.time()
         if rt.quarantine.active(now):
-            log.info("target.skipped", reason="quarantined", kind=INCREMENTAL_KIND,
+            log.info("target.skipped", reason="quarantined", kind=kind,
                      quarantine_reason=rt.quarantine.reason, retry_in_s=round(rt.quarantine.until - now))
-            return TargetReport(name, None, "quarantined")
-        cycle_id = await self.store.start_cycle(name, full_sync=False, kind=INCREMENTAL_KIND)
+            return Reconciled(TargetReport(name, None, "quarantined"))
+        cycle_id = await self.store.start_cycle(name, full_sync=False, kind=kind)
         log = log.bind(cycle=cycle_id)
-        log.info("cycle.started", targets=[name], kind=INCREMENTAL_KIND, user_count=len(inc.users),
-                 group_count=len(inc.groups))
-        cx = CycleContext(rt, cycle_id, False, self.last_complete, log, now, inc.snapshot.complete,
-                          kind=INCREMENTAL_KIND)
+        log.info("cycle.started", targets=[name], kind=kind, user_count=len(inc.users), group_count=len(inc.groups))
+        complete = self.last_complete if how.complete is None else how.complete
+        cx = CycleContext(rt, cycle_id, False, complete, log, now, inc.snapshot.complete, kind=kind,
+                          summary=how.summary)
+        out = Reconciled(TargetReport(name, cycle_id, "running"), cycle_id=cycle_id)
         try:
-            await self.recover(rt, log)
+            if how.recover:
+                await self.recover(rt, log)
             desired = await self.desire(rt, inc.snapshot)
-            actual = await self.known_links(rt, desired, log)
-            part, links = slice_to(desired, actual, inc.users, inc.groups)
-            the_plan = await self._incremental_plan(cx, part, links)
-            if the_plan.ops:
-                self.report_plan(cx, part, the_plan)
-            result, after = await self.apply_plan(cx, inc.snapshot, part, actual, the_plan, inc.changed_at)
-            await self._count_removals(rt, the_plan, result)
-            report = await self.finish(cx, part, after, the_plan, result)
+            approval = await approvals.in_effect(self.store, name) if how.approvals else None
+            deadline = time.monotonic() + how.busy_wait
+            merged = Plan(ops=[])
+            result = ApplyResult()
+            part: Desired | None = None
+            after: Actual = Actual({}, {})
+            while True:
+                since = time.time()
+                actual = await (how.links(desired) if how.links is not None else self.known_links(rt, desired, log))
+                if how.links is None:
+                    since = rt.links_loaded_at or since
+                piece, links = (how.slice(desired, actual) if how.slice is not None
+                                else slice_to(desired, actual, inc.users, inc.groups))
+                part = part or piece
+                the_plan = await self._reconcile_plan(cx, inc, piece, links, actual, approval,
+                                                      first_seq=len(merged.ops))
+                if how.on_plan is not None:
+                    how.on_plan(piece, the_plan)
+                await self.store.save_plan(cycle_id, name, the_plan.ops)
+                if the_plan.ops:
+                    self.report_plan(cx, piece, the_plan)
+                if how.announce and the_plan.pending():
+                    await self._announce_links(name)
+                round_result, after = await self.apply_plan(cx, inc.snapshot, piece, actual, the_plan, inc.changed_at,
+                                                            claim_since=since)
+                if how.announce and round_result.counts().get(APPLIED):
+                    await self._announce_links(name)
+                await self._count_removals(rt, the_plan, round_result)
+                merged.ops.extend(the_plan.ops)
+                merged.removals_held += the_plan.removals_held
+                merged.removals_deferred += the_plan.removals_deferred
+                merged.removals_limit = the_plan.removals_limit
+                result.outcomes.update(round_result.outcomes)
+                result.requests += round_result.requests
+                result.stopped = round_result.stopped or result.stopped
+                busy = {(op.kind, op.source_id) for op in the_plan.ops
+                        if (o := round_result.outcomes.get(op.seq)) is not None and o.skip_reason == BUSY}
+                if not busy or result.stopped is not None or not await self._wait_free(name, busy, deadline):
+                    out.busy = len(busy)
+                    break
+                log.info("reconcile.replanned", kind=kind, entities=len(busy), reason=BUSY)
+            if approval is not None:
+                out.approval = approval
+                out.approval_used = await self._use_approval(name, approval, merged, result)
+            out.report = await self.finish(cx, part, after, merged, result)
+            out.report.busy = out.busy
+            out.ops = merged.ops
+            out.statuses = {seq: o.status for seq, o in result.outcomes.items()}
+            out.desired = part
         except (Unauthorized, Forbidden, TransientError, TargetUnhealthy) as exc:
             reason = exc.reason if isinstance(exc, TargetUnhealthy) else (
                 "auth_failed" if isinstance(exc, Unauthorized | Forbidden) else "unreachable")
             self._quarantine(rt, reason, str(exc), log)
             await self.store.finish_cycle(cycle_id, "quarantined", {"reason": reason, "error": str(exc)})
-            log.warning("cycle.finished", outcome="quarantined", reason=reason, kind=INCREMENTAL_KIND)
-            return TargetReport(name, cycle_id, "quarantined")
+            log.warning("cycle.finished", outcome="quarantined", reason=reason, kind=kind)
+            out.report = TargetReport(name, cycle_id, "quarantined")
         except StoreError:
             raise
-        except Exception as exc:   # a malformed answer or a defect: this target's cycle fails
+        except Exception as exc:   # a malformed answer or a defect: this target's step fails
             reason = exc.reason if isinstance(exc, RemoteError) else "internal_error"
             error = str(exc) if isinstance(exc, RemoteError) else f"{type(exc).__name__}: {exc}"
             await self.store.finish_cycle(cycle_id, "failed", {"reason": reason, "error": error[:500]})
-            log.error("cycle.finished", outcome="failed", reason=reason, error=error, kind=INCREMENTAL_KIND,
+            log.error("cycle.finished", outcome="failed", reason=reason, error=error, kind=kind,
                       exc_info=not isinstance(exc, RemoteError))
-            return TargetReport(name, cycle_id, "failed")
+            out.report = TargetReport(name, cycle_id, "failed")
+            out.error = error
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.store.finish_cycle(cycle_id, "aborted", {})
             raise
-        return report
+        return out
 
-    async def _incremental_plan(self, cx: CycleContext, desired: Desired, actual: Actual) -> Plan:
-        """Step d over the slice: `max_deletes` less the removals incremental cycles applied within
-        the rolling window, so a burst of deletions arriving as events is held as a whole. Held
-        removals stay for the next full cycle, which `provisiond approve` releases."""
+    async def _reconcile_plan(self, cx: CycleContext, inc: Increment, desired: Desired, links: Actual,
+                              actual: Actual, approval: approvals.Approval | None, *, first_seq: int = 0) -> Plan:
+        """Step d over the slice: `max_deletes` less the removals applied within the rolling
+        window, so a burst of deletions arriving as events is held as a whole; the removals an
+        approval of a held plan releases (`approval`, sync-user only: an incremental cycle
+        neither uses nor consumes one) are not counted. A removal the target's latest plan held
+        stays held unless released. A departed namesake's link is shown to the planner (a
+        rehire takes its account over), nothing else is planned for it. Not saved here."""
         rt = cx.rt
         cfg = rt.config
         _, recent = removal_window(await self._removals(rt), time.time(), self.removal_window)
         limit = cfg.max_deletes.limit(await self.store.managed_count(cfg.name))
+        released = approval.releases if approval is not None else frozenset()
         policy = Policy(
             create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,
             deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action, delete_after=cfg.delete_after,
             group_membership=cfg.group_membership, max_deletes=max(0, limit - recent),
-            approved=False,      # `approve` releases what the next full cycle holds, not a poll's
+            approved=False, released=released,
             max_groups_per_user=rt.client.profile.max_groups_per_user)
-        the_plan = plan(desired, actual, policy, complete=cx.complete, now=time.time())
+        departed = await self._departed_namesakes(cfg.name, inc.snapshot, desired, links, actual)
+        if departed:
+            links = Actual({**links.users, **{link.source_id: link for link in departed}}, links.groups)
+        the_plan = plan(desired, links, policy, complete=cx.complete, now=time.time())
+        if departed:     # a departed namesake's own removal is the next full cycle's business
+            gone = {link.source_id for link in departed}
+            the_plan.ops = [op for op in the_plan.ops if not (op.kind == "user" and op.source_id in gone)]
+        for op in the_plan.ops:
+            if (op.is_removal and op.kind == "user" and op.status == PENDING
+                    and approvals.removal_key("user", op.source_id) not in released
+                    and await approvals.held_removal(self.store, cfg.name, "user", op.source_id) is not None):
+                hold_unreleased(the_plan, op.source_id, released)
         refusals.hold(the_plan, await refusals.load(self.store, cfg.name), full_sync=False)
-        await self.store.save_plan(cx.cycle_id, cfg.name, the_plan.ops)
+        if first_seq:
+            the_plan.ops = [replace(op, seq=op.seq + first_seq) for op in the_plan.ops]
         return the_plan
+
+    async def _departed_namesakes(self, target: str, snapshot: Snapshot, desired: Desired, links: Actual,
+                                  actual: Actual) -> list[UserLink]:
+        """The links of users gone from the snapshot whose userName (as servers compare it) is
+        that of a user of the slice without a link: a rehire takes one of these accounts over."""
+        out: dict[str, UserLink] = {}
+        for sid, want in desired.users.items():
+            if sid in links.users:
+                continue
+            key = username_key(want.user_name)
+            for other in await self.store.linked_namesakes(target, want.user_name, sid):
+                link = actual.users.get(other)
+                if (link is not None and other not in snapshot.users and other not in links.users
+                        and username_key(link.user_name) == key):
+                    out[other] = link
+        return list(out.values())
+
+    async def _wait_free(self, target: str, busy: AbstractSet[tuple[str, str]], deadline: float) -> bool:
+        """Wait until no other live process has a write in flight on these entities; False when
+        the deadline came first."""
+        while time.monotonic() < deadline:
+            if not await self.store.busy_entities(target, busy):
+                return True
+            await anyio.sleep(BUSY_POLL)
+        return False
+
+    async def _announce_links(self, target: str) -> None:
+        """Tell a running daemon that this process writes the target's links: its next cycle
+        (or re-plan) reads them from SQLite, and its claims count what was written since."""
+        await self.store.set_meta(f"{META_LINKS_GENERATION}.{target}", uuid.uuid4().hex)
+
+    async def _use_approval(self, target: str, approval: approvals.Approval, the_plan: Plan,
+                            result: ApplyResult) -> str | None:
+        """An approval of a held plan that released removals sent here is consumed when all it
+        released was used ("consumed"), else kept for the next cycle ("kept"); None: unused."""
+        applied = frozenset(approvals.removal_key(op.kind, op.source_id) for op in the_plan.ops
+                            if op.is_removal and (o := result.outcomes.get(op.seq)) is not None
+                            and o.status == APPLIED and approvals.removal_key(op.kind, op.source_id) in approval.releases)
+        if approvals.used_up(approval, applied):
+            await approvals.consume(self.store, target, approval)
+            return "consumed"
+        return "kept" if applied else None
 
     async def _removals(self, rt: TargetRuntime) -> list[tuple[float, int]]:
         text = await self.store.get_meta(f"{META_CHANGE_REMOVALS}.{rt.config.name}")

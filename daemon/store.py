@@ -11,6 +11,12 @@ Tables (schema version in `PRAGMA user_version`, migrated forward on open):
     operation       the plan of each cycle, one row per operation, with its outcome
     approval        operator approvals of held removals, consumed by the next cycle
 
+Writes to one entity are serialised across processes (the daemon, `sync-user`, `sync-group`):
+an operation's `in_flight` mark is its claim on the entity (`mark_in_flight`), taken in the same
+single statement only when no other live process has an operation on that entity in flight (nor,
+with `since`, recorded one after the plan's links were read); `cycle.owner` names the process
+(`pid:start time`), so a crashed one's claims never block (`owner_alive`).
+
 The file is created 0600 and its WAL companions inherit a 077 umask. Writes go in batches
 inside one transaction each. Secrets are never written here.
 """
@@ -37,7 +43,7 @@ from daemon.lock import lock_holder
 from daemon.mapping import Desired, DesiredGroup, DesiredUser, content_hash
 from daemon.model import UNCHANGED, Members, Snapshot, shared
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CYCLE_KIND = "cycle"          # cycle.kind of the daemon's own cycles (sync-user writes its own)
 
 _SCHEMA = """
@@ -81,6 +87,13 @@ CREATE INDEX IF NOT EXISTS change_seen_recorded ON change_seen(recorded_at);
 CREATE TABLE IF NOT EXISTS change_inbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, received REAL NOT NULL, body TEXT NOT NULL);
 """
+
+# v4: claims across processes. `cycle.owner` is the process that runs the cycle (`pid:start`,
+# `process_identity`); `operation.recorded` is when its outcome was written (after its links).
+_CLAIMS_MIGRATION = (
+    "ALTER TABLE cycle ADD COLUMN owner TEXT",
+    "ALTER TABLE operation ADD COLUMN recorded REAL",
+)
 
 BATCH = 1000
 SQL_IN_BATCH = 500           # ids per `IN (...)`: under SQLite's 999 host parameters of old builds
@@ -172,6 +185,57 @@ def _file_identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (clock ticks since boot, /proc/PID/stat field 22): with
+    the pid, it names the process even after the pid is reused. None where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()     # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def process_identity(pid: int | None = None) -> str:
+    """`pid:start` of this (or that) process: the owner written on its cycles (`cycle.owner`)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_start_time(pid) or '?'}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Is the process that wrote this `cycle.owner` still running? A pid that is gone, or that now
+    names a process started at another time (reused), is not; nor is an unreadable owner."""
+    if not owner:
+        return False
+    pid_text, _, start = owner.partition(":")
+    if not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                    # alive, another user's
+    now = _start_time(pid)
+    return start in ("?", "") or now is None or now == start
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a claim on an entity that this apply wanted to write (`mark_in_flight`)."""
+
+    owner: str
+    cycle_id: int
+    kind: str                  # the holder's cycle kind: cycle | incremental | sync-user | sync-group
+    state: str                 # in_flight: its write is under way; written: it wrote since this plan
+
+    def text(self) -> str:
+        pid = self.owner.partition(":")[0]
+        return f"pid {pid} ({self.kind} {self.cycle_id}, {self.state.replace('_', ' ')})"
+
+
 _UPSERT_LINK = (
     "INSERT OR REPLACE INTO target_object(target, kind, source_id, target_id, name, attrs, active, members, "
     "foreign_members, origin, disabled_reason, disabled_at, last_synced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
@@ -195,6 +259,8 @@ class Store:
         # target's transaction never swallows (or rolls back) another's statements.
         self._write_lock = anyio.Lock()
         self._identity = _file_identity(path)     # (device, inode) of the file opened
+        self.owner = process_identity()           # written on the cycles this process runs
+        self._dead_owners: set[str] = set()       # owners found gone: their claims never block
         # source_group hashes as written (a few thousand at most). The users' are not kept: at
         # 1,000,000 users that map would be ~80 MB, for what the engine's mapping caches already know.
         self._group_hashes: dict[str, Digest] | None = None
@@ -262,6 +328,13 @@ class Store:
             await self.db.execute("CREATE INDEX IF NOT EXISTS cycle_kind ON cycle(target, kind, id)")
         if version < 3:
             await self.db.executescript(_CHANGES_SCHEMA)
+        if version < 4:
+            for table, column, statement in zip(("cycle", "operation"), ("owner", "recorded"), _CLAIMS_MIGRATION,
+                                                strict=True):
+                async with self.db.execute(f"PRAGMA table_info({table})") as cur:
+                    columns = {str(r[1]) async for r in cur}
+                if column not in columns:
+                    await self.db.execute(statement)
         await self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @asynccontextmanager
@@ -499,6 +572,14 @@ class Store:
         return {"target_id": r[0], "user_name": r[1], "attrs": _loads_object(r[2]), "active": bool(r[3]),
                 "origin": r[4], "disabled_reason": r[5], "disabled_at": r[6], "last_synced": r[7]}
 
+    async def linked_namesakes(self, target: str, user_name: str, user_id: str) -> list[str]:
+        """Source ids of the other user links of a target named `user_name` (indexed; NOCASE folds
+        ASCII only: the caller compares as servers do)."""
+        async with self.db.execute(
+            "SELECT source_id FROM target_object WHERE target=? AND kind='user' AND name=? COLLATE NOCASE "
+            "AND source_id != ? LIMIT 20", (target, user_name, user_id)) as cur:
+            return [str(r[0]) async for r in cur]
+
     async def managed_count(self, target: str, kind: str = "user") -> int:
         async with self.db.execute(
             "SELECT count(*) FROM target_object WHERE target=? AND kind=?", (target, kind)) as cur:
@@ -509,8 +590,8 @@ class Store:
 
     async def start_cycle(self, target: str, *, full_sync: bool, kind: str = CYCLE_KIND) -> int:
         cur = await self._write(
-            "INSERT INTO cycle(target, started, full_sync, kind) VALUES (?, ?, ?, ?)",
-            (target, time.time(), int(full_sync), kind))
+            "INSERT INTO cycle(target, started, full_sync, kind, owner) VALUES (?, ?, ?, ?, ?)",
+            (target, time.time(), int(full_sync), kind, self.owner))
         assert cur.lastrowid is not None
         return int(cur.lastrowid)
 
@@ -570,37 +651,126 @@ class Store:
                     "payload, reason, status, skip_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows[i:i + BATCH])
 
-    async def mark_in_flight(self, cycle_id: int, seqs: Sequence[int]) -> None:
-        # One statement per call, not BEGIN/UPDATE.../COMMIT: this runs before every request the
-        # applier sends, and each round trip to SQLite's thread costs CPU on the event loop.
-        # A single UPDATE in autocommit mode is atomic on its own.
+    async def mark_in_flight(self, cycle_id: int, seqs: Sequence[int], *,
+                             since: float | None = None) -> dict[int, Holder]:
+        """Journal these operations in flight, each only if its entity is free: the claim, taken
+        in the statement that marks it. An entity is busy while another live process has an
+        operation on it in flight, and (with *since*, when this plan's links were read) when
+        another process recorded a write to it after that: this plan is then stale for it.
+        Returns the operations not marked, with who holds their entity; they must not be sent.
+
+        One statement per call, not BEGIN/UPDATE.../COMMIT: this runs before every request the
+        applier sends, and each round trip to SQLite's thread costs CPU on the event loop. A
+        single UPDATE in autocommit mode is atomic on its own (SQLite serialises writers across
+        processes), so two processes never both claim one entity. Only when fewer rows than asked
+        were marked are the holders read (and a crashed holder's claim set aside)."""
         now = time.time()
+        busy: dict[int, Holder] = {}
         for i in range(0, len(seqs), 500):
-            chunk = seqs[i:i + 500]
-            await self._write(
-                "UPDATE operation SET status='in_flight', started=? WHERE cycle_id=? AND seq IN ("
-                + ",".join("?" * len(chunk)) + ")", (now, cycle_id, *chunk))
+            chunk = list(seqs[i:i + 500])
+            for _ in range(3):      # again only after finding a holder dead
+                marked = await self._claim(cycle_id, chunk, now, since)
+                if marked == len(chunk):
+                    break
+                holders = await self._holders(cycle_id, chunk, since)
+                dead = {h.owner for hs in holders.values() for h in hs
+                        if h.state == "in_flight" and not owner_alive(h.owner)}
+                if not dead:
+                    busy.update({seq: hs[0] for seq, hs in holders.items()})
+                    break
+                self._dead_owners |= dead
+                chunk = list(holders)
+            else:
+                busy.update({seq: hs[0] for seq, hs in (await self._holders(cycle_id, chunk, since)).items()})
+        return busy
+
+    def _conflict(self, since: float | None) -> tuple[str, tuple[Any, ...]]:
+        """SQL (over `o`, `c`: another operation on the same entity and its cycle) that makes an
+        entity busy, and its arguments."""
+        dead = sorted(self._dead_owners)
+        sql = ("o.cycle_id != mine.cycle_id AND c.owner != ? AND ((o.status = 'in_flight'"
+               + (f" AND c.owner NOT IN ({','.join('?' * len(dead))})" if dead else "") + ")")
+        args: tuple[Any, ...] = (self.owner, *dead)
+        if since is not None:
+            sql += " OR (o.status IN ('applied', 'failed') AND o.recorded > ?)"
+            args = (*args, since)
+        return sql + ")", args
+
+    async def _claim(self, cycle_id: int, chunk: list[int], now: float, since: float | None) -> int:
+        conflict, args = self._conflict(since)
+        cur = await self._write(
+            "UPDATE operation AS mine SET status='in_flight', started=? WHERE cycle_id=? AND seq IN ("
+            + ",".join("?" * len(chunk)) + ") AND NOT EXISTS (SELECT 1 FROM operation o JOIN cycle c ON "
+            "c.id = o.cycle_id WHERE o.target = mine.target AND o.source_id = mine.source_id AND o.kind = mine.kind "
+            f"AND {conflict})", (now, cycle_id, *chunk, *args))
+        return int(cur.rowcount)
+
+    async def _holders(self, cycle_id: int, chunk: list[int], since: float | None) -> dict[int, list[Holder]]:
+        """Of these operations, those not marked in flight, with who holds their entity."""
+        conflict, args = self._conflict(since)
+        out: dict[int, list[Holder]] = {}
+        async with self.db.execute(
+            "SELECT mine.seq, c.owner, o.cycle_id, c.kind, o.status FROM operation mine JOIN operation o "
+            "ON o.target = mine.target AND o.source_id = mine.source_id AND o.kind = mine.kind "
+            "JOIN cycle c ON c.id = o.cycle_id WHERE mine.cycle_id=? AND mine.status != 'in_flight' AND mine.seq IN ("
+            + ",".join("?" * len(chunk)) + f") AND {conflict} ORDER BY o.cycle_id DESC",
+            (cycle_id, *chunk, *args)) as cur:
+            async for seq, owner, holder_cycle, kind, status in cur:
+                state = "in_flight" if status == "in_flight" else "written"
+                out.setdefault(int(seq), []).append(Holder(str(owner), int(holder_cycle), str(kind), state))
+        return out
+
+    async def busy_entities(self, target: str, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Holder]:
+        """Of these (kind, source id), those another live process has an operation in flight on."""
+        out: dict[tuple[str, str], Holder] = {}
+        for kind, source_id in keys:
+            async with self.db.execute(
+                "SELECT c.owner, o.cycle_id, c.kind FROM operation o JOIN cycle c ON c.id = o.cycle_id "
+                "WHERE o.target=? AND o.source_id=? AND o.kind=? AND o.status='in_flight' AND c.owner != ?",
+                (target, source_id, kind, self.owner)) as cur:
+                rows = list(await cur.fetchall())
+            for owner, holder_cycle, holder_kind in rows:
+                if str(owner) in self._dead_owners:
+                    continue
+                if not owner_alive(str(owner)):
+                    self._dead_owners.add(str(owner))
+                    continue
+                out[(kind, source_id)] = Holder(str(owner), int(holder_cycle), str(holder_kind), "in_flight")
+                break
+        return out
 
     async def record_outcomes(self, cycle_id: int, outcomes: Sequence[Outcome]) -> None:
         if not outcomes:
             return
+        now = time.time()
         async with self.transaction() as db:
             await db.executemany(
                 "UPDATE operation SET status=?, attempts=?, http_status=?, error=?, scim_type=?, "
                 "target_id=coalesce(?, target_id), started=coalesce(?, started), finished=?, "
-                "skip_reason=coalesce(?, skip_reason) WHERE cycle_id=? AND seq=?",
+                "skip_reason=coalesce(?, skip_reason), recorded=? WHERE cycle_id=? AND seq=?",
                 [(o.status, o.attempts, o.http_status, o.error, o.scim_type, o.target_id, o.started,
-                  o.finished, o.skip_reason, cycle_id, o.seq) for o in outcomes])
+                  o.finished, o.skip_reason, now, cycle_id, o.seq) for o in outcomes])
+
+    async def live_cycles(self, target: str) -> list[int]:
+        """Cycles of this target that another process still running is applying: theirs, not an
+        interrupted cycle's (recovery leaves them alone)."""
+        async with self.db.execute(
+            "SELECT id, owner FROM cycle WHERE target=? AND outcome='running' AND owner IS NOT NULL AND owner != ?",
+            (target, self.owner)) as cur:
+            rows = [(int(r[0]), str(r[1])) async for r in cur]
+        return [cid for cid, owner in rows if owner not in self._dead_owners and owner_alive(owner)]
 
     async def unfinished_ops(self, target: str) -> list[dict[str, Any]]:
-        """Operations left pending or in flight by an interrupted cycle."""
+        """Operations left pending or in flight by an interrupted cycle (not those of a cycle
+        another live process is running: `live_cycles`)."""
+        live = set(await self.live_cycles(target))
         async with self.db.execute(
             "SELECT cycle_id, seq, kind, op, source_id, target_id, name, payload, status FROM operation "
             "WHERE target=? AND status IN ('pending', 'in_flight') ORDER BY cycle_id, seq", (target,)) as cur:
             return [
                 {"cycle": r[0], "seq": r[1], "kind": r[2], "op": r[3], "source_id": r[4], "target_id": r[5],
                  "name": r[6], "payload": _loads_object(r[7]), "status": r[8]}
-                async for r in cur
+                async for r in cur if r[0] not in live
             ]
 
     async def recovered(self, target: str, cycle_id: int, seq: int, *, user: UserLink | None = None,
@@ -617,11 +787,14 @@ class Store:
                              "AND status='in_flight'", (now, cycle_id, seq))
 
     async def supersede(self, target: str) -> int:
-        """Close what an interrupted cycle left open: the next plan covers it again."""
+        """Close what an interrupted cycle left open: the next plan covers it again. The cycles
+        another live process is running are left alone (`live_cycles`)."""
+        live = await self.live_cycles(target)
+        keep = f" AND cycle_id NOT IN ({','.join('?' * len(live))})" if live else ""
         async with self.transaction() as db:
             cur = await db.execute(
-                "UPDATE operation SET status='superseded' WHERE target=? AND status IN ('pending', 'in_flight')",
-                (target,))
+                "UPDATE operation SET status='superseded' WHERE target=? AND status IN ('pending', 'in_flight')"
+                + keep, (target, *live))
             await db.execute(
                 "UPDATE cycle SET outcome='interrupted', finished=coalesce(finished, ?) "
                 "WHERE target=? AND outcome='running' AND kind='cycle' "
@@ -694,3 +867,25 @@ class Store:
         else:
             cur = await self._write("DELETE FROM approval WHERE target=? AND granted=?", (target, granted))
         return cur.rowcount > 0
+
+
+class ScratchWrites(Store):
+    """A dry run's store: reads the real state file, writes into a scratch one.
+
+    Every write of `Store` goes through `_write` or `transaction`, both turned to *scratch*: the
+    dry run plans against the real links, approvals and history, and records its cycle, plan and
+    outcomes where nothing of the real state changes (a reread sees the real state, not them)."""
+
+    def __init__(self, base: Store, scratch: Store) -> None:
+        super().__init__(base.db, base.path)
+        self.scratch = scratch
+        self._write_lock = scratch._write_lock
+
+    async def _write(self, sql: str, args: tuple[Any, ...] = ()) -> aiosqlite.Cursor:
+        return await self.scratch._write(sql, args)
+
+    def transaction(self) -> Any:
+        return self.scratch.transaction()
+
+    async def close(self) -> None:
+        await self.scratch.close()
