@@ -18,7 +18,11 @@ The incremental cycle (`merge_changes`, then `incremental_cycle` per target; REA
 flow") runs b-f over the entities the change feed names: the changes merged into the last
 snapshot (`daemon.incremental.merge`), the desired state and links sliced to what they touch
 (`slice_to`), removals counted against `max_deletes` over a rolling window (meta
-`change_removals.<target>`), `cycle.kind = "incremental"`.
+`change_removals.<target>`), `cycle.kind = "incremental"`. That step is `reconcile`, and
+`provisiond sync-user` / `sync-group` (daemon/ondemand.py) run it too, over one user or one
+group (`Reconcile` says what differs: links, slice, approvals). Every apply claims each entity
+in SQLite before its first write (`Store.mark_in_flight`), so that two processes (the daemon
+and a sync-user) never have two writes in flight to one entity.
 
 `_target_cycle` is 3a-3f on one screen; the steps take the desired state, links and plan as
 arguments, so a cycle over a subset of entities can call them in the same order. A target that

@@ -526,8 +526,8 @@ class Service:
                 async with self._lock(name):
                     report = await engine.incremental_cycle(rt, inc)
                 self.heartbeat.beat()
-                if report.outcome == "aborted":
-                    complete = False
+                if report.outcome == "aborted" or report.busy:
+                    complete = False     # an entity another process held: the next poll hands it on again
         if complete:
             await feed.commit(batch)
         lag = await feed.lag()
