@@ -47,7 +47,7 @@ from typing import Any
 import aiohttp
 
 from daemon.config import Config, TargetConfig
-from daemon.engine import Engine, Reconcile, Reconciled, group_rules, rules_for, snapshot_needs
+from daemon.engine import DEFAULT_BUSY_WAIT, Engine, Reconcile, Reconciled, group_rules, rules_for, snapshot_needs
 from daemon.errors import NotFound
 from daemon.explain import (
     SYNC_USER_KIND,
@@ -75,6 +75,7 @@ from daemon.target.scim import ScimClient, refuse_unsafe
 DEFAULT_MAX_NESTING = 64      # parent levels followed above the user's groups (cycles are cut anyway)
 DRY_RUN_ID_PREFIX = "dry-run-"
 FAILED = "failed"
+BUSY_WAIT = DEFAULT_BUSY_WAIT    # seconds an entity the daemon is writing is waited for, then planned again
 
 Emit = Callable[[str], None]
 
@@ -375,7 +376,8 @@ async def _sync_target(engine: Engine, cfg: TargetConfig, inc: Increment, user_i
         _print_plan(emit, name, verdict, the_plan, dry_run=dry_run)
 
     done = await engine.reconcile(engine.runtimes[name], inc, Reconcile(
-        SYNC_USER_KIND, recover=False, approvals=True, complete=True, announce=not dry_run, links=links,
+        SYNC_USER_KIND, recover=False, approvals=True, complete=True, announce=not dry_run, busy_wait=BUSY_WAIT,
+        links=links,
         on_plan=on_plan, summary={"user": user_id, "dry_run": dry_run}))
     _finish(out, done, engine, emit)
     if done.approval is not None and not dry_run:
@@ -489,7 +491,7 @@ async def _sync_group_target(engine: Engine, cfg: TargetConfig, inc: Increment, 
         _print_plan(emit, name, f"{members} in-scope member(s)", the_plan, dry_run=dry_run)
 
     done = await engine.reconcile(engine.runtimes[name], inc, Reconcile(
-        SYNC_GROUP_KIND, recover=False, complete=inc.snapshot.complete, announce=not dry_run,
+        SYNC_GROUP_KIND, recover=False, complete=inc.snapshot.complete, announce=not dry_run, busy_wait=BUSY_WAIT,
         slice=lambda desired, actual: _group_slice(desired, actual, group_id), on_plan=on_plan,
         summary={"group": group_id, "dry_run": dry_run}))
     _finish(out, done, engine, emit)

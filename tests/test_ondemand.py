@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,14 @@ from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 from structlog.testing import capture_logs
 
+from daemon import ondemand
 from daemon.engine import META_LINKS_GENERATION
 from daemon.explain import UnknownUser
+from daemon.links import PENDING, Op
 from daemon.ondemand import SyncResult, sync_user
 from daemon.sandbox.directory import Directory
 from daemon.sandbox.runner import build_sandbox, running, write_config
+from daemon.store import Outcome, Store, process_identity
 from tests.test_explain import FAST_RPS, PLAIN, World, people, world
 
 pytestmark = pytest.mark.timeout(90)
@@ -163,6 +167,77 @@ async def test_an_unknown_user_raises(tmp_path: Path) -> None:
         await w.cycle()
         with pytest.raises(UnknownUser):
             await run_sync(w, "nobody@example.com")
+
+
+# -- another process writing the same user -------------------------------------------------------
+
+
+@asynccontextmanager
+async def another_writer(w: World, uid: str) -> AsyncIterator[tuple[Store, int]]:
+    """A write to `uid` in zpa in flight in another live process (a `sleep` child owns the cycle,
+    as the daemon would: `cycle.owner`), on the same state file."""
+    child = await anyio.open_process(["sleep", "60"], stdin=subprocess.DEVNULL)
+    other = await Store.open(w.store.path)
+    other.owner = process_identity(child.pid)
+    try:
+        cycle = await other.start_cycle("zpa", full_sync=False)
+        link = await w.store.link_for("zpa", uid)
+        assert link is not None
+        await other.save_plan(cycle, "zpa", [Op(1, 1, "user", "update", uid, link["target_id"], link["user_name"],
+                                                "attributes_changed", {}, PENDING)])
+        assert await other.mark_in_flight(cycle, [1]) == {}
+        yield other, cycle
+    finally:
+        await other.close()
+        child.kill()
+        await child.wait()
+        await child.aclose()
+
+
+async def test_a_user_another_process_is_writing_is_not_sent_and_is_reported_busy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ondemand, "BUSY_WAIT", 0.5)
+    async with world(tmp_path) as w:
+        await w.cycle()
+        d = w.sb.directory
+        uid = str(d.user_by_username("in.direct@example.com")["id"])
+        d.update_user(uid, name={"given": "Renamed", "family": "Person"})
+        w.sb.zpa.reset_counters()
+        async with another_writer(w, uid) as (_, cycle):
+            result, lines = await run_sync(w, uid, target="zpa")
+        (t,) = result.targets
+        assert ops(result, "zpa") == [("user", "update", "in.direct@example.com", "skipped")]
+        (event,) = t.events
+        assert event["event"] == "user.skipped" and event["reason"] == "busy" and event["holder_cycle"] == cycle
+        assert t.busy == 1 and any("left skipped (busy)" in line for line in lines)
+        assert w.sb.zpa.writes() == 0                     # nothing sent beside the other write
+        assert w.sb.zpa.user_by_username("in.direct@example.com")["name"]["givenName"] != "Renamed"
+
+
+async def test_a_user_released_while_waiting_is_planned_again_from_the_current_state_and_sent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ondemand, "BUSY_WAIT", 10.0)
+    async with world(tmp_path) as w:
+        await w.cycle()
+        d = w.sb.directory
+        uid = str(d.user_by_username("in.direct@example.com")["id"])
+        d.update_user(uid, name={"given": "Renamed", "family": "Person"})
+        w.sb.zpa.reset_counters()
+        async with another_writer(w, uid) as (other, cycle):
+
+            async def release() -> None:
+                await anyio.sleep(0.5)
+                await other.record_outcomes(cycle, [Outcome(1, "applied", attempts=1, finished=time.time())])
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(release)
+                result, _ = await run_sync(w, uid, target="zpa")
+        assert ops(result, "zpa") == [("user", "update", "in.direct@example.com", "skipped"),
+                                      ("user", "update", "in.direct@example.com", "applied")]
+        assert [op.seq for op in result.targets[0].ops] == [1, 2]
+        assert not result.failed and result.targets[0].busy == 0
+        assert w.sb.zpa.counters["PATCH /Users"] == 1
+        assert w.sb.zpa.user_by_username("in.direct@example.com")["name"]["givenName"] == "Renamed"
 
 
 # -- beside a running daemon --------------------------------------------------------------------

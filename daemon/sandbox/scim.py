@@ -7,7 +7,8 @@ without Retry-After, the profile's token bucket, hangs) come from `daemon.sandbo
 Routes, under `prefix` (default `/v2`): `/Users`, `/Users/{id}`, `/Users/.search`, the same for
 `/Groups`, `/.search`, `/ServiceProviderConfig`, `/ResourceTypes[/{id}]`, `/Schemas[/{id}]`.
 Inspection, never faulted nor authenticated, under `/_admin`: `GET state`, `GET counters`,
-`GET requests`, `POST faults`, `POST reset`, `POST admin_users` (mark a user admin-linked:
+`GET requests` (each with `started` and `finished`: arrival and answer, epoch seconds, latency
+included), `POST faults`, `POST reset`, `POST admin_users` (mark a user admin-linked:
 `{"userName": "…"}` or `{"id": "…"}`, `"linked": false` to unmark; zia refuses its DELETE with 409).
 
 Run one on its own: `python -m daemon.sandbox.scim --profile zpa --port 8443`; the first line printed
@@ -712,6 +713,7 @@ class ScimEmulator:
             self.base_url = f"{request.scheme}://{request.host}"
         if request.path.startswith(ADMIN_PREFIX):
             return await handler(request)
+        started = time.time()
         task = asyncio.current_task()
         if task is not None:
             self._inflight.add(task)
@@ -725,7 +727,8 @@ class ScimEmulator:
                 self._inflight.discard(task)
         log = self.request_log
         log.append({"method": request.method, "path": request.path, "query": request.query_string,
-                    "status": response.status, "body": request.get(BODY_KEY)})
+                    "status": response.status, "body": request.get(BODY_KEY),
+                    "started": started, "finished": time.time()})      # arrival and answer (epoch s)
         if len(log) > DEFAULT_REQUEST_LOG_SIZE + DEFAULT_REQUEST_LOG_SIZE // 10:
             del log[: len(log) - DEFAULT_REQUEST_LOG_SIZE]
         return response
