@@ -294,8 +294,9 @@ class Applier:
         """Not sent: another process holds this entity (its write is in flight, or it wrote since
         this plan was made). The caller re-plans it from the current state, or the next cycle does."""
         outcome = Outcome(op.seq, SKIPPED, skip_reason=BUSY, started=started, finished=time.time())
-        return outcome, {"reason": BUSY, "holder": holder.text(), "holder_pid": holder.owner.partition(":")[0],
-                         "holder_cycle": holder.cycle_id, "holder_kind": holder.kind, "held": holder.state}
+        pid = holder.owner.partition(":")[0]
+        return outcome, {"reason": BUSY, "holder": holder.text(), "holder_pid": int(pid) if pid.isdigit() else None,
+                         "holder_cycle": holder.cycle_id, "holder_kind": holder.kind, "holder_state": holder.state}
 
     async def _run_stage(self, stage: list[Op]) -> None:
         queued = [op for op in stage if not _is_member_add(op)]
