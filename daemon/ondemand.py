@@ -47,7 +47,15 @@ from typing import Any
 import aiohttp
 
 from daemon.config import Config, TargetConfig
-from daemon.engine import DEFAULT_BUSY_WAIT, Engine, Reconcile, Reconciled, group_rules, rules_for, snapshot_needs
+from daemon.engine import (
+    DEFAULT_BUSY_WAIT,
+    Engine,
+    Reconcile,
+    Reconciled,
+    group_rules,
+    rules_for,
+    snapshot_needs,
+)
 from daemon.errors import NotFound
 from daemon.explain import (
     SYNC_USER_KIND,
