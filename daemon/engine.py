@@ -459,6 +459,7 @@ class Engine:
         self.last_snapshot: Snapshot | None = None
         self.last_complete = False
         self.removal_window = DEFAULT_REMOVAL_WINDOW
+        self.busy_wait = DEFAULT_BUSY_WAIT     # an incremental cycle's wait for an entity another process holds
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -946,7 +947,8 @@ class Engine:
                  held=the_plan.removals_held, users=summary["users"], groups=summary["groups"],
                  full_sync=cx.full, kind=cx.kind,
                  **({"reason": result.stopped.reason} if result.stopped is not None else {}))
-        report = TargetReport(name, cx.cycle_id, outcome, cx.full, the_plan.counts(), counts, summary, failed)
+        report = TargetReport(name, cx.cycle_id, outcome, cx.full, the_plan.counts(), counts, summary, failed,
+                              busy=sum(1 for o in result.outcomes.values() if o.skip_reason == BUSY))
         if result.stopped is not None:
             self._quarantine(rt, result.stopped.reason, result.stopped.detail, log)
         if cx.kind != CYCLE_KIND:
@@ -981,7 +983,7 @@ class Engine:
 
         The caller serialises it with the target's full cycle (the service's per-target lock);
         across processes, each write claims its entity (`reconcile`)."""
-        return (await self.reconcile(rt, inc, Reconcile(INCREMENTAL_KIND))).report
+        return (await self.reconcile(rt, inc, Reconcile(INCREMENTAL_KIND, busy_wait=self.busy_wait))).report
 
     # -- one reconcile step over a set of entities (README "How changes flow") ----------------
 
@@ -1058,11 +1060,12 @@ class Engine:
                     out.busy = len(busy)
                     break
                 log.info("reconcile.replanned", kind=kind, entities=len(busy), reason=BUSY)
+                rt.links = None    # another process wrote this target: its links are read again
             if approval is not None:
                 out.approval = approval
                 out.approval_used = await self._use_approval(name, approval, merged, result)
             out.report = await self.finish(cx, part, after, merged, result)
-            out.report.busy = out.busy
+            out.report.busy = out.busy      # what is still busy after the waits (not every round's)
             out.ops = merged.ops
             out.statuses = {seq: o.status for seq, o in result.outcomes.items()}
             out.desired = part

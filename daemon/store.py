@@ -752,26 +752,47 @@ class Store:
                   o.finished, o.skip_reason, now, cycle_id, o.seq) for o in outcomes])
 
     async def live_cycles(self, target: str) -> list[int]:
-        """Cycles of this target that another process still running is applying: theirs, not an
-        interrupted cycle's (recovery leaves them alone)."""
+        """Cycles of this target with operations still open that another process still running
+        is applying: theirs, not an interrupted cycle's (recovery leaves them alone). Only the
+        cycles with open operations are looked at (indexed), not the whole history."""
         async with self.db.execute(
-            "SELECT id, owner FROM cycle WHERE target=? AND outcome='running' AND owner IS NOT NULL AND owner != ?",
-            (target, self.owner)) as cur:
-            rows = [(int(r[0]), str(r[1])) async for r in cur]
-        return [cid for cid, owner in rows if owner not in self._dead_owners and owner_alive(owner)]
+            "SELECT DISTINCT cycle_id FROM operation WHERE target=? AND status IN ('pending', 'in_flight')",
+            (target,)) as cur:
+            open_cycles = [int(r[0]) async for r in cur]
+        return await self._live_among(open_cycles)
+
+    async def _live_among(self, cycle_ids: Sequence[int]) -> list[int]:
+        live: list[int] = []
+        for i in range(0, len(cycle_ids), SQL_IN_BATCH):
+            chunk = list(cycle_ids[i:i + SQL_IN_BATCH])
+            async with self.db.execute(
+                f"SELECT id, owner FROM cycle WHERE id IN ({','.join('?' * len(chunk))}) AND owner IS NOT NULL "
+                "AND owner != ?", (*chunk, self.owner)) as cur:
+                rows = [(int(r[0]), str(r[1])) async for r in cur]
+            for cid, owner in rows:
+                if owner in self._dead_owners:
+                    continue
+                if owner_alive(owner):
+                    live.append(cid)
+                else:
+                    self._dead_owners.add(owner)
+        return live
 
     async def unfinished_ops(self, target: str) -> list[dict[str, Any]]:
         """Operations left pending or in flight by an interrupted cycle (not those of a cycle
         another live process is running: `live_cycles`)."""
-        live = set(await self.live_cycles(target))
         async with self.db.execute(
             "SELECT cycle_id, seq, kind, op, source_id, target_id, name, payload, status FROM operation "
             "WHERE target=? AND status IN ('pending', 'in_flight') ORDER BY cycle_id, seq", (target,)) as cur:
-            return [
+            rows = [
                 {"cycle": r[0], "seq": r[1], "kind": r[2], "op": r[3], "source_id": r[4], "target_id": r[5],
                  "name": r[6], "payload": _loads_object(r[7]), "status": r[8]}
-                async for r in cur if r[0] not in live
+                async for r in cur
             ]
+        if not rows:
+            return rows
+        live = set(await self._live_among(sorted({int(r["cycle"]) for r in rows})))
+        return [r for r in rows if r["cycle"] not in live]
 
     async def recovered(self, target: str, cycle_id: int, seq: int, *, user: UserLink | None = None,
                         group: GroupLink | None = None) -> None:

@@ -2,7 +2,8 @@
 
 Two `Store`s on one real SQLite file stand for two processes. The other process is a real one:
 a `sleep` child whose identity (`pid:start time`) is written as the owner of its cycles, so
-its liveness is the kernel's answer, not a flag of the test.
+its liveness is the kernel's answer, not a flag of the test. The last test runs the engine's
+incremental cycle against the emulators beside such a writer (the SCIM target read back).
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from daemon.incremental import Increment
 from daemon.links import PENDING, Op
+from daemon.sandbox.activities import FeedSettings
+from daemon.source.changes import ChangeFeed, read_affected
 from daemon.store import Holder, Outcome, Store, owner_alive, process_identity
+from tests.harness import Harness, harness
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(60)
 
 
 def op(seq: int, source_id: str, kind: str = "user", name: str = "update") -> Op:
@@ -162,3 +167,54 @@ async def test_recovery_leaves_a_live_process_s_cycle_alone(stores: tuple[Store,
     child.wait()
     assert [u["seq"] for u in await ours.unfinished_ops("zpa")] == [1]
     assert await ours.supersede("zpa") == 1
+
+
+# -- the incremental cycle beside another writer ----------------------------------------------------
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with harness(tmp_path, users=40, groups=4) as h:
+        h.sb.pingone.feed.settings = FeedSettings(indexing_delay=0.0, seed=1)
+        h.engine.keep_snapshot = True
+        h.engine.busy_wait = 0.3
+        started = time.time()
+        await h.cycle()
+        await ChangeFeed(h.engine.source, h.store).start_at(started)
+        yield h
+
+
+async def changes(h: Harness) -> Increment:
+    batch = await ChangeFeed(h.engine.source, h.store).poll()
+    inc = await h.engine.merge_changes(await read_affected(h.engine.source, batch.changes))
+    assert inc is not None
+    return inc
+
+
+async def test_an_incremental_cycle_leaves_a_user_another_process_writes_busy_then_sends_it_once_free(
+        h: Harness, child: subprocess.Popen[bytes]) -> None:
+    d = h.directory
+    uid = sorted(d.direct_member_ids(d.group_by_name("ZPA Users")["id"]))[0]
+    d.update_user(uid, name={"given": "Fed", "family": "Through"})
+    other = await Store.open(h.state_path)
+    other.owner = process_identity(child.pid)
+    try:
+        cycle = await other.start_cycle("zpa", full_sync=False, kind="sync-user")
+        await other.save_plan(cycle, "zpa", [op(1, uid)])
+        assert await other.mark_in_flight(cycle, [1]) == {}
+        inc = await changes(h)
+        h.sb.zpa.reset_counters()
+        report = await h.engine.incremental_cycle(h.engine.runtimes["zpa"], inc)
+        assert (report.outcome, report.busy) == ("success", 1)     # the service keeps the batch uncommitted
+        assert h.sb.zpa.writes() == 0
+        name = str(d.users[uid]["username"])
+        assert h.sb.zpa.user_by_username(name)["name"]["givenName"] != "Fed"
+        # the other process records its write (and, as a writer beside the daemon, says so)
+        await other.record_outcomes(cycle, [Outcome(1, "applied", attempts=1, finished=time.time())])
+        await other.set_meta("links.generation.zpa", "bumped")
+        report = await h.engine.incremental_cycle(h.engine.runtimes["zpa"], inc)
+        assert (report.outcome, report.busy, report.results.get("applied")) == ("success", 0, 1)
+        assert h.sb.zpa.counters["PATCH /Users"] == 1
+        assert h.sb.zpa.user_by_username(name)["name"]["givenName"] == "Fed"
+    finally:
+        await other.close()
