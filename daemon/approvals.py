@@ -18,6 +18,10 @@ CLI), so that what "approved" means lives in one place:
     used_up(approval, applied)           whether a one-user apply used all an approval releases
     held_plan(store, target, plan_id)    what a plan held (for `status` and the CLI)
 
+`requests(store)` is what the running daemon reads every second between cycles: the approvals,
+resync requests, accepted shrinks and approved reloads that other processes wrote, so that it
+acts on them at once (README "When cycles run").
+
 A reload held by its impact preview is recorded too (`record_held_reload`), so that `approve
 --reload` with nothing staged is refused and `status` shows the staged reload.
 """
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from daemon.store import CYCLE_KIND, Store
@@ -36,6 +40,10 @@ META_RELOAD_HELD: Final = "reload.held"           # JSON of the reload the runni
 META_RELOAD_APPROVED: Final = "reload.approved"   # the id of the staged reload `approve --reload` took
 META_SOURCE_SHRUNK: Final = "source.shrunk"       # JSON of the shrunk snapshot the gate refused
 META_ACCEPT_SHRINK: Final = "source.accept_shrink"   # the user count `approve --source-shrink` took
+META_RESYNC: Final = "resync.requested"         # "resync.requested.<target>": `provisiond resync`'s token
+# "changes.missed.<target>": when an incremental cycle last left this target without a batch of
+# changes (quarantined, failed, or held removals): its next full cycle is owed at once.
+META_MISSED_CHANGES: Final = "changes.missed"
 MEMBER_REMOVAL: Final = "remove_members"
 
 
@@ -265,3 +273,43 @@ async def accept_shrink(store: Store) -> dict[str, Any]:
 def shrink_accepted(accepted: str | None, users: int) -> bool:
     """Whether an acceptance (the user count the operator accepted) covers a snapshot of `users`."""
     return accepted is not None and accepted.isdigit() and int(accepted) > 0 and users >= int(accepted)
+
+
+# -- what the running daemon is asked for ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Requests:
+    """The state file's requests to the running daemon as they stand now, each with the value
+    that names it (a new request has a new value)."""
+
+    approved: dict[str, float] = field(default_factory=dict)   # target -> when its approval was granted
+    resync: dict[str, str] = field(default_factory=dict)       # target -> the `resync` token
+    missed: dict[str, float] = field(default_factory=dict)     # target -> when it last missed changes
+    reload_approved: str | None = None                          # the staged reload's id, once approved
+    accept_shrink: str | None = None                            # the user count `--source-shrink` took
+
+
+async def requests(store: Store) -> Requests:
+    """Every request in two reads (the daemon asks every second)."""
+    found = Requests()
+    async with store.db.execute(
+            "SELECT key, value FROM meta WHERE key GLOB ? OR key GLOB ? OR key IN (?, ?)",
+            (f"{META_RESYNC}.*", f"{META_MISSED_CHANGES}.*", META_RELOAD_APPROVED, META_ACCEPT_SHRINK)) as cur:
+        rows = [(str(r[0]), str(r[1])) async for r in cur]
+    for key, value in rows:
+        if key == META_RELOAD_APPROVED:
+            found = replace(found, reload_approved=value if value not in ("", "0") else None)
+        elif key == META_ACCEPT_SHRINK:
+            found = replace(found, accept_shrink=value if value.isdigit() and int(value) > 0 else None)
+        elif key.startswith(f"{META_RESYNC}.") and value:
+            found.resync[key[len(META_RESYNC) + 1:]] = value
+        elif key.startswith(f"{META_MISSED_CHANGES}.") and value:
+            try:
+                found.missed[key[len(META_MISSED_CHANGES) + 1:]] = float(value)
+            except ValueError:
+                continue
+    async with store.db.execute("SELECT target, granted FROM approval") as cur:
+        async for row in cur:
+            found.approved[str(row[0])] = float(row[1])
+    return found

@@ -73,6 +73,9 @@ DEFAULT_LOG_FORMAT: Final = "json"
 DEFAULT_LOG_LEVEL: Final = "info"
 DEFAULT_GRACE_PERIOD: Final = 30.0
 DEFAULT_JITTER: Final = 0.0
+# The first wait before a quarantined or failed target, or PingOne after an incomplete snapshot,
+# is tried again; it doubles each time (README "When cycles run").
+DEFAULT_RETRY_BACKOFF: Final = 60.0
 DEFAULT_MAX_SOURCE_SHRINK: Final = 0.10
 DEFAULT_REGION: Final = "NA"
 DEFAULT_CLIENT_AUTH: Final = "basic"
@@ -232,6 +235,7 @@ class DaemonConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     grace_period: float = DEFAULT_GRACE_PERIOD
     jitter: float = DEFAULT_JITTER
+    retry_backoff: float = DEFAULT_RETRY_BACKOFF
     max_source_shrink: float = DEFAULT_MAX_SOURCE_SHRINK
     http_listen: str | None = None
 
@@ -1040,6 +1044,7 @@ def _parse_daemon(table: _Table) -> DaemonConfig:
         log_level=table.string("log_level", DEFAULT_LOG_LEVEL, choices=LOG_LEVELS),
         grace_period=table.duration("grace_period", DEFAULT_GRACE_PERIOD),
         jitter=table.duration("jitter", DEFAULT_JITTER),
+        retry_backoff=table.duration("retry_backoff", DEFAULT_RETRY_BACKOFF),
         max_source_shrink=_fraction(table, "max_source_shrink", DEFAULT_MAX_SOURCE_SHRINK),
         http_listen=_listen(table, "http_listen"),
     )
@@ -1519,6 +1524,7 @@ def _plain(cfg: Config, show: Callable[[Secret], str]) -> dict[str, Any]:
         "log_level": daemon.log_level,
         "grace_period": format_duration(daemon.grace_period),
         "jitter": format_duration(daemon.jitter),
+        "retry_backoff": format_duration(daemon.retry_backoff),
         "max_source_shrink": daemon.max_source_shrink,
     }
     if daemon.http_listen is not None:

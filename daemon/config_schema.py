@@ -106,6 +106,7 @@ RANGES: Final[dict[str, Range]] = {
     "daemon.full_sync_every": Range(1.0, 365 * DAY, "s"),
     "daemon.grace_period": Range(0.0, 3600.0, "s"),
     "daemon.jitter": Range(0.0, DAY, "s"),
+    "daemon.retry_backoff": Range(1.0, 3600.0, "s"),
     "daemon.max_source_shrink": Range(0.0, 1.0),
     "source.page_size": Range(1, 1000, integer=True),
     "source.timeout": Range(0.1, 3600.0, "s"),
@@ -187,6 +188,9 @@ class DaemonFile(_Table):
     log_level: LogLevel | None = None
     grace_period: _duration("daemon.grace_period", "On SIGTERM: how long in-flight requests may take") = None
     jitter: _duration("daemon.jitter", "Random delay added to each interval") = None
+    retry_backoff: _duration(
+        "daemon.retry_backoff", "First wait before a failed target or an incomplete snapshot is tried again "
+                                "(doubling)") = None
     max_source_shrink: (
         Annotated[float, Field(ge=0.0, le=1.0)] | Percent | None
     ) = Field(None, description="A snapshot this much smaller than the last good one removes nothing: "

@@ -90,7 +90,7 @@ META_LINKS_GENERATION = "links.generation"
 META_RELOAD_APPROVED = approvals.META_RELOAD_APPROVED
 # Set by `provisiond resync` ("resync.requested.<target>" = a fresh token): the next cycle of that
 # target is a full sync; the token is cleared once the target has been read whole.
-META_RESYNC = "resync.requested"
+META_RESYNC = approvals.META_RESYNC
 # What `status` and the daemon's health read about PingOne (written by every cycle's snapshot):
 # when the last complete snapshot ended, and since when (and why) the source has been failing.
 META_SOURCE_LAST_COMPLETE = "source.last_complete"
@@ -1210,14 +1210,18 @@ class Engine:
 
     async def make_plan(self, rt: TargetRuntime, desired: Desired, actual: Actual, complete: bool, *,
                         approval: approvals.Approval | None = None) -> Plan:
-        """The planner's plan; the removals `approval` (of a held plan) names are released."""
+        """The planner's plan; the removals `approval` (of a held plan) names are released.
+        `max_deletes` less what the change feed's incremental cycles removed within the rolling
+        window: a mass removal split between the feed and a full cycle (one the feed held, owed to
+        the target's full cycle at once) is held as a whole."""
         cfg = rt.config
         managed = len(actual.users)
         granted = approval.granted if approval is not None else None   # consumed by finish, exactly this one
+        _, recent = removal_window(await self._removals(rt), time.time(), self.removal_window)
         policy = Policy(
             create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,
             deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action, delete_after=cfg.delete_after,
-            group_membership=cfg.group_membership, max_deletes=cfg.max_deletes.limit(managed),
+            group_membership=cfg.group_membership, max_deletes=max(0, cfg.max_deletes.limit(managed) - recent),
             released=approval.releases if approval is not None else frozenset(),
             max_groups_per_user=rt.client.profile.max_groups_per_user)
         result = plan(desired, actual, policy, complete=complete, now=time.time())

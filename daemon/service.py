@@ -6,6 +6,15 @@
              snapshots PingOne and starts a cycle from it for each target whose previous cycle has
              ended. Targets never wait for one another: one still running misses the tick
              (`cycle.overrun` with its `target`) and takes the next one after it ends.
+    wake-ups nothing waits for the interval but the backstop itself (README "When cycles run"):
+             between ticks the scheduler looks every second for what is due now and ticks early,
+             for every idle target or only the targets concerned (`cycle.started` says `reason`):
+             an incomplete snapshot is retried on a back-off (`retry_backoff` doubling, up to the
+             lesser of `interval` and 5 min); a quarantined target when its quarantine ends; a
+             target whose cycle failed on its own back-off; a target that missed a batch of
+             changes (meta `changes.missed.<target>`) as soon as it is healthy; and what other
+             processes wrote to the state file (`approve`, `approve --reload`, `--source-shrink`,
+             `resync`) within a second.
     SIGHUP   RELOADING=1; re-read the config and its secret files. Valid: it applies from the next
              cycle, concurrency and rate limits are resized at once, `config.reloaded` says what
              changed. Invalid: `config.reload_failed`, the old config stays. Then READY=1.
@@ -71,7 +80,15 @@ EXIT_CONFIG: Final = 78          # EX_CONFIG, as `provisiond once` and `check-co
 MEMORY_STATE: Final = ":memory:"       # an in-memory state (tests) is private to its process: no lock
 DEFAULT_BEAT_EVERY: Final = 1.0          # seconds: the idle scheduler beats the heartbeat this often
 DEFAULT_STATUS_EVERY: Final = 1.0        # seconds between two progress STATUS= updates
-SOURCE_FAILING_INTERVALS: Final = 2     # /healthz fails once PingOne has failed for this many intervals
+SOURCE_FAILING_INTERVALS: Final = 2     # /healthz fails once PingOne has failed for this many intervals,
+SOURCE_FAILING_BOUND: Final = 600.0     # or for this long, whichever is shorter (a long interval is a backstop)
+SOURCE_RETRY_CAP: Final = 300.0         # an incomplete snapshot is retried at most this far apart (or interval)
+TARGET_RETRY_CAP: Final = 3600.0        # a target whose cycle failed is retried at most this far apart
+# A target whose full cycle ended so is retried on its own back-off, not at the next interval.
+RETRIED_OUTCOMES: Final = ("failed", "crashed", "partial_failure")
+# An incremental cycle that ended so (or held removals) left its target without the batch: the
+# target's full cycle is owed as soon as it is healthy.
+MISSED_OUTCOMES: Final = ("quarantined", "failed", "partial_failure")
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 # The change feed failing for this many polls in a row (30 s at the default 5 s) starts a full
 # cycle now, and again every as many polls while it lasts: the snapshot is the backstop.
@@ -180,8 +197,28 @@ def report_text(report: CycleReport) -> str:
 
 
 def source_bound(config: Config) -> float:
-    """Seconds PingOne may fail (no complete snapshot) before /healthz answers 503: two intervals."""
-    return SOURCE_FAILING_INTERVALS * config.daemon.interval
+    """Seconds PingOne may fail (no complete snapshot) before /healthz answers 503: two intervals,
+    at most SOURCE_FAILING_BOUND (the snapshot is retried on its back-off, whatever the interval)."""
+    return min(SOURCE_FAILING_INTERVALS * config.daemon.interval, SOURCE_FAILING_BOUND)
+
+
+@dataclass(slots=True, frozen=True)
+class Backoff:
+    """The next attempt of something that failed: when (wall clock), and the wait before it."""
+
+    at: float
+    wait: float
+
+
+def backoff_after(previous: Backoff | None, base: float, cap: float, now: float) -> Backoff:
+    """The attempt after a failure: `base` at first, doubling with each failure in a row, at most `cap`."""
+    wait = min(cap, base if previous is None else previous.wait * 2)
+    return Backoff(now + wait, wait)
+
+
+# Why a tick starts (`cycle.started`'s `reason`) and, when it is not for every idle target, the
+# targets it is for, each with its own reason.
+Wake = tuple[str, dict[str, str] | None]
 
 
 @dataclass(slots=True)
@@ -192,6 +229,7 @@ class CycleRun:
     report: CycleReport
     busy: list[str]
     waiting: set[str] = field(default_factory=set)
+    everyone: bool = True      # for every idle target (False: an early tick for some of them)
 
 
 def next_start(started: float, interval: float, jitter: float,
@@ -235,6 +273,14 @@ class Service:
         self.feed_failing_since: float | None = None
         self._feed_fallback_at = 0.0
         self._asked_at_tick = -1                                # the tick after which a full cycle was asked for
+        self._asked: Wake | None = None                         # that request (the feed, a reload)
+        self._wake_event = anyio.Event()                        # set: look for what is due now
+        self._source_retry: Backoff | None = None               # PingOne's next attempt after a bad snapshot
+        self._target_retry: dict[str, Backoff] = {}             # a failed target's next attempt
+        # (what, target) -> the value of the request or timer a tick already answered (a new
+        # approval, token or quarantine has a new value)
+        self._answered: dict[tuple[str, str], object] = {}
+        self._wake_error: str | None = None
 
     @property
     def engine(self) -> Engine:
@@ -257,6 +303,7 @@ class Service:
                     engine.observers += [self.metrics.observe, self.health.observe]
                     engine.request_observers.append(self.metrics.observe_request)
                     engine.keep_snapshot = self.config.source.changes != "off"
+                    engine.quarantine_base = self.config.daemon.retry_backoff
                     listen = self.config.daemon.http_listen
                     if listen:   # /metrics and /healthz (a change needs a restart)
                         mount, paths = await self._webhook(stack, store)
@@ -294,21 +341,26 @@ class Service:
             self._work_scope = work_scope
             async with anyio.create_task_group() as work:
                 work.start_soon(self._follow_changes)
+                wake: Wake = ("start", None)
+                due = anyio.current_time()
                 while not self.stopping:
                     started = anyio.current_time()
-                    await self._tick(work)
+                    await self._tick(work, wake)
                     if self.stopping:
                         break
                     daemon = self.engine.config.daemon
-                    due = next_start(started, daemon.interval, daemon.jitter)
-                    now = anyio.current_time()
-                    if now >= due:
-                        self.log.warning("cycle.overrun", cycle_number=self.cycles, took_s=round(now - started, 3),
-                                         interval_s=daemon.interval, overrun_s=round(now - due, 3))
-                        continue
-                    self._next_at = time.time() + due - now
+                    if wake[1] is None:       # a tick for every target: the interval counts from it
+                        due = next_start(started, daemon.interval, daemon.jitter)
+                        now = anyio.current_time()
+                        if now >= due:
+                            self.log.warning("cycle.overrun", cycle_number=self.cycles,
+                                             took_s=round(now - started, 3), interval_s=daemon.interval,
+                                             overrun_s=round(now - due, 3))
+                            wake = ("interval", None)
+                            continue
+                    self._next_at = time.time() + due - anyio.current_time()
                     self._set_status(self._waiting_text(self._next_at), force=True)
-                    await self._sleep_until(due)
+                    wake = await self._sleep_until(due)
         self._work_scope = None
 
     def _waiting_text(self, next_at: float) -> str:
@@ -316,27 +368,134 @@ class Service:
         head = f"running: {running}; " if running else "idle; "
         return f"{head}last cycle {self._last_line}; next at {_clock_text(next_at)}"
 
-    async def _sleep_until(self, due: float) -> None:
+    async def _sleep_until(self, due: float) -> Wake:
+        """Wait for the interval's tick at `due`, or for something due earlier (looked for every
+        second, and at once when the feed or a reload asks); why the next tick starts."""
+        wake: Wake = ("interval", None)
         with anyio.CancelScope() as scope:
             self._sleep_scope = scope
             while (left := due - anyio.current_time()) > 0:
                 self.heartbeat.beat()
-                await anyio.sleep(min(left, DEFAULT_BEAT_EVERY))
+                self._wake_event = anyio.Event()
+                early = await self._due_now_or_none()
+                if early is not None:
+                    wake = early
+                    break
+                with anyio.move_on_after(min(left, DEFAULT_BEAT_EVERY)):
+                    await self._wake_event.wait()
         self._sleep_scope = None
         self.heartbeat.beat()
+        return wake
 
-    async def _tick(self, work: TaskGroup) -> None:
-        """Snapshot PingOne, then start a cycle from it for every target not still in one."""
+    # -- early wake-ups (README "When cycles run") ---------------------------------------------
+
+    async def _due_now_or_none(self) -> Wake | None:
+        """`_due_now`; a defect or an unreadable state file there is logged (once per error) and
+        the wait goes on: the interval still comes."""
+        try:
+            wake = await self._due_now()
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if error != self._wake_error:
+                self.log.error("cycle.crashed", step="wake_check", error=error, exc_info=True)
+            self._wake_error = error
+            return None
+        self._wake_error = None
+        return wake
+
+    async def _due_now(self) -> Wake | None:
+        """What cannot wait for the interval, if anything is due now: a request of the feed or a
+        reload, PingOne's retry, what other processes asked for (approve, resync), a target's
+        quarantine or back-off ending, a target that missed changes."""
+        self._check_state_file()
+        now = time.time()
+        source_waits = self._source_retry is not None and now < self._source_retry.at
+        if self._asked is not None:
+            asked, self._asked = self._asked, None
+            if not source_waits:       # else PingOne's retry is that full cycle
+                return asked
+        if self._source_retry is not None and not source_waits:
+            return ("source_retry", None)
+        engine = self.engine
+        asked_for = await approvals.requests(engine.store)
+        if self.staged is not None and asked_for.reload_approved == self._staged_id:
+            await self._adopt_staged_if_approved()
+            return ("reload_approved", None)
+        if asked_for.accept_shrink is not None and self._answered.get(("shrink", "")) != asked_for.accept_shrink:
+            self._answered[("shrink", "")] = asked_for.accept_shrink
+            return ("shrink_approved", None)
+        chosen: dict[str, str] = {}
+        for name, rt in engine.runtimes.items():
+            if name not in self._running:
+                reason = self._target_due(name, rt, asked_for, now, automatic=not source_waits)
+                if reason is not None:
+                    chosen[name] = reason
+        if not chosen:
+            return None
+        return (next(iter(chosen.values())), chosen)
+
+    def _target_due(self, name: str, rt: TargetRuntime, asked_for: approvals.Requests, now: float, *,
+                    automatic: bool) -> str | None:
+        """Why this idle target's cycle is due now, or None. Nothing is due while it is in
+        quarantine (its cycle would be skipped); an operator's request is due at once, a retry
+        when its back-off ends, missed changes once it is past its back-off."""
+        answered = self._answered
+        q = rt.quarantine
+        if q.active(now):
+            return None
+        granted = asked_for.approved.get(name)
+        if granted is not None and answered.get(("approved", name)) != granted:
+            return "approved"
+        token = asked_for.resync.get(name)
+        if token is not None and answered.get(("resync", name)) != token:
+            return "resync"
+        if not automatic:
+            return None
+        if q.reason is not None and answered.get(("quarantine", name)) != q.until:
+            return "quarantine_expired"
+        retry = self._target_retry.get(name)
+        if retry is not None:
+            if now < retry.at:
+                return None
+            if answered.get(("retry", name)) != retry.at:
+                return "target_retry"
+        missed = asked_for.missed.get(name)
+        if missed is not None and answered.get(("missed", name)) != missed:
+            return "missed_changes"
+        return None
+
+    def _answer(self, name: str, asked_for: approvals.Requests) -> None:
+        """A tick starts this target's cycle: what is asked of it now is answered by it."""
+        answered = self._answered
+        for what, value in (("approved", asked_for.approved.get(name)), ("resync", asked_for.resync.get(name)),
+                            ("missed", asked_for.missed.get(name))):
+            if value is not None:
+                answered[(what, name)] = value
+        now = time.time()
+        rt = self.engine.runtimes.get(name)
+        if rt is not None and rt.quarantine.reason is not None and not rt.quarantine.active(now):
+            answered[("quarantine", name)] = rt.quarantine.until     # tried now (a skip is no try)
+        retry = self._target_retry.get(name)
+        if retry is not None and now >= retry.at:
+            answered[("retry", name)] = retry.at
+
+    async def _tick(self, work: TaskGroup, wake: Wake = ("interval", None)) -> None:
+        """Snapshot PingOne, then start a cycle from it for every target not still in one (or,
+        for an early tick, for the idle targets it is for)."""
         await self._adopt_staged_if_approved()
         self._check_state_file()
         self.cycles += 1
         number = self.cycles
         self.heartbeat.beat()
         engine = self.engine
+        reason, only = wake
+        if only is None:
+            self._asked = None     # this tick is the full cycle the feed or a reload asked for
         self._set_status(f"cycle {number} running; last cycle {self._last_line}", force=True)
         report = CycleReport(started=time.time())
-        self.log.info("cycle.started", cycle_number=number, targets=list(engine.runtimes),
-                      busy=sorted(self._running))
+        self.log.info("cycle.started", cycle_number=number, reason=reason,
+                      targets=[name for name in engine.runtimes if only is None or name in only],
+                      busy=sorted(self._running), **({"reasons": only} if only is not None else {}))
         self._snapshotting = True
         try:
             taken = await engine.source_step(report)
@@ -345,23 +504,32 @@ class Service:
                              reason="stopping", step="snapshot", hint="unfinished operations resume at the next start")
             self._last_line = f"{_clock_text(report.started)} interrupted by stop"
             raise
-        except Exception as exc:   # a defect or a broken state file: log it, try again next interval
+        except Exception as exc:   # a defect or a broken state file: log it, retry on PingOne's back-off
             self.log.error("cycle.crashed", cycle_number=number, step="snapshot",
                            error=f"{type(exc).__name__}: {exc}", exc_info=True)
             self._last_line = f"{_clock_text(report.started)} crashed: {type(exc).__name__}"
+            self._source_failed()
             return
         finally:
             self._snapshotting = False
         self._record_source(report)
+        if taken is None or not taken[1]:
+            self._source_failed()          # unread, incomplete or shrunk: removals wait for a retry
+        else:
+            self._source_retry = None
         if taken is not None and taken[1] and report.source_problem is None \
                 and engine.config.source.changes != "off":
             # Every change before the snapshot began is in it; the feed follows from there.
-            await ChangeFeed(engine.source, engine.store).start_at(taken[0].started_at or report.started)
+            await self._feed_from(taken[0].started_at or report.started, everyone=only is None)
         # Which targets take this snapshot is decided now that it is here: one whose cycle ended
         # while it was taken does.
-        idle = [name for name in engine.runtimes if name not in self._running]
-        busy = [name for name in engine.runtimes if name in self._running]
-        run = CycleRun(number, report, busy=busy)
+        chosen = [name for name in engine.runtimes if only is None or name in only]
+        idle = [name for name in chosen if name not in self._running]
+        busy = [name for name in chosen if name in self._running]
+        run = CycleRun(number, report, busy=busy, everyone=only is None)
+        asked_for = await approvals.requests(engine.store)
+        for name in idle:
+            self._answer(name, asked_for)
         for name in busy:      # at warning for the first tick a cycle misses, at debug for the next ones
             first_miss = self._running[name] == number - 1
             (self.log.warning if first_miss else self.log.debug)(
@@ -386,7 +554,9 @@ class Service:
                 if complete and self.engine.config.source.changes != "off":
                     # This target now holds the snapshot's view: what changed since it began is
                     # handed on again, and the next poll brings the target up to date.
-                    await ChangeFeed(self.engine.source, self.engine.store).start_at(snapshot.started_at or run.report.started)
+                    await self._feed_from(snapshot.started_at or run.report.started, everyone=run.everyone)
+                if complete and result.outcome in ("success", "partial_failure"):
+                    await self._changes_caught_up(name, snapshot.started_at or run.report.started)
         except anyio.get_cancelled_exc_class():
             self.log.warning("cycle.interrupted", cycle_number=run.number, target=name,
                              took_s=round(time.time() - run.report.started, 3), reason="stopping",
@@ -402,6 +572,8 @@ class Service:
                 del self._running[name]
             self._progress.pop(name, None)
             self.heartbeat.beat()
+            self._wake_event.set()     # a request that waited for this target's cycle to end
+        self._retry_later(name, result.outcome)
         run.report.targets.append(result)
         run.waiting.discard(name)
         if not run.waiting:
@@ -420,6 +592,60 @@ class Service:
                       targets=[t.target for t in report.targets], busy=run.busy,
                       results={t.target: {"outcome": t.outcome, **t.results} for t in report.targets})
         release_free_memory()
+
+    def _source_failed(self) -> None:
+        """PingOne gave no complete (or an unacceptably shrunk) snapshot: the next full attempt
+        comes on a back-off, not at the interval."""
+        daemon = self.engine.config.daemon
+        self._source_retry = backoff_after(self._source_retry, daemon.retry_backoff,
+                                           min(daemon.interval, SOURCE_RETRY_CAP), time.time())
+
+    def _retry_later(self, name: str, outcome: str) -> None:
+        """A target whose full cycle failed (not quarantined: its quarantine is its back-off) is
+        retried on its own back-off; one that succeeded, or has its quarantine, drops it."""
+        if outcome in RETRIED_OUTCOMES:
+            daemon = self.engine.config.daemon
+            self._target_retry[name] = backoff_after(self._target_retry.get(name), daemon.retry_backoff,
+                                                     TARGET_RETRY_CAP, time.time())
+        else:
+            self._target_retry.pop(name, None)
+
+    async def _missed_changes(self, name: str, outcome: str, held: int) -> None:
+        """An incremental cycle left this target without its batch (the batch is committed for the
+        others): say so in the state file, so that its full cycle runs as soon as it is healthy,
+        after a restart too."""
+        key = f"{approvals.META_MISSED_CHANGES}.{name}"
+        store = self.engine.store
+        first = not await store.get_meta(key)
+        await store.set_meta(key, repr(time.time()))
+        (self.log.warning if first else self.log.debug)(
+            "changes.missed", target=name, outcome=outcome, held=held,
+            hint="this target's full cycle runs as soon as it is healthy")
+        self._wake_event.set()
+
+    async def _changes_caught_up(self, name: str, snapshot_started: float) -> None:
+        """A full cycle of this target from a snapshot begun after it last missed changes: it holds them."""
+        key = f"{approvals.META_MISSED_CHANGES}.{name}"
+        store = self.engine.store
+        value = await store.get_meta(key)
+        if not value:
+            return
+        try:
+            missed = float(value)
+        except ValueError:
+            missed = 0.0
+        if missed <= snapshot_started:
+            await store.delete_meta(key)
+
+    async def _feed_from(self, moment: float, *, everyone: bool) -> None:
+        """A complete snapshot begun at `moment`: the feed follows from there. From an early tick
+        for some targets only, the watermark only moves back (the others have not taken it)."""
+        feed = ChangeFeed(self.engine.source, self.engine.store)
+        if not everyone:
+            mark = await feed.watermark()
+            if mark is not None:
+                moment = min(moment, mark)
+        await feed.start_at(moment)
 
     def _record_source(self, report: CycleReport) -> None:
         """Health and the source gauge follow every snapshot; the journal, only its transitions."""
@@ -471,7 +697,7 @@ class Service:
                 await self._apply_changes()
             except FeedGap as exc:
                 self.log.warning("changes.gap", error=str(exc), hint="a full cycle starts now")
-                self._full_cycle_now()
+                self._full_cycle_now("feed_gap")
             except (ProvisiondError, OSError) as exc:
                 self._feed_failed(exc)
             except Exception as exc:   # a defect: logged, the loop and the daemon go on
@@ -495,21 +721,25 @@ class Service:
             self._feed_fallback_at = now + bound
             self.log.warning("changes.fallback", error=f"{type(exc).__name__}: {exc}",
                              failing_s=round(now - self.feed_failing_since, 1), hint="a full cycle starts now")
-            self._full_cycle_now()
+            self._full_cycle_now("feed_failing")
 
-    def _full_cycle_now(self) -> None:
-        """End the wait between ticks (if waiting): the next full cycle starts at once. Asked once
-        per tick: a gap that a full cycle cannot close (an incomplete snapshot) does not turn
-        the schedule into back-to-back snapshots."""
+    def _full_cycle_now(self, reason: str) -> None:
+        """End the wait between ticks (if waiting): the next full cycle, for every idle target,
+        starts at once (`reason` in its `cycle.started`). Asked once per tick, and not before
+        PingOne's retry while its snapshots fail: a gap that a full cycle cannot close (an
+        incomplete snapshot) does not turn the schedule into back-to-back snapshots."""
         if self._sleep_scope is not None and not self.stopping and self._asked_at_tick != self.cycles:
             self._asked_at_tick = self.cycles
-            self._sleep_scope.cancel()
+            self._asked = (reason, None)
+            self._wake_event.set()
 
     async def _apply_changes(self) -> None:
         """One poll: read what the batch names, an incremental cycle per target, then commit.
 
         A target running its full cycle is left out and the batch is not committed: the next
-        poll hands it on again (applying it twice changes nothing)."""
+        poll hands it on again (applying it twice changes nothing). A target quarantined or
+        failing in its incremental cycle, or holding its removals, misses the batch: it is
+        committed for the others, and that target's full cycle is owed (`_missed_changes`)."""
         engine = self.engine
         feed = ChangeFeed(engine.source, engine.store)
         batch = await feed.poll()
@@ -525,6 +755,9 @@ class Service:
                     continue
                 async with self._lock(name):
                     report = await engine.incremental_cycle(rt, inc)
+                    held = int(report.summary.get("held") or 0)
+                    if report.outcome in MISSED_OUTCOMES or held:
+                        await self._missed_changes(name, report.outcome, held)
                 self.heartbeat.beat()
                 if report.outcome == "aborted" or report.busy:
                     complete = False     # an entity another process held: the next poll hands it on again
@@ -655,6 +888,7 @@ class Service:
         engine.log = self.log
         self.config = new
         self.health.source_bound = source_bound(new)
+        engine.quarantine_base = new.daemon.retry_backoff
         diff = diff_configs(old, new)
         restart = [key for key in diff["changed"] if key in RESTART_KEYS]
         self.log.info("config.reloaded", path=self.config_path, **diff, resized=resized,
@@ -663,8 +897,11 @@ class Service:
         for warning in new.warnings:
             self.log.warning("config.warning", warning=warning)
         self.notifier.ready(status=f"reloaded; last cycle {self._last_line}")
-        if engine.keep_snapshot and engine.last_snapshot is None and self.cycles:
-            self._full_cycle_now()     # a rebuilt target: the change feed waits for a full snapshot
+        rebuilt = any(previous.get(name) is not runtime for name, runtime in engine.runtimes.items())
+        if self.cycles and (rebuilt or new.source != old.source):
+            # A target's scope, mapping or connection changed (and the change feed waits for a full
+            # snapshot): its cycle under the new config does not wait for the interval.
+            self._full_cycle_now("reload")
         return True
 
     # -- status and health --------------------------------------------------------------------
