@@ -491,6 +491,7 @@ class Service:
         reason, only = wake
         if only is None:
             self._asked = None     # this tick is the full cycle the feed or a reload asked for
+                                   # (one asked while its snapshot is taken is kept: see _full_cycle_now)
         self._set_status(f"cycle {number} running; last cycle {self._last_line}", force=True)
         report = CycleReport(started=time.time())
         self.log.info("cycle.started", cycle_number=number, reason=reason,
@@ -727,8 +728,11 @@ class Service:
         """End the wait between ticks (if waiting): the next full cycle, for every idle target,
         starts at once (`reason` in its `cycle.started`). Asked once per tick, and not before
         PingOne's retry while its snapshots fail: a gap that a full cycle cannot close (an
-        incomplete snapshot) does not turn the schedule into back-to-back snapshots."""
-        if self._sleep_scope is not None and not self.stopping and self._asked_at_tick != self.cycles:
+        incomplete snapshot) does not turn the schedule into back-to-back snapshots. A reload
+        asks during a snapshot too: that snapshot was taken for the old config."""
+        if self.stopping:
+            return
+        if reason == "reload" or (self._sleep_scope is not None and self._asked_at_tick != self.cycles):
             self._asked_at_tick = self.cycles
             self._asked = (reason, None)
             self._wake_event.set()
