@@ -18,9 +18,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from daemon import approvals
 from daemon.config import MaxDeletes
 from daemon.engine import META_CHANGE_REMOVALS
 from daemon.sandbox.runner import ZPA_TOKEN, build_sandbox, running, write_config
+from daemon.store import Store
 from tests.safety import harness, removal_requests
 from tests.safety.test_deletion_threshold import remove_from_scope
 from tests.test_changes_daemon import Targets, World, gone_or_inactive, wait_for
@@ -187,3 +189,27 @@ async def test_a_full_cycle_counts_the_removals_the_feed_made_within_the_window(
         await h.cycle()
         assert not h.events("plan.removals_held", target="zpa")
         assert len(removal_requests(zpa_em, members=False)) == len(leaving)
+
+
+async def test_the_requests_a_running_daemon_reads_each_second(tmp_path: Path) -> None:
+    """What `approve`, `approve --reload`, `--source-shrink` and `resync` write, as the daemon's
+    one-second look reads it back (a new request has a new value; an answered one is empty)."""
+    store = await Store.open(str(tmp_path / "state.db"))
+    try:
+        assert await approvals.requests(store) == approvals.Requests()
+        await store.set_meta(f"{approvals.META_RESYNC}.zpa", "token-1")
+        await store.set_meta(f"{approvals.META_RESYNC}.zia", "")            # answered
+        await store.set_meta(f"{approvals.META_MISSED_CHANGES}.zia", "1700000000.5")
+        await store.set_meta(approvals.META_RELOAD_APPROVED, "0")           # nothing approved
+        await store.set_meta(approvals.META_ACCEPT_SHRINK, "1200")
+        await store.approve("zpa")
+        found = await approvals.requests(store)
+        assert found.resync == {"zpa": "token-1"} and found.missed == {"zia": 1700000000.5}
+        assert found.reload_approved is None and found.accept_shrink == "1200"
+        assert set(found.approved) == {"zpa"}
+        await store.set_meta(approvals.META_RELOAD_APPROVED, "1700000001.000000")
+        await store.set_meta(approvals.META_ACCEPT_SHRINK, "0")             # taken by a snapshot
+        found = await approvals.requests(store)
+        assert found.reload_approved == "1700000001.000000" and found.accept_shrink is None
+    finally:
+        await store.close()
