@@ -16,6 +16,14 @@ never faulted, not counted):
 - PingOne `POST /_admin/bench/mutate` `{"count": K}`: K enabled users spread evenly over the
   directory are changed: every 5th disabled, the others get a new family name (one mapped
   attribute change). Disabled users are never created in a target, hence "enabled";
+- PingOne `POST /_admin/bench/change` `{"kind": K}`: one change of kind K (`CHANGE_KINDS`: disable,
+  attribute, group_add, group_remove, delete, new_hire) made through `Directory`'s public methods
+  (so it is recorded in the audit log like any change), on a user no earlier change touched, chosen
+  by a seeded generator; answers when it was made (`at`, the emulator's clock) and what the target
+  must show once it has arrived (`expect`, for the SCIM route below);
+- SCIM `POST /_admin/bench/check` `{"checks": [{"id": I, "userName": U, ...}]}`: which of the
+  expectations the target's state meets now (`holding`, the ids) and when it looked (`now`):
+  `active` (true: exists and active; false: gone or inactive), `familyName`, `group` + `member`;
 - SCIM `POST /_admin/bench/seed` `{"users": [resource...], "groups": [{"displayName": D,
   "members": [userName...], "final": true}]}`: objects put straight into the emulator (ids assigned
   by it), so a large target can be pre-seeded quickly and then adopted by provisiond's full sync. A
@@ -28,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -44,6 +53,10 @@ DEFAULT_STOP_TIMEOUT = 10.0
 BENCH_GROUP_ROUTE = "/_admin/bench/group"
 BENCH_SEED_ROUTE = "/_admin/bench/seed"
 BENCH_MUTATE_ROUTE = "/_admin/bench/mutate"
+BENCH_CHANGE_ROUTE = "/_admin/bench/change"
+BENCH_CHECK_ROUTE = "/_admin/bench/check"
+CHANGE_KINDS = ("disable", "attribute", "group_add", "group_remove", "delete", "new_hire")
+CHANGE_SEED = 15                # the generator that picks which users and groups the changes touch
 DISABLE_EVERY = 5               # bench mutate: every 5th changed user is disabled, the others renamed
 HOST = "127.0.0.1"
 NAMED_GROUPS = ("All Staff", "ZPA Users", "ZIA Users", "ZPA Contractors")
@@ -172,6 +185,80 @@ async def _serve_until_signal(app: web.Application, announce: dict[str, Any], pa
         await stop.wait()
 
 
+class ChangeMaker:
+    """The propagation scenario's changes, made in the emulator's directory (each is audited).
+
+    Every change touches a user no earlier change touched, so that each expectation stays true
+    once met. Groups are the static ones (not the dynamic `userFilter` group); a membership is
+    removed only from a group with no nested groups, where direct membership is the target's."""
+
+    def __init__(self, directory: Any, rng: random.Random) -> None:
+        self.directory = directory
+        self.rng = rng
+        self.touched: set[str] = set()
+        self.hired = 0
+
+    def _user(self, accept: Any = None) -> str:
+        d = self.directory
+        ids = d.user_order.ids
+        for _ in range(100_000):
+            uid = ids[self.rng.randrange(len(ids))]
+            if uid not in self.touched and d.users[uid].get("enabled", True) and (accept is None or accept(uid)):
+                self.touched.add(uid)
+                return str(uid)
+        raise RuntimeError("no user left to change")
+
+    def _static_groups(self, *, leaf: bool = False, members: bool = False) -> list[str]:
+        d = self.directory
+        return [gid for gid in d.group_order.ids if "userFilter" not in d.groups[gid]
+                and (not leaf or not d.child_group_ids(gid)) and (not members or d.members.get(gid))]
+
+    def make(self, kind: str) -> dict[str, Any]:
+        d = self.directory
+        at = d.clock()
+        if kind == "disable":
+            uid = self._user()
+            d.set_enabled(uid, False)
+            expect: dict[str, Any] = {"active": False}
+        elif kind == "attribute":
+            uid = self._user()
+            family = f"{(d.users[uid].get('name') or {}).get('family', '')} Changed{len(self.touched)}"
+            d.update_user(uid, name={"family": family})
+            expect = {"familyName": family}
+        elif kind == "group_add":
+            gid = self.rng.choice(self._static_groups())
+            uid = self._user(lambda u: gid not in d.user_group_ids(u, transitive=True))
+            d.add_member(gid, uid)
+            expect = {"group": d.groups[gid]["name"], "member": True}
+        elif kind == "group_remove":
+            gid = self.rng.choice(self._static_groups(leaf=True, members=True))
+            members = sorted(u for u in d.members[gid] if u not in self.touched and d.users[u].get("enabled", True))
+            if not members:
+                raise RuntimeError(f"group {gid} has no member left to remove")
+            uid = self.rng.choice(members)
+            self.touched.add(uid)
+            d.remove_member(gid, uid)
+            expect = {"group": d.groups[gid]["name"], "member": False}
+        elif kind == "delete":
+            uid = self._user()
+            expect = {"active": False, "userName": d.users[uid]["username"]}
+            d.delete_user(uid)
+        elif kind == "new_hire":
+            gid = self.rng.choice(self._static_groups())
+            self.hired += 1
+            name = f"new.hire{self.hired}@example.com"
+            uid = str(d.add_user(name, email=name, given="New", family=f"Hire {self.hired}", title="Engineer",
+                                 department="Engineering", employeeNumber=f"N{self.hired}")["id"])
+            self.touched.add(uid)
+            d.add_member(gid, uid)
+            expect = {"active": True, "group": d.groups[gid]["name"], "member": True}
+        else:
+            raise ValueError(f"unknown change kind {kind!r}")
+        user = d.users.get(uid)
+        expect.setdefault("userName", user["username"] if user else "")
+        return {"kind": kind, "at": at, "done": d.clock(), "user_id": uid, "expect": expect}
+
+
 def _run_pingone(args: argparse.Namespace) -> None:
     from daemon.sandbox.directory import generate
     from daemon.sandbox.faults import Faults
@@ -209,8 +296,15 @@ def _run_pingone(args: argparse.Namespace) -> None:
                 renamed += 1
         return web.json_response({"changed": len(chosen), "renamed": renamed, "disabled": disabled})
 
+    changes = ChangeMaker(directory, random.Random(CHANGE_SEED))
+
+    async def bench_change(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response(changes.make(str(body["kind"])))
+
     app.router.add_post(BENCH_GROUP_ROUTE, bench_group)
     app.router.add_post(BENCH_MUTATE_ROUTE, bench_mutate)
+    app.router.add_post(BENCH_CHANGE_ROUTE, bench_change)
     named = {}
     for name in NAMED_GROUPS:
         try:
@@ -253,10 +347,40 @@ def _run_scim(args: argparse.Namespace) -> None:
                 groups += 1
         return web.json_response({"users": users, "groups": groups, "total_users": len(emulator.users)})
 
+    async def check(request: web.Request) -> web.Response:
+        body = await request.json()
+        holding = [c["id"] for c in body.get("checks", ()) if _holds(emulator, c)]
+        return web.json_response({"now": time.time(), "holding": holding})
+
     app.router.add_post(BENCH_SEED_ROUTE, seed)
+    app.router.add_post(BENCH_CHECK_ROUTE, check)
     announce = {"profile": args.profile, "token": DEFAULT_TOKEN, "latency_ms": args.latency_ms,
                 "rate_limit_rps": faults.rate_limit_rps}
     asyncio.run(_serve_until_signal(app, announce, "/v2"))
+
+
+def _holds(emulator: Any, check: dict[str, Any]) -> bool:
+    """Whether the SCIM emulator's state meets one expectation of `ChangeMaker.make`."""
+    user = emulator.user_by_username(check["userName"])
+    active = None if user is None else user.get("active") is not False
+    if "active" in check and bool(active) != check["active"]:
+        return False
+    if "familyName" in check and (user is None or (user.get("name") or {}).get("familyName") != check["familyName"]):
+        return False
+    if "group" in check:
+        group = emulator.group_by_name(check["group"])
+        if group is None:
+            return False
+        member = False
+        if user is not None:
+            index = getattr(emulator, "_member_of", None)   # member id -> group ids, the emulator's own index
+            if isinstance(index, dict):
+                member = group["id"] in index.get(user["id"], ())
+            else:
+                member = any(m.get("value") == user["id"] for m in group.get("members") or ())
+        if member != check["member"]:
+            return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,13 +25,16 @@ import json
 import math
 import os
 import pstats
+import random
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,10 +45,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import emulators
 
 KEYS = ("apply_ratio", "zia_ratio", "noop_ratio", "noop_peak_rss_mb", "incremental_requests_per_change",
-        "membership_requests", "membership_batch", "scale_noop_s", "scale_peak_rss_mb")
+        "membership_requests", "membership_batch", "scale_noop_s", "scale_peak_rss_mb",
+        "propagation_p50_s", "propagation_p95_s", "propagation_max_s", "propagation_lost",
+        "pingone_requests_per_idle_minute", "pingone_requests_per_change", "pingone_requests_per_full_cycle",
+        "scale_propagation_p95_s")
 TARGETS = {"apply_ratio": ("<=", 1.10), "zia_ratio": ("<=", 1.05), "noop_ratio": ("<=", 1.5),
            "noop_peak_rss_mb": ("<=", 300.0), "incremental_requests_per_change": ("==", 1.0),
-           "scale_noop_s": ("<=", 180.0), "scale_peak_rss_mb": ("<=", 1024.0)}
+           "scale_noop_s": ("<=", 180.0), "scale_peak_rss_mb": ("<=", 1024.0),
+           "propagation_p95_s": ("<=", 10.0), "propagation_lost": ("==", 0),
+           "pingone_requests_per_idle_minute": ("<=", 15.0), "pingone_requests_per_change": ("<=", 3.0),
+           "scale_propagation_p95_s": ("<=", 15.0)}
 DEFAULT_LATENCY_MS = 20.0
 DEFAULT_CONCURRENCY = 16
 DEFAULT_APPLY_RPS = 1000.0        # above L/C's 800 req/s: the latency bound is the binding one
@@ -62,6 +71,13 @@ INCREMENTAL_SHARE = 0.01
 SEED_CHUNK = 5000
 WORKER_TIMEOUT = 3600.0
 TARGET_NAME = "bench"
+# propagation (issue 15): changes made in the PingOne emulator, watched for on the SCIM target
+INDEXING_DELAY = 2.0            # seconds before an activity is queryable (the emulator's default)
+LOST_AFTER = 120.0              # a change not on the target this long after it was made is lost
+CHECK_EVERY = 0.1               # seconds between two looks at the target
+SCHEDULE_SEED = 15
+DRAIN_ALLOWANCE = 30.0          # seconds after the last change that the schedule keeps free of full cycles
+FIRST_CYCLE_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +98,13 @@ class Plan:
     membership_batch: int = DEFAULT_MEMBERSHIP_BATCH
     seed: str = "sync"            # how the world's target is first filled: sync | adopt
     scale_seed: str = "adopt"
+    prop_users: int = 100_000
+    prop_groups: int = 1000
+    prop_changes: int = 300
+    prop_window_s: float = 120.0
+    prop_idle_s: float = 60.0
+    scale_prop_changes: int = 60
+    scale_prop_window_s: float = 60.0
 
 
 # `quick` must finish in under a minute on 2 busy cores: the world is seeded by a real initial sync
@@ -89,7 +112,7 @@ class Plan:
 QUICK = Plan(apply_users=1000, apply_groups=10, zia_users=30, world_users=6000, world_groups=60, big_group=6000)
 SMOKE = Plan(apply_users=200, apply_groups=5, zia_users=15, world_users=400, world_groups=12, big_group=300,
              latency_ms=5.0)
-SCENARIOS = ("all", "apply", "zia", "noop", "incremental", "membership", "scale", "quick", "smoke")
+SCENARIOS = ("all", "apply", "zia", "noop", "incremental", "membership", "propagation", "scale", "quick", "smoke")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +554,9 @@ def scenario_zia(plan: Plan, work: Path) -> dict[str, Any]:
 
 
 def scenario_world(plan: Plan, work: Path, *, users: int, groups: int, seed: str, which: set[str],
-                   profile_dir: Path | None, prefix: str = "noop") -> dict[str, Any]:
+                   profile_dir: Path | None, prefix: str = "noop",
+                   then: Callable[[emulators.EmulatorProcess, emulators.EmulatorProcess, list[str]],
+                                  dict[str, Any]] | None = None) -> dict[str, Any]:
     """Seed a target from `users` x `groups`, then: no-op cycles (and the floor), 1% changed, a big group."""
     out: dict[str, Any] = {}
     say(f"{prefix}: world of {users} users, {groups} groups; seeding by {seed}")
@@ -627,12 +652,414 @@ def scenario_world(plan: Plan, work: Path, *, users: int, groups: int, seed: str
                     "membership_plan": cycle["targets"][0]["plan_counts"],
                 })
                 say(f"membership: {size} members -> {patches} PATCH requests")
+        if then is not None:     # the worker has stopped: the same emulators and state, another daemon
+            out.update(then(pingone, scim, pushed))
+    return out
+
+# ---------------------------------------------------------------------------------------------
+# Propagation (issue 15): the real `provisiond run` with its defaults; changes made in the PingOne
+# emulator at random times; each one watched for on the SCIM target from this process.
+
+
+def run_config_text(*, pingone: emulators.EmulatorProcess, scim: emulators.EmulatorProcess, state_path: Path,
+                    groups: list[str], http_port: int) -> str:
+    """Only what a config must say: every knob of [daemon], [source] and the target (interval,
+    changes, change_poll_interval, page sizes, concurrency, rate limits, max_deletes) is left at
+    its default. `http_listen` serves /metrics, read for the daemon's own latency histogram."""
+    from daemon.sandbox.pingone import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+
+    return f'''[daemon]
+state_path = "{state_path}"
+http_listen = "127.0.0.1:{http_port}"
+
+[source]
+api_url = "{pingone.url}/v1"
+auth_url = "{pingone.url}"
+environment_id = "{pingone.info["env_id"]}"
+client_id = "{DEFAULT_CLIENT_ID}"
+client_secret = "{DEFAULT_CLIENT_SECRET}"
+
+[[target]]
+name = "{TARGET_NAME}"
+profile = "generic"
+base_url = "{scim.url}"
+token = "{scim.info["token"]}"
+groups = {json.dumps(groups)}
+'''
+
+
+class RunDaemon:
+    """`python -m daemon run -c CONFIG` in a child process; its JSON log lines read back from a file."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        self.log_path = log_path
+        self._out = open(log_path, "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "daemon", "run", "-c", str(config)],
+                                        stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=root)
+        self._reader = open(log_path)
+        self._partial = ""
+        self.events: list[dict[str, Any]] = []
+
+    def read(self) -> list[dict[str, Any]]:
+        self._partial += self._reader.read()
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = {"event": "(not json)", "text": line}
+            self.events.append(event if isinstance(event, dict) else {"event": "(not an object)"})
+        return self.events
+
+    def wait_for(self, what: str, match: Any, *, since: int = 0, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.read()[since:]:
+                if match(event):
+                    return event
+            if self.process.poll() is not None:
+                raise RuntimeError(f"provisiond run exited ({self.process.returncode}) before {what}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {what} within {timeout:g} s; see {self.log_path}")
+            time.sleep(0.1)
+
+    def named(self, name: str, since: int = 0) -> list[dict[str, Any]]:
+        return [e for e in self.read()[since:] if e.get("event") == name]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._out.close()
+        self._reader.close()
+        return self.process.returncode
+
+
+def full_cycle_started(number: int | None = None) -> Any:
+    """A tick's `cycle.started` (the service logs `cycle_number`; an incremental cycle has `kind`)."""
+    return lambda e: (e.get("event") == "cycle.started" and "cycle_number" in e
+                      and (number is None or e["cycle_number"] == number))
+
+
+def summary_of(number: int) -> Any:
+    return lambda e: e.get("event") == "cycle.summary" and e.get("cycle_number") == number
+
+
+def event_time(event: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    stamp = str(event.get("timestamp", ""))
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
+def pingone_counters(pingone: emulators.EmulatorProcess) -> dict[str, int]:
+    counters: dict[str, int] = admin(pingone.url + "/_admin/counters")
+    return counters
+
+
+def pingone_requests(counters: dict[str, int], *, feed: bool | None = None) -> int:
+    """PingOne API requests the emulator counted (its /_admin and the bench routes excluded);
+    `feed` True: only /activities, False: all but /activities."""
+    total = 0
+    for route, n in counters.items():
+        if route.startswith("admin") or route == "unknown":
+            continue
+        if feed is not None and route.startswith("activities") != feed:
+            continue
+        total += n
+    return total
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((emulators.HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class Watcher(threading.Thread):
+    """Looks at the SCIM target every CHECK_EVERY seconds (`POST /_admin/bench/check`) for every
+    change not yet seen; a change is seen at the emulator's clock of the first look that finds it."""
+
+    def __init__(self, scim: emulators.EmulatorProcess) -> None:
+        super().__init__(daemon=True)
+        self.url = scim.info["base_url"] + emulators.BENCH_CHECK_ROUTE
+        self.lock = threading.Lock()
+        self.made: list[dict[str, Any]] = []
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.seen: dict[int, float] = {}
+        self.looks = 0
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def add(self, made: dict[str, Any]) -> None:
+        with self.lock:
+            index = len(self.made)
+            self.made.append(made)
+            self.pending[index] = made
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                with self.lock:
+                    checks = [{"id": i, **m["expect"]} for i, m in self.pending.items()]
+                if checks:
+                    reply = admin(self.url, {"checks": checks})
+                    self.looks += 1
+                    with self.lock:
+                        for i in reply["holding"]:
+                            self.seen[i] = float(reply["now"])
+                            self.pending.pop(i, None)
+                self._halt.wait(CHECK_EVERY)
+        except BaseException as exc:   # reported by wait()
+            self.error = exc
+
+    def wait(self, bound: float) -> None:
+        """Until every change is seen, or each one still pending was made `bound` seconds ago."""
+        while True:
+            if self.error is not None:
+                raise RuntimeError(f"the target watcher failed: {self.error!r}")
+            with self.lock:
+                oldest = min((m["at"] for m in self.pending.values()), default=None)
+            if oldest is None or time.time() - oldest > bound:
+                return
+            time.sleep(CHECK_EVERY)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+
+def nearest_rank(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def latency_figures(latencies: list[float]) -> dict[str, float | None]:
+    def r(value: float | None) -> float | None:
+        return None if value is None else round(value, 3)
+    return {"p50_s": r(nearest_rank(latencies, 0.50)), "p95_s": r(nearest_rank(latencies, 0.95)),
+            "max_s": r(max(latencies, default=None)), "min_s": r(min(latencies, default=None))}
+
+
+def scrape_propagation(port: int) -> dict[str, Any]:
+    """The daemon's `provisiond_propagation_latency_seconds` histogram (all targets summed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    buckets: dict[float, float] = {}
+    count = total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "provisiond_propagation_latency_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+            elif sample.name.endswith("_sum"):
+                total += sample.value
+    return {"buckets": buckets, "count": count, "sum": total}
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus' estimate: linear within the bucket that holds the q-quantile."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if math.isinf(bound):
+                return lower
+            inside = buckets[bound] - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, buckets[bound]
+    return None
+
+
+def propagation(work: Path, pingone: emulators.EmulatorProcess, scim: emulators.EmulatorProcess, *,
+                state: Path, groups: list[str], prefix: str, changes: int, window: float,
+                idle: float) -> dict[str, Any]:
+    """`provisiond run` over an already seeded state; an idle stretch, then `changes` changes at
+    random times over `window` seconds; latency from each change to its sight on the target."""
+    from daemon.config import load_config
+
+    req = "pingone" if prefix == "propagation" else prefix.replace("propagation", "pingone")
+    out: dict[str, Any] = {}
+    admin(pingone.url + "/_admin/activities/settings", {"indexing_delay": INDEXING_DELAY})
+    port = free_port()
+    config = work / f"{prefix}-run.toml"
+    config.write_text(run_config_text(pingone=pingone, scim=scim, state_path=state, groups=groups, http_port=port))
+    config.chmod(0o600)
+    loaded = load_config(str(config))      # the defaults the daemon runs with
+    interval, poll = loaded.daemon.interval, loaded.source.change_poll_interval
+    out.update({f"{prefix}_interval_s": interval, f"{prefix}_change_poll_interval_s": poll,
+                f"{prefix}_changes_mode": loaded.source.changes, f"{prefix}_indexing_delay_s": INDEXING_DELAY})
+    say(f"{prefix}: provisiond run with its defaults (changes={loaded.source.changes}, poll every {poll:g} s, "
+        f"interval {interval:g} s)")
+    before = pingone_counters(pingone)
+    daemon = RunDaemon(config, work / f"{prefix}-run.log")
+    try:
+        tick = daemon.wait_for("the first cycle", full_cycle_started(1), timeout=FIRST_CYCLE_TIMEOUT)
+        first = daemon.wait_for("the first cycle's summary", summary_of(1), timeout=FIRST_CYCLE_TIMEOUT)
+        full = pingone_requests(pingone_counters(pingone), feed=False) - pingone_requests(before, feed=False)
+        out[f"{req}_requests_per_full_cycle"] = full
+        out[f"{prefix}_full_cycle_s"] = first.get("took_s")
+        if first.get("outcome") != "success":
+            raise RuntimeError(f"the first cycle of provisiond run did not succeed: {first}")
+        say(f"{prefix}: first full cycle {first.get('took_s')} s, {full} PingOne requests")
+        # Neither the idle stretch nor the changes may meet a full cycle: start right after one
+        # when the next tick would come too soon.
+        number = 1
+        need = idle + window + DRAIN_ALLOWANCE + 2 * poll
+        while event_time(tick) + interval - time.time() < need:
+            number += 1
+            say(f"{prefix}: the next full cycle is due in {event_time(tick) + interval - time.time():.0f} s; "
+                f"waiting for it to pass")
+            tick = daemon.wait_for(f"cycle {number}", full_cycle_started(number), timeout=interval + FIRST_CYCLE_TIMEOUT)
+            daemon.wait_for(f"cycle {number}'s summary", summary_of(number), timeout=FIRST_CYCLE_TIMEOUT)
+            if number > 3:
+                raise RuntimeError(f"the interval ({interval:g} s) leaves no room for {need:g} s of changes")
+        mark = len(daemon.read())
+        polls_per_minute = 60.0 / poll    # nominal, replaced by the measured rate when idle > 0
+        if idle > 0:
+            c0, t0 = pingone_counters(pingone), time.time()
+            time.sleep(idle)
+            c1, t1 = pingone_counters(pingone), time.time()
+            polls_per_minute = (pingone_requests(c1) - pingone_requests(c0)) * 60.0 / (t1 - t0)
+            backstop = full * 60.0 / interval
+            out.update({
+                f"{req}_polls_per_idle_minute": round(polls_per_minute, 2),
+                f"{req}_backstop_requests_per_minute": round(backstop, 3),
+                f"{req}_requests_per_idle_minute": round(polls_per_minute + backstop, 2),
+                f"{prefix}_idle_s": round(t1 - t0, 1),
+                f"{prefix}_idle_full_cycles": len([e for e in daemon.read()[mark:] if full_cycle_started()(e)]),
+            })
+            say(f"{prefix}: idle: {polls_per_minute:.1f} requests a minute; the backstop adds {backstop:.2f}")
+        # The changes.
+        rng = random.Random(SCHEDULE_SEED)
+        offsets = sorted(rng.uniform(0.0, window) for _ in range(changes))
+        kinds = [emulators.CHANGE_KINDS[i % len(emulators.CHANGE_KINDS)] for i in range(changes)]
+        rng.shuffle(kinds)
+        histogram_before = scrape_propagation(port)
+        mark = len(daemon.read())
+        load_before = os.getloadavg()
+        watcher = Watcher(scim)
+        c0, t0 = pingone_counters(pingone), time.time()
+        watcher.start()
+        say(f"{prefix}: {changes} changes over {window:g} s")
+        try:
+            for offset, kind in zip(offsets, kinds, strict=True):
+                delay = t0 + offset - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                watcher.add(admin(pingone.url + emulators.BENCH_CHANGE_ROUTE, {"kind": kind}))
+            watcher.wait(LOST_AFTER)
+            c1, t1 = pingone_counters(pingone), time.time()
+        finally:
+            watcher.stop()
+        load_after = os.getloadavg()
+        histogram_after = scrape_propagation(port)
+        events = daemon.read()[mark:]
+    finally:
+        code = daemon.stop()
+    made, seen = watcher.made, watcher.seen
+    latencies = [seen[i] - m["at"] for i, m in enumerate(made) if i in seen]
+    figures = latency_figures(latencies)
+    spent = pingone_requests(c1) - pingone_requests(c0)
+    per_change = (spent - polls_per_minute * (t1 - t0) / 60.0) / len(made) if made else None
+    by_kind = {}
+    for kind in emulators.CHANGE_KINDS:
+        own = [seen[i] - m["at"] for i, m in enumerate(made) if i in seen and m["kind"] == kind]
+        by_kind[kind] = {"n": sum(1 for m in made if m["kind"] == kind), **latency_figures(own)}
+    delta = {b: histogram_after["buckets"].get(b, 0.0) - histogram_before["buckets"].get(b, 0.0)
+             for b in histogram_after["buckets"]}
+    observed = histogram_after["count"] - histogram_before["count"]
+    out.update({
+        f"{prefix}_p50_s": figures["p50_s"], f"{prefix}_p95_s": figures["p95_s"],
+        f"{prefix}_max_s": figures["max_s"], f"{prefix}_min_s": figures["min_s"],
+        f"{prefix}_lost": len(made) - len(latencies), f"{prefix}_lost_after_s": LOST_AFTER,
+        f"{prefix}_changes": len(made), f"{prefix}_window_s": window,
+        f"{prefix}_by_kind": by_kind,
+        f"{req}_requests_per_change": round(per_change, 3) if per_change is not None else None,
+        f"{req}_requests_in_change_window": spent, f"{prefix}_change_window_s": round(t1 - t0, 1),
+        f"{prefix}_target_looks": watcher.looks,
+        f"{prefix}_daemon_observations": int(observed),
+        f"{prefix}_daemon_p50_s": _rounded(histogram_quantile(0.50, delta)),
+        f"{prefix}_daemon_p95_s": _rounded(histogram_quantile(0.95, delta)),
+        f"{prefix}_daemon_mean_s": round((histogram_after["sum"] - histogram_before["sum"]) / observed, 3)
+        if observed else None,
+        f"{prefix}_incremental_cycles": len([e for e in events if e.get("event") == "cycle.finished"
+                                             and e.get("kind") == "incremental"]),
+        f"{prefix}_full_cycles_in_window": len([e for e in events if full_cycle_started()(e)]),
+        f"{prefix}_feed_trouble": len([e for e in events if e.get("event") in
+                                       ("changes.gap", "changes.failing", "changes.fallback", "changes.crashed")]),
+        f"{prefix}_removals_held": len([e for e in events if e.get("event") == "plan.removals_held"]),
+        f"{prefix}_load_avg": [round(x, 2) for x in (*load_before, *load_after)],
+        f"{prefix}_daemon_exit": code,
+    })
+    say(f"{prefix}: p50 {figures['p50_s']} s, p95 {figures['p95_s']} s, max {figures['max_s']} s, "
+        f"lost {len(made) - len(latencies)}; {spent} PingOne requests in {t1 - t0:.0f} s "
+        f"({out[f'{req}_requests_per_change']} a change); load {os.getloadavg()}")
     return out
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def scenario_propagation(plan: Plan, work: Path) -> dict[str, Any]:
+    """Issue 15's propagation benchmark at `prop_users` x `prop_groups`, the target seeded by adopt."""
+    users, groups = plan.prop_users, plan.prop_groups
+    say(f"propagation: {users} users, {groups} groups; seeding by adopt")
+    with emulators.start_pingone(users, groups) as pingone, emulators.start_scim("generic") as scim:
+        names = list(pingone.info["group_names"])
+        state = work / "propagation.db"
+        text = config_text(pingone=pingone, scim=scim, state_path=state, profile="generic",
+                           concurrency=DEFAULT_SEED_CONCURRENCY, rps=DEFAULT_SEED_RPS, groups=names,
+                           membership_batch=plan.membership_batch)
+        started = time.perf_counter()
+        with daemon_for(work, "propagation", text) as daemon:
+            seeded = daemon.call(cmd="seed_adopt", scim_base=scim.info["base_url"])
+            adopted = daemon.cycle()
+        say(f"propagation: seeded {seeded['users']} users and adopted them in {time.perf_counter() - started:.0f} s "
+            f"(plan {adopted['targets'][0]['plan_counts']})")
+        out = propagation(work, pingone, scim, state=state, groups=names, prefix="propagation",
+                          changes=plan.prop_changes, window=plan.prop_window_s, idle=plan.prop_idle_s)
+    out.update({"propagation_users": users, "propagation_groups": groups})
+    return out
+
+
+
 def scenario_scale(plan: Plan, work: Path, profile_dir: Path | None) -> dict[str, Any]:
+    """The no-op world at 1,000,000 users; then, over the same emulators and state file, the real
+    `provisiond run` with its defaults and `scale_prop_changes` changes over `scale_prop_window_s`
+    (no idle stretch: its cost at 1M is the full cycle's, reported as scale_pingone_requests_per_full_cycle)."""
+    def then(pingone: emulators.EmulatorProcess, scim: emulators.EmulatorProcess, pushed: list[str]) -> dict[str, Any]:
+        if not plan.scale_prop_changes:
+            return {}
+        return propagation(work, pingone, scim, state=work / "scale.db", groups=pushed, prefix="scale_propagation",
+                           changes=plan.scale_prop_changes, window=plan.scale_prop_window_s, idle=0.0)
+
     found = scenario_world(plan, work, users=plan.scale_users, groups=plan.scale_groups, seed=plan.scale_seed,
-                           which=set(), profile_dir=profile_dir, prefix="scale")
+                           which=set(), profile_dir=profile_dir, prefix="scale", then=then)
     found["scale_noop_s"] = found.get("scale_wall_s")
     return found
 
@@ -651,6 +1078,8 @@ def run(scenario: str, plan: Plan, work: Path, profile_dir: Path | None, *, scal
     if scenario in ("all", "noop", "incremental", "membership", "quick", "smoke"):
         results.update(scenario_world(plan, work, users=plan.world_users, groups=plan.world_groups,
                                       seed=plan.seed, which=world, profile_dir=profile_dir))
+    if scenario in ("all", "propagation"):
+        results.update(scenario_propagation(plan, work))
     if scenario == "scale" or scale:
         results.update(scenario_scale(plan, work, profile_dir))
     results["scenario"] = scenario
@@ -715,8 +1144,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", action="store_true", help="also run the 1,000,000-user no-op")
     parser.add_argument("--seed", choices=("sync", "adopt"), default="sync",
                         help="fill the no-op world by a real initial sync (default) or by direct seeding + adoption")
-    parser.add_argument("--users", type=int, help="users in the no-op world (default 100000)")
-    parser.add_argument("--groups", type=int, help="groups in the no-op world (default 1000)")
+    parser.add_argument("--users", type=int, help="users in the no-op and propagation worlds (default 100000)")
+    parser.add_argument("--groups", type=int, help="groups in the no-op and propagation worlds (default 1000)")
+    parser.add_argument("--changes", type=int, help="propagation: changes made (default 300)")
+    parser.add_argument("--window", type=float, help="propagation: seconds over which they are made (default 120)")
+    parser.add_argument("--idle", type=float, help="propagation: seconds of the idle stretch (default 60)")
+    parser.add_argument("--scale-users", type=int, help="users in the scale world (default 1000000)")
+    parser.add_argument("--scale-changes", type=int,
+                        help="scale: propagation changes (default 60; 0 skips the propagation part)")
+    parser.add_argument("--scale-window", type=float, help="scale: seconds over which they are made (default 60)")
     parser.add_argument("--latency-ms", type=float, default=DEFAULT_LATENCY_MS)
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     parser.add_argument("--work", type=Path, help="keep configs, state and logs here (default: a temp dir)")
@@ -725,7 +1161,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.users:
         plan = replace(plan, world_users=args.users)
     if args.groups:
-        plan = replace(plan, world_groups=args.groups)
+        plan = replace(plan, world_groups=args.groups, prop_groups=args.groups)
+    if args.users:
+        plan = replace(plan, prop_users=args.users)
+    if args.changes is not None:
+        plan = replace(plan, prop_changes=args.changes)
+    if args.window is not None:
+        plan = replace(plan, prop_window_s=args.window)
+    if args.idle is not None:
+        plan = replace(plan, prop_idle_s=args.idle)
+    if args.scale_users:
+        plan = replace(plan, scale_users=args.scale_users)
+    if args.scale_changes is not None:
+        plan = replace(plan, scale_prop_changes=args.scale_changes)
+    if args.scale_window is not None:
+        plan = replace(plan, scale_prop_window_s=args.scale_window)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
