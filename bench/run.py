@@ -831,8 +831,8 @@ class Watcher(threading.Thread):
             if self.error is not None:
                 raise RuntimeError(f"the target watcher failed: {self.error!r}")
             with self.lock:
-                oldest = min((m["at"] for m in self.pending.values()), default=None)
-            if oldest is None or time.time() - oldest > bound:
+                newest = max((m["at"] for m in self.pending.values()), default=None)
+            if newest is None or time.time() - newest > bound:
                 return
             time.sleep(CHECK_EVERY)
 
