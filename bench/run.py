@@ -935,8 +935,9 @@ def propagation(work: Path, pingone: emulators.EmulatorProcess, scim: emulators.
                 f"waiting for it to pass")
             tick = daemon.wait_for(f"cycle {number}", full_cycle_started(number), timeout=interval + FIRST_CYCLE_TIMEOUT)
             daemon.wait_for(f"cycle {number}'s summary", summary_of(number), timeout=FIRST_CYCLE_TIMEOUT)
-            if number > 3:
-                raise RuntimeError(f"the interval ({interval:g} s) leaves no room for {need:g} s of changes")
+            if number > 3:   # full cycles back to back (each longer than `interval`): measure between them
+                say(f"{prefix}: full cycles leave no {need:g} s free; the windows will meet one")
+                break
         mark = len(daemon.read())
         polls_per_minute = 60.0 / poll    # nominal, replaced by the measured rate when idle > 0
         if idle > 0:
