@@ -684,11 +684,11 @@ class Store:
                 busy.update({seq: hs[0] for seq, hs in (await self._holders(cycle_id, chunk, since)).items()})
         return busy
 
-    def _conflict(self, since: float | None) -> tuple[str, tuple[Any, ...]]:
-        """SQL (over `o`, `c`: another operation on the same entity and its cycle) that makes an
-        entity busy, and its arguments."""
+    def _conflict(self, since: float | None, mine: str = "mine") -> tuple[str, tuple[Any, ...]]:
+        """SQL (over `o`, `c`: another operation on the same entity and its cycle; *mine*: the
+        operation to send) that makes an entity busy, and its arguments."""
         dead = sorted(self._dead_owners)
-        sql = ("o.cycle_id != mine.cycle_id AND c.owner != ? AND ((o.status = 'in_flight'"
+        sql = (f"o.cycle_id != {mine}.cycle_id AND c.owner != ? AND ((o.status = 'in_flight'"
                + (f" AND c.owner NOT IN ({','.join('?' * len(dead))})" if dead else "") + ")")
         args: tuple[Any, ...] = (self.owner, *dead)
         if since is not None:
@@ -697,12 +697,14 @@ class Store:
         return sql + ")", args
 
     async def _claim(self, cycle_id: int, chunk: list[int], now: float, since: float | None) -> int:
-        conflict, args = self._conflict(since)
+        # No alias on the updated table (older SQLite builds refuse one): inside the subquery,
+        # `operation.` is the row being marked, `o` the other operation.
+        conflict, args = self._conflict(since, "operation")
         cur = await self._write(
-            "UPDATE operation AS mine SET status='in_flight', started=? WHERE cycle_id=? AND seq IN ("
+            "UPDATE operation SET status='in_flight', started=? WHERE cycle_id=? AND seq IN ("
             + ",".join("?" * len(chunk)) + ") AND NOT EXISTS (SELECT 1 FROM operation o JOIN cycle c ON "
-            "c.id = o.cycle_id WHERE o.target = mine.target AND o.source_id = mine.source_id AND o.kind = mine.kind "
-            f"AND {conflict})", (now, cycle_id, *chunk, *args))
+            "c.id = o.cycle_id WHERE o.target = operation.target AND o.source_id = operation.source_id "
+            f"AND o.kind = operation.kind AND {conflict})", (now, cycle_id, *chunk, *args))
         return int(cur.rowcount)
 
     async def _holders(self, cycle_id: int, chunk: list[int], since: float | None) -> dict[int, list[Holder]]:
