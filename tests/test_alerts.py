@@ -8,18 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anyio
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_service import daemon_running, ready, stop, until, world, write_config
-from tests.test_service_tools import free_port
+from tests.harness import daemon_serving, gauge, scrape, stop, until, world, write_zpa_config
 
 RULES = Path(__file__).resolve().parent.parent / "contrib" / "prometheus" / "provisiond-alerts.yml"
 _METRIC_RE = re.compile(r"\bprovisiond_[a-z0-9_]+\b")
-
-Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
 def rules() -> list[dict[str, Any]]:
@@ -29,25 +24,6 @@ def rules() -> list[dict[str, Any]]:
 
 def metrics_named_by_rules() -> set[str]:
     return {name for rule in rules() for name in _METRIC_RE.findall(str(rule["expr"]))}
-
-
-async def scrape(port: int) -> Samples:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        out.setdefault(family.name, [])
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
-    return out
-
-
-def gauge(samples: Samples, name: str, **labels: str) -> float | None:
-    for have, value in samples.get(name, []):
-        if all(have.get(k) == v for k, v in labels.items()):
-            return value
-    return None
 
 
 def test_the_rules_file_names_the_alerts_it_promises() -> None:
@@ -61,17 +37,14 @@ def test_the_rules_file_names_the_alerts_it_promises() -> None:
 
 
 async def test_every_metric_a_rule_names_is_exported_and_the_gauges_follow_the_world(tmp_path: Path) -> None:
-    port = free_port()
     async with world(tmp_path) as w:
-        write_config(w.sb, w.config, interval="1s", daemon_extra=f'http_listen = "127.0.0.1:{port}"\n')
-        async with daemon_running(w.config, w.notify, w.tg) as d:
-            await ready(w, d)
-            await until(lambda: len(d.named("cycle.summary")) >= 2, "two cycles", explain=d.describe)
-            samples = await scrape(port)
+        write_zpa_config(w.sb, w.config, interval="1s")
+        async with daemon_serving(w, cycles=2) as (d, url):
+            samples = await scrape(url)
             deadline = time.monotonic() + 20.0     # the feed is polled every 5 s (the default)
             while "provisiond_change_feed_lag_seconds" not in samples and time.monotonic() < deadline:
                 await anyio.sleep(0.2)
-                samples = await scrape(port)
+                samples = await scrape(url)
             named = metrics_named_by_rules()
             missing = sorted(name for name in named if name not in samples)
             assert not missing, f"rules name metrics that /metrics does not export: {missing}"
@@ -98,7 +71,7 @@ async def test_every_metric_a_rule_names_is_exported_and_the_gauges_follow_the_w
                         explain=d.describe)
             (held_event, *_) = d.named("plan.removals_held", since=mark)
             await until(lambda: len(d.named("cycle.summary", since=mark)) >= 1, "a cycle after", explain=d.describe)
-            samples = await scrape(port)
+            samples = await scrape(url)
             assert gauge(samples, "provisiond_removals_held", target="zpa") == held_event["held"] > 0
 
             # the target refuses our token: quarantined, and the gauge says so between retries
@@ -107,7 +80,7 @@ async def test_every_metric_a_rule_names_is_exported_and_the_gauges_follow_the_w
             mark = len(d.events)
             await until(lambda: d.named("target.quarantined", since=mark), "target.quarantined",
                         explain=d.describe)
-            samples = await scrape(port)
+            samples = await scrape(url)
             assert gauge(samples, "provisiond_target_quarantined", target="zpa") == 1.0
 
             # PingOne refuses the worker app: the source is down
@@ -116,7 +89,7 @@ async def test_every_metric_a_rule_names_is_exported_and_the_gauges_follow_the_w
             mark = len(d.events)
             await until(lambda: d.named("snapshot.failed", since=mark), "snapshot.failed", explain=d.describe)
             await until(lambda: d.named("cycle.summary", since=mark), "cycle.summary", explain=d.describe)
-            samples = await scrape(port)
+            samples = await scrape(url)
             assert gauge(samples, "provisiond_source_up") == 0.0
             code = await stop(d)
     assert code == 0, d.describe()

@@ -7,35 +7,36 @@ reads the SCIM targets back over HTTP and sends signals to the process.
 
 from __future__ import annotations
 
-import json
 import re
 import signal
-import socket
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import anyio
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.metrics import Health
-from daemon.sandbox.runner import ZPA_TOKEN, build_sandbox, running
-from tests.test_service import (
-    STARTUP_TIMEOUT,
+from daemon.sandbox.runner import ZPA_TOKEN
+from tests.harness import (
     Daemon,
-    NotifySocket,
     World,
     daemon_running,
+    gauge,
+    get,
+    listening,
+    poll_healthz,
     ready,
     run_command,
+    scrape,
     stop,
     until,
+    with_listen,
+    world,
+    write_zpa_config,
 )
-from tests.test_service import write_config as write_zpa_config
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]
@@ -44,36 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 # -- helpers ------------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def fast_world(tmp_path: Path, *, users: int = 40) -> AsyncIterator[World]:
-    """Emulators (zia without its 5 requests/s limit) and a notify socket, on loopback."""
-    sb = build_sandbox(users=users, groups=8, seed=3, zia_rps=1000.0)
-    notify = NotifySocket(str(tmp_path / "notify.sock"))
-    try:
-        async with running(sb, port=0), anyio.create_task_group() as tg:
-            tg.start_soon(notify.pump)
-            yield World(sb, notify, tmp_path, tg)
-            tg.cancel_scope.cancel()
-    finally:
-        notify.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def with_listen(config: Path, *, source: str = "", zpa: str = "", zia: str = "") -> None:
-    """Serve /healthz and /metrics on a free loopback port; extra keys per section."""
-    text = config.read_text()
-    text = text.replace("[daemon]\n", f'[daemon]\nhttp_listen = "127.0.0.1:{free_port()}"\n', 1)
-    if source:
-        text = text.replace("[source]\n", f"[source]\n{source}\n", 1)
-    for name, extra in (("zpa", zpa), ("zia", zia)):
-        if extra:
-            text = text.replace(f'name = "{name}"\n', f'name = "{name}"\n{extra}\n', 1)
-    config.write_text(text)
+def fast_world(tmp_path: Path, *, users: int = 40) -> AbstractAsyncContextManager[World]:
+    """The emulators (zia without its 5 requests/s limit) and a notify socket, on loopback."""
+    return world(tmp_path, users=users, zia_rps=1000.0)
 
 
 def write_both(w: World, *, interval: str = "1s", zia_extra: str = "") -> Path:
@@ -83,17 +57,6 @@ def write_both(w: World, *, interval: str = "1s", zia_extra: str = "") -> Path:
     w.config.chmod(0o600)
     with_listen(w.config, zia=zia_extra)
     return w.config
-
-
-async def listening(d: Daemon) -> str:
-    events = await until(lambda: d.named("http.listening"), "http.listening", STARTUP_TIMEOUT, d.describe)
-    return str(events[0]["url"])
-
-
-async def get(url: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
-        text = await resp.text()
-        return resp.status, (json.loads(text) if resp.content_type == "application/json" else text)
 
 
 async def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -112,14 +75,6 @@ def origin(url: str) -> str:
 async def set_faults(base_url: str, **faults: Any) -> None:
     """POST /_admin/faults on an emulator (PingOne or SCIM), over HTTP."""
     await post(origin(base_url) + "/_admin/faults", faults)
-
-
-def gauge(text: str, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return None
 
 
 async def scim_user(base_url: str, token: str, user_name: str) -> dict[str, Any] | None:
@@ -230,8 +185,8 @@ async def test_a_hanging_pingone_is_logged_turns_healthz_503_stops_the_success_g
             await until(lambda: [e for e in finished(d, "zpa") if e["outcome"] == "success"],
                         "a successful cycle", explain=d.describe)
             assert (await get(url + "/healthz"))[0] == 200
-            _, text = await get(url + "/metrics")
-            success_before = gauge(text, "provisiond_last_success_timestamp_seconds", target="zpa")
+            samples = await scrape(url)
+            success_before = gauge(samples, "provisiond_last_success_timestamp_seconds", target="zpa")
             assert success_before is not None
 
             await set_faults(w.sb.pingone_url, hang_rate=1.0)           # PingOne stops answering
@@ -243,7 +198,7 @@ async def test_a_hanging_pingone_is_logged_turns_healthz_503_stops_the_success_g
                                   "a cycle.summary with outcome source_incomplete", 60, d.describe)
             failing = await until(lambda: d.named("source.failing", mark), "source.failing", explain=d.describe)
             status, body = await get(url + "/healthz")
-            _, text = await get(url + "/metrics")
+            samples = await scrape(url)
             cli = await run_command("status", "-c", str(w.config))
             zpa_outcomes = [e["outcome"] for e in finished(d, "zpa", mark)]
 
@@ -253,7 +208,7 @@ async def test_a_hanging_pingone_is_logged_turns_healthz_503_stops_the_success_g
             await until(lambda: [e for e in finished(d, "zpa", back) if e["outcome"] == "success"],
                         "a successful cycle again", explain=d.describe)
             status_after, body_after = await get(url + "/healthz")
-            _, text_after = await get(url + "/metrics")
+            samples_after = await scrape(url)
             code = await stop(d)
 
     assert code == 0, d.describe()
@@ -268,16 +223,16 @@ async def test_a_hanging_pingone_is_logged_turns_healthz_503_stops_the_success_g
     assert body["status"] == "failing" and body["reason"].startswith("source: failing for "), body
     assert body["source"]["ok"] is False
     # the last-success gauge stopped while PingOne failed, the source gauge too
-    assert gauge(text, "provisiond_last_success_timestamp_seconds", target="zpa") == success_before
-    assert (gauge(text, "provisiond_cycles_total", target="zpa", outcome="source_incomplete") or 0) >= 1
+    assert gauge(samples, "provisiond_last_success_timestamp_seconds", target="zpa") == success_before
+    assert (gauge(samples, "provisiond_cycles_total", target="zpa", outcome="source_incomplete") or 0) >= 1
     assert cli.returncode == 0, cli.stderr.decode()
     first_line = cli.stdout.decode().splitlines()[0]
     assert first_line.startswith("SOURCE FAILING: PingOne has not been read completely since "), first_line
     # PingOne back: 200 again and the gauges move
     assert status_after == 200 and body_after["source"]["ok"] is True, body_after
-    after = gauge(text_after, "provisiond_last_success_timestamp_seconds", target="zpa")
+    after = gauge(samples_after, "provisiond_last_success_timestamp_seconds", target="zpa")
     assert after is not None and after > success_before
-    assert (gauge(text_after, "provisiond_source_last_complete_timestamp_seconds") or 0) >= after - 60
+    assert (gauge(samples_after, "provisiond_source_last_complete_timestamp_seconds") or 0) >= after - 60
 
 
 # -- 2: a hanging target never stalls the healthy one ----------------------------------------------
@@ -393,19 +348,6 @@ async def test_after_a_kill_only_sent_operations_are_in_flight_and_recovery_is_v
     assert resumed[0]["lookups"] < first                     # what was looked up before the kill is kept
     assert len(names) == len(set(names)), "duplicate userName in zpa"
     assert finished(d3, "zpa")[0]["outcome"] == "success", finished(d3, "zpa")
-
-
-async def poll_healthz(url: str, status: str, within: float = 15.0) -> dict[str, Any]:
-    """GET /healthz every 50 ms until its body's status is `status`; that body."""
-    seen: list[Any] = []
-    with anyio.move_on_after(within):
-        while True:
-            _, body = await get(url + "/healthz")
-            seen.append(body.get("status"))
-            if body.get("status") == status:
-                return dict(body)
-            await anyio.sleep(0.05)
-    pytest.fail(f"/healthz never said {status!r}: {seen[-5:]}")
 
 
 # -- also: the state file, side commands, log keys -----------------------------------------------------

@@ -1,7 +1,8 @@
 """`provisiond run` under a stand-in for systemd.
 
 The emulators run in the test process; the daemon runs as `python -m daemon run -c FILE` in a
-subprocess whose $NOTIFY_SOCKET is a datagram socket the test owns. Everything is loopback.
+subprocess whose $NOTIFY_SOCKET is a datagram socket the test owns (the machinery is in
+`tests/harness.py`). Everything is loopback.
 """
 
 from __future__ import annotations
@@ -11,15 +12,8 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
-import subprocess
-import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,196 +22,14 @@ import aiohttp
 import anyio
 import pytest
 from aiohttp import web
-from anyio.abc import Process, TaskGroup
-from anyio.streams.text import TextReceiveStream
 
 from daemon.lock import StateLock, StateLocked
-from daemon.sandbox.runner import Sandbox, build_sandbox, running
 from daemon.sandbox.server import serve
 from daemon.service import RequestGate, eta_text, next_start
-
-STARTUP_TIMEOUT = 20.0     # python start, imports, first READY=1 (a loaded CI machine is slow)
-STEP_TIMEOUT = 15.0
-
-
-# -- the test's side of systemd -----------------------------------------------------------------
-
-
-@dataclass
-class Message:
-    at: float                      # time.monotonic() at arrival
-    fields: dict[str, str]
-
-
-class NotifySocket:
-    """$NOTIFY_SOCKET: records every datagram with its arrival time."""
-
-    def __init__(self, env_value: str) -> None:
-        self.env_value = env_value
-        address = "\0" + env_value[1:] if env_value.startswith("@") else env_value
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.setblocking(False)
-        self.messages: list[Message] = []
-
-    async def pump(self) -> None:
-        while True:
-            await anyio.wait_readable(self.sock)
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                continue
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append(Message(time.monotonic(), fields))
-
-    def having(self, key: str, value: str | None = None, since: int = 0) -> list[Message]:
-        return [m for m in self.messages[since:] if key in m.fields and (value is None or m.fields[key] == value)]
-
-    def statuses(self) -> list[str]:
-        return [m.fields["STATUS"] for m in self.messages if "STATUS" in m.fields]
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@dataclass
-class Daemon:
-    """A `provisiond run` subprocess and what it printed."""
-
-    process: Process
-    events: list[dict[str, Any]] = field(default_factory=list)
-    stderr: list[str] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def named(self, event: str, since: int = 0) -> list[dict[str, Any]]:
-        return [e for e in self.events[since:] if e.get("event") == event]
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    async def exit_code(self, within: float) -> int:
-        with anyio.fail_after(within):
-            return await self.process.wait()
-
-    async def pump_stdout(self) -> None:
-        assert self.process.stdout is not None
-        buffer = ""
-        async for chunk in TextReceiveStream(self.process.stdout):
-            buffer += chunk
-            *lines, buffer = buffer.split("\n")
-            for line in lines:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    event = {"event": "(not json)", "text": line}
-                event["_at"] = time.monotonic()
-                self.events.append(event)
-
-    async def pump_stderr(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in TextReceiveStream(self.process.stderr):
-            self.stderr.append(chunk)
-
-    def describe(self) -> str:
-        tail = [{k: v for k, v in e.items() if k != "_at"} for e in self.events[-15:]]
-        return f"last events: {json.dumps(tail, default=str)[:3000]}\nstderr: {''.join(self.stderr)[-2000:]}"
-
-
-async def until(check: Callable[[], Any], what: str, within: float = STEP_TIMEOUT,
-                explain: Callable[[], str] = lambda: "") -> Any:
-    """Poll `check` until it returns something truthy; fail with `what` after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within}s waiting for {what}\n{explain()}")
-        await anyio.sleep(0.02)
-
-
-def child_env(notify: NotifySocket | None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "PROVISIOND_CONFIG")}
-    env["PYTHONUNBUFFERED"] = "1"
-    if notify is not None:
-        env["NOTIFY_SOCKET"] = notify.env_value
-    env.update(extra)
-    return env
-
-
-@asynccontextmanager
-async def daemon_running(config: Path, notify: NotifySocket | None, tg: TaskGroup,
-                         **env: str) -> AsyncIterator[Daemon]:
-    process = await anyio.open_process([sys.executable, "-m", "daemon", "run", "-c", str(config)],
-                                       env=child_env(notify, **env), stdin=subprocess.DEVNULL)
-    daemon = Daemon(process)
-    tg.start_soon(daemon.pump_stdout)
-    tg.start_soon(daemon.pump_stderr)
-    try:
-        yield daemon
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with anyio.CancelScope(shield=True):
-                await process.wait()
-        await process.aclose()
-
-
-async def run_command(*args: str) -> subprocess.CompletedProcess[bytes]:
-    with anyio.fail_after(60):
-        return await anyio.run_process([sys.executable, "-m", "daemon", *args], check=False,
-                                       env=child_env(None))
-
-
-# -- configs for the emulators ------------------------------------------------------------------
-
-
-def write_config(sb: Sandbox, path: Path, *, interval: str = "1s", grace: str = "5s",
-                 zpa_groups: tuple[str, ...] = ("ZPA Users", "ZPA Contractors"),
-                 daemon_extra: str = "") -> Path:
-    """The sandbox config with the zpa target only (the zia emulator is 5 requests/s: too slow here)."""
-    text = sb.config_text(str(path.with_suffix(".db")), interval=interval)
-    head, zpa, _zia = text.split("\n[[target]]\n")
-    head = head.replace('log_level = "info"\n', f'log_level = "info"\ngrace_period = "{grace}"\n{daemon_extra}')
-    groups = ", ".join(json.dumps(g) for g in zpa_groups)
-    zpa = re.sub(r"^groups = .*$", f"groups = [{groups}]", zpa, flags=re.MULTILINE)
-    path.write_text(head + "\n[[target]]\n" + zpa, encoding="utf-8")
-    path.chmod(0o600)
-    return path
-
-
-@dataclass
-class World:
-    sb: Sandbox
-    notify: NotifySocket
-    tmp: Path
-    tg: TaskGroup
-
-    @property
-    def config(self) -> Path:
-        return self.tmp / "provisiond.toml"
-
-    @property
-    def state(self) -> Path:
-        return self.config.with_suffix(".db")
-
-
-@asynccontextmanager
-async def world(tmp_path: Path, *, users: int = 60, abstract: bool = False) -> AsyncIterator[World]:
-    sb = build_sandbox(users=users, groups=8, seed=3)
-    notify_name = f"@provisiond-test-{uuid.uuid4().hex}" if abstract else str(tmp_path / "notify.sock")
-    notify = NotifySocket(notify_name)
-    try:
-        async with running(sb, port=0), anyio.create_task_group() as tg:
-            tg.start_soon(notify.pump)
-            yield World(sb, notify, tmp_path, tg)
-            tg.cancel_scope.cancel()
-    finally:
-        notify.close()
+from tests.harness import Daemon as Daemon
+from tests.harness import child_env as child_env
+from tests.harness import cycled, daemon_running, ready, run_command, stop, until, world
+from tests.harness import write_zpa_config as write_config
 
 
 def lock_file_text(state: Path) -> str:
@@ -228,15 +40,6 @@ def stamp(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
-async def ready(w: World, d: Daemon) -> None:
-    await until(lambda: w.notify.having("READY", "1"), "READY=1", STARTUP_TIMEOUT, d.describe)
-
-
-async def stop(d: Daemon, within: float = 10.0) -> int:
-    d.signal(signal.SIGTERM)
-    return await d.exit_code(within)
-
-
 # -- acceptance ---------------------------------------------------------------------------------
 
 
@@ -244,8 +47,7 @@ async def test_ready_arrives_then_cycles_run_start_to_start_at_the_interval(tmp_
     async with world(tmp_path, abstract=True) as w:
         write_config(w.sb, w.config, interval="1s")
         async with daemon_running(w.config, w.notify, w.tg) as d:
-            await ready(w, d)
-            await until(lambda: len(d.named("cycle.summary")) >= 4, "four cycles", explain=d.describe)
+            await cycled(w, d, 4)
             code = await stop(d)
 
     assert code == 0, d.describe()
@@ -269,8 +71,7 @@ async def test_sighup_with_a_changed_config_takes_effect_in_the_next_cycle(tmp_p
     async with world(tmp_path) as w:
         write_config(w.sb, w.config, zpa_groups=("ZPA Users",))
         async with daemon_running(w.config, w.notify, w.tg) as d:
-            await ready(w, d)
-            await until(lambda: d.named("cycle.summary"), "first cycle", explain=d.describe)
+            await cycled(w, d)
             assert w.sb.zpa.group_by_name("ZPA Users") is not None
             assert w.sb.zpa.group_by_name("ZPA Contractors") is None
             text = write_config(w.sb, w.config, zpa_groups=("ZPA Users", "ZPA Contractors")).read_text()
@@ -299,8 +100,7 @@ async def test_sighup_with_an_invalid_config_keeps_the_old_one_and_cycling_goes_
     async with world(tmp_path) as w:
         write_config(w.sb, w.config, interval="1s")
         async with daemon_running(w.config, w.notify, w.tg) as d:
-            await ready(w, d)
-            await until(lambda: d.named("cycle.summary"), "first cycle", explain=d.describe)
+            await cycled(w, d)
             w.config.write_text(w.config.read_text().replace('interval = "1s"', 'interval = "soon"'))
             mark = len(w.notify.messages)
             d.signal(signal.SIGHUP)

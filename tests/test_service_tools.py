@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
-
+from tests.harness import (
+    cycled,
+    daemon_running,
+    daemon_serving,
+    get,
+    parse_metrics,
+    run_command,
+    stop,
+    total,
+    until,
+    world,
+    write_zpa_config,
+)
+from tests.harness import free_port as free_port  # tests/test_changes_daemon.py imports it from here
 from tests.test_faults_daemon import assert_log_schema
-from tests.test_service import daemon_running, ready, run_command, stop, until, world, write_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_a_reload_that_would_remove_too_much_is_held_until_approved(tmp_path: Path) -> None:
     async with world(tmp_path) as w:
-        write_config(w.sb, w.config, interval="1s")
+        write_zpa_config(w.sb, w.config, interval="1s")
         async with daemon_running(w.config, w.notify, w.tg) as d:
-            await ready(w, d)
-            await until(lambda: d.named("cycle.summary"), "first cycle", explain=d.describe)
+            await cycled(w, d)
             provisioned = {u["userName"] for u in w.sb.zpa.users.values()}
             assert len(provisioned) > 10
             # narrowing the scope to the nested contractors group would deprovision most users
@@ -66,10 +68,9 @@ async def test_a_reload_that_would_remove_too_much_is_held_until_approved(tmp_pa
 
 async def test_approve_reload_with_nothing_staged_says_so_and_a_later_heavy_reload_is_held(tmp_path: Path) -> None:
     async with world(tmp_path) as w:
-        write_config(w.sb, w.config, interval="1s")
+        write_zpa_config(w.sb, w.config, interval="1s")
         async with daemon_running(w.config, w.notify, w.tg) as d:
-            await ready(w, d)
-            await until(lambda: d.named("cycle.summary"), "first cycle", explain=d.describe)
+            await cycled(w, d)
             blind = await run_command("approve", "-c", str(w.config), "--reload")
             assert blind.returncode != 0, blind.stdout
             assert "no reload is staged" in blind.stderr.decode()
@@ -88,28 +89,19 @@ async def test_approve_reload_with_nothing_staged_says_so_and_a_later_heavy_relo
 
 
 async def test_metrics_and_healthz_are_served_on_http_listen(tmp_path: Path) -> None:
-    port = free_port()
     async with world(tmp_path) as w:
-        write_config(w.sb, w.config, interval="1s", daemon_extra=f'http_listen = "127.0.0.1:{port}"\n')
-        async with daemon_running(w.config, w.notify, w.tg) as d:
-            await ready(w, d)
-            await until(lambda: len(d.named("cycle.summary")) >= 2, "two cycles", explain=d.describe)
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                    assert resp.status == 200, await resp.text()
-                    health = await resp.json()
-                async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
-                    assert resp.status == 200
-                    text = await resp.text()
+        write_zpa_config(w.sb, w.config, interval="1s")
+        async with daemon_serving(w, cycles=2) as (d, url):
+            status, health = await get(url + "/healthz")
+            assert status == 200, health
+            status, text = await get(url + "/metrics")
+            assert status == 200, text
             code = await stop(d)
     assert code == 0, d.describe()
     assert health["status"] == "ok", health
-    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-    created = sum(s.value for s in samples
-                  if s.name == "provisiond_operations_total" and s.labels.get("op") == "user.create"
-                  and s.labels.get("outcome") == "applied" and s.labels.get("target") == "zpa")
+    samples = parse_metrics(text)
+    created = total(samples, "provisiond_operations_total", op="user.create", outcome="applied", target="zpa")
     assert created == w.sb.zpa.counters["POST /Users"] > 0
-    posts = sum(s.value for s in samples
-                if s.name == "provisiond_http_request_duration_seconds_count" and s.labels.get("method") == "POST"
-                and s.labels.get("status") == "201" and s.labels.get("target") == "zpa")
+    posts = total(samples, "provisiond_http_request_duration_seconds_count", method="POST", status="201",
+                  target="zpa")
     assert posts == w.sb.zpa.counters["POST /Users"] + w.sb.zpa.counters["POST /Groups"]

@@ -195,6 +195,17 @@ def _limit_response(retry_after: float | None) -> web.Response:
     return error_response(429, "too many requests", None, headers)
 
 
+async def _admin_body(request: web.Request) -> dict[str, Any] | web.Response:
+    """The JSON object an /_admin POST carries (no body: `{}`), or the 400 that says why not."""
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        return web.json_response({"error": "body is not JSON"}, status=400)
+    if not isinstance(body, dict):
+        return web.json_response({"error": "body must be an object"}, status=400)
+    return body
+
+
 _clock: list[Any] = [-1, ""]
 
 
@@ -1374,12 +1385,9 @@ class ScimEmulator:
                 if not f.name.startswith("_")} | {"consistency_delay_ms": self.profile.consistency_delay_ms}
 
     async def _admin_faults(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json() if request.can_read_body else {}
-        except ValueError:
-            return web.json_response({"error": "body is not JSON"}, status=400)
-        if not isinstance(body, dict):
-            return web.json_response({"error": "body must be an object"}, status=400)
+        body = await _admin_body(request)
+        if isinstance(body, web.Response):
+            return body
         if body.pop("reset", False):
             self.faults.reset()
             self.faults.rate_limit_rps = self.profile.rate_limit_rps
@@ -1401,12 +1409,9 @@ class ScimEmulator:
 
     async def _admin_admin_users(self, request: web.Request) -> web.StreamResponse:
         """Mark users admin-linked: `{"userName": "…"}` or `{"id": "…"}`, `"linked": false` unmarks."""
-        try:
-            body = await request.json() if request.can_read_body else {}
-        except ValueError:
-            return web.json_response({"error": "body is not JSON"}, status=400)
-        if not isinstance(body, dict):
-            return web.json_response({"error": "body must be an object"}, status=400)
+        body = await _admin_body(request)
+        if isinstance(body, web.Response):
+            return body
         user = (self.users.get(str(body["id"])) if body.get("id") is not None
                 else self.user_by_username(str(body.get("userName", ""))))
         if user is None:

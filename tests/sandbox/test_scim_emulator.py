@@ -717,3 +717,18 @@ async def test_put_user_and_put_group_change_state_without_http() -> None:
         _, body, _ = await c.call("GET", f"/Users/{user['id']}")
         assert body["title"] == "changed behind its back" and body["groups"][0]["value"] == group["id"]
         assert em.writes() == 0
+
+
+async def test_admin_posts_refuse_a_body_that_is_not_a_json_object_and_read_no_body_as_empty() -> None:
+    async with running("zia", rate_limit_rps=None) as (em, c):
+        admin = c.base.rsplit("/v2", 1)[0] + "/_admin"
+        for route in ("/faults", "/admin_users"):
+            async with c.session.post(admin + route, data=b"{not json",
+                                      headers={"Content-Type": "application/json"}) as resp:
+                assert (resp.status, await resp.json()) == (400, {"error": "body is not JSON"}), route
+            async with c.session.post(admin + route, json=["a list"]) as resp:
+                assert (resp.status, await resp.json()) == (400, {"error": "body must be an object"}), route
+        async with c.session.post(admin + "/faults") as resp:       # no body: nothing changes
+            assert resp.status == 200 and (await resp.json())["latency_ms"] == em.faults.latency_ms
+        async with c.session.post(admin + "/admin_users") as resp:  # no body: no userName, no such user
+            assert resp.status == 404
