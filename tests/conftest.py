@@ -1,4 +1,4 @@
-"""Hypothesis profiles for the whole suite, and how pytest-xdist groups its tests.
+"""Hypothesis profiles for the whole suite.
 
 `ci` (the default, and what CI=true selects) is bounded and reproducible: derandomized, no example
 database, no deadline (the lifecycle test's examples run whole sync cycles). `long` is for local
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
@@ -26,19 +25,3 @@ settings.register_profile("explore", max_examples=10, stateful_step_count=4, dat
                           suppress_health_check=_SLOW, print_blob=True,
                           phases=[Phase.explicit, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-# The modules whose tests share a module-scoped fixture (the bench smoke run; one scim2-server).
-SHARED_FIXTURE_MODULES = ("tests/test_bench_smoke.py", "tests/target/test_scim_client.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`--dist loadgroup`, pyproject's addopts) the tests of each of
-    SHARED_FIXTURE_MODULES run on one worker, so its fixture is set up once, not once per worker
-    (a module missing here still passes, only slower)."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        module = item.nodeid.split("::", 1)[0]
-        if module in SHARED_FIXTURE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))

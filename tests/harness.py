@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +321,11 @@ async def world(tmp_path: Path, *, users: int = 60, abstract: bool = False,
             tg.cancel_scope.cancel()
     finally:
         notify.close()
+
+
+def stamp(event: dict[str, Any]) -> float:
+    """The wall-clock time (epoch seconds) the daemon logged this event at."""
+    return datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
 async def ready(w: World, d: Daemon) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import signal
 import sqlite3
+import time
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from tests.harness import (
     ready,
     run_command,
     scrape,
+    stamp,
     stop,
     until,
     with_listen,
@@ -190,6 +192,7 @@ async def test_a_hanging_pingone_is_logged_turns_healthz_503_stops_the_success_g
             assert success_before is not None
 
             await set_faults(w.sb.pingone_url, hang_rate=1.0)           # PingOne stops answering
+            faulted = time.time()
             mark = len(d.events)
             # every request timeout is logged as it happens, not once at the end
             await until(lambda: d.named("source.retry", mark), "source.retry", explain=d.describe)
@@ -197,10 +200,16 @@ async def test_a_hanging_pingone_is_logged_turns_healthz_503_stops_the_success_g
                                            if e["outcome"] == "source_incomplete"],
                                   "a cycle.summary with outcome source_incomplete", 60, d.describe)
             failing = await until(lambda: d.named("source.failing", mark), "source.failing", explain=d.describe)
+            # the cycles begun after the fault (one begun before it may still end in success)
+            (began, *_) = await until(lambda: [i for i, e in enumerate(d.events) if e.get("event") == "cycle.started"
+                                               and stamp(e) > faulted], "a cycle begun after the fault",
+                                      explain=d.describe)
+            await until(lambda: finished(d, "zpa", began), "the end of a zpa cycle begun after the fault", 60,
+                        d.describe)
             status, body = await get(url + "/healthz")
             samples = await scrape(url)
             cli = await run_command("status", "-c", str(w.config))
-            zpa_outcomes = [e["outcome"] for e in finished(d, "zpa", mark)]
+            zpa_outcomes = [e["outcome"] for e in finished(d, "zpa", began)]
 
             await set_faults(w.sb.pingone_url, reset=True)             # PingOne is back
             back = len(d.events)
