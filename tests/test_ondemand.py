@@ -275,8 +275,10 @@ async def test_sync_user_provisions_a_new_user_within_a_second_while_the_daemon_
     people(sb.directory)
     env = {"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}
     async with running(sb, port=0):
+        # the daemon's next cycle is due 20 s after its first began: longer than the sync-user command
+        # may take (10 s, Python start included), so the daemon cannot create the user before it does
         config = write_config(sb, tmp_path / "provisiond.toml", state_path=str(tmp_path / "state.db"),
-                              interval="6s", zia_rps=FAST_RPS)
+                              interval="20s", zia_rps=FAST_RPS)
         events: list[dict[str, Any]] = []
         process = await anyio.open_process([sys.executable, "-m", "daemon", "run", "-c", str(config)],
                                            env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
