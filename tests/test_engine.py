@@ -968,6 +968,7 @@ def _big_group(d: Directory) -> None:
         d.add_member(big, user["id"])
 
 
+@pytest.mark.timeout(180)   # 5,000 creates in process: about 30 s of CPU alone, more beside other workers
 async def test_a_5000_member_group_costs_ceil_members_over_batch_patches(tmp_path: Path) -> None:
     big = {"groups": (GroupRef(name="Big Group"),), "scope": Scope(groups=(GroupRef(name="Big Group"),)),
            "concurrency": 16}

@@ -275,10 +275,12 @@ async def test_sync_user_provisions_a_new_user_within_a_second_while_the_daemon_
     people(sb.directory)
     env = {"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}
     async with running(sb, port=0):
-        # the daemon's next cycle is due 20 s after its first began: longer than the sync-user command
-        # may take (10 s, Python start included), so the daemon cannot create the user before it does
+        # Only full cycles (no change feed, whose next poll would race the command for the new user),
+        # the next one due 20 s after the first began: longer than the sync-user command may take
+        # (10 s, Python start included), so the daemon cannot create the user before it does.
         config = write_config(sb, tmp_path / "provisiond.toml", state_path=str(tmp_path / "state.db"),
                               interval="20s", zia_rps=FAST_RPS)
+        config.write_text(config.read_text().replace("[source]\n", '[source]\nchanges = "off"\n', 1))
         events: list[dict[str, Any]] = []
         process = await anyio.open_process([sys.executable, "-m", "daemon", "run", "-c", str(config)],
                                            env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
