@@ -26,6 +26,7 @@ from daemon.links import HELD, PENDING, REMOVALS_HELD, Actual, GroupLink, Op, Pl
 from daemon.mapping import Desired, Rules, desired_state, resolve_pins, username_key
 from daemon.model import JSON, Snapshot
 from daemon.planner import Policy, plan
+from daemon.source.changes import EVENT_APPLIED, EVENT_COVERED, EVENT_PENDING, epoch, last_event
 from daemon.store import Store
 from daemon.target.profiles import profile_for
 
@@ -339,6 +340,7 @@ async def explain(store: Store, config: Config, ref: str, target: str | None = N
     now = time.time()
     out: dict[str, Any] = {
         "user": _user_summary(user, user_id, stored, memberships.get(user_id, set())),
+        "last_event": await last_event(store, user_id),
         "targets": [],
     }
     for cfg in targets:
@@ -471,6 +473,37 @@ def _when(ts: float | None) -> str:
     return local_time(ts)     # with its zone
 
 
+def render_event(event: dict[str, Any] | None) -> list[str]:
+    """The lines about the last change-feed event seen for the user."""
+    if event is None:
+        return ["  last change-feed event: none kept (the feed is off, or no event has named this user "
+                "in the last 14 days)"]
+    lines = [f"  last change-feed event: {event['action'] or '(no action type)'} (activity "
+             f"{event['activity_id']}), recorded {event['recorded_at']}, seen {_when(event['seen'])}"]
+    carried = event.get("targets") or {}
+    parts = []
+    for name, c in sorted(carried.items()):
+        if c.get("cycle") is not None:
+            parts.append(f"{name} incremental cycle {c['cycle']} ({c.get('outcome')})")
+        else:
+            parts.append(f"{name} not run ({c.get('outcome')}): its next full cycle carries it"
+                         if c.get("outcome") != "busy with its full cycle" else f"{name} {c.get('outcome')}")
+    by = ": " + ", ".join(parts) if parts else ""
+    status = event["status"]
+    if status == EVENT_APPLIED:
+        recorded = epoch(str(event["recorded_at"]))
+        after = (f" ({max(0.0, event['applied'] - recorded):.1f}s after it was recorded)"
+                 if recorded is not None and event.get("applied") is not None else "")
+        lines.append(f"    applied {_when(event['applied'])}{after}{by}")
+    elif status == EVENT_PENDING:
+        lines.append(f"    PENDING: {event.get('detail') or 'not applied yet'}{by}")
+    elif status == EVENT_COVERED:
+        lines.append(f"    covered by a full cycle: {event.get('detail') or ''}")
+    else:
+        lines.append(f"    skipped: {event.get('detail') or ''}")
+    return lines
+
+
 def render_explanation(data: dict[str, Any]) -> str:
     """The text `why` prints."""
     u = data["user"]
@@ -481,6 +514,8 @@ def render_explanation(data: dict[str, Any]) -> str:
         lines.append(f"  direct groups: {', '.join(u['groups']) or '(none)'}")
     else:
         lines.append(f"user {u['id']}: not in PingOne's last snapshot (deleted there); still linked in a target")
+    if "last_event" in data:
+        lines.extend(render_event(data["last_event"]))
     for t in data["targets"]:
         lines.append("")
         verdict = "IN SCOPE" if t["in_scope"] else "NOT IN SCOPE"

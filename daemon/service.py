@@ -70,7 +70,7 @@ from daemon.lock import StateLock, StateLocked
 from daemon.metrics import Health, Metrics, serve_http
 from daemon.model import Snapshot
 from daemon.notify import Heartbeat, Notifier, NotifyAddressError, watchdog, watchdog_timeout
-from daemon.source.changes import ChangeFeed, FeedGap, Inbox, mount_webhook, read_affected
+from daemon.source.changes import Carried, ChangeFeed, FeedGap, Inbox, mount_webhook, read_affected
 from daemon.store import Store, StoreError
 
 EXIT_OK: Final = 0
@@ -747,26 +747,35 @@ class Service:
         engine = self.engine
         feed = ChangeFeed(engine.source, engine.store)
         batch = await feed.poll()
+        if batch.activities:
+            await feed.note(batch)            # `why USER`: pending until committed
         complete = True
+        carried: dict[str, Carried] = {}
         if batch.changes:
             reads = await read_affected(engine.source, batch.changes)
             inc = await engine.merge_changes(reads, batch.changes.first_recorded)
             if inc is None:
+                await feed.note(batch, detail="waiting for a full snapshot to merge into")
                 return
             for name, rt in list(engine.runtimes.items()):
                 if name in self._running or self._lock(name).locked():
                     complete = False
+                    carried[name] = Carried(None, "busy with its full cycle")
                     continue
                 async with self._lock(name):
                     report = await engine.incremental_cycle(rt, inc)
                     held = int(report.summary.get("held") or 0)
                     if report.outcome in MISSED_OUTCOMES or held:
                         await self._missed_changes(name, report.outcome, held)
+                carried[name] = Carried(report.cycle_id, report.outcome if not report.busy else
+                                        f"{report.outcome}; {report.busy} held by another process")
                 self.heartbeat.beat()
                 if report.outcome == "aborted" or report.busy:
                     complete = False     # an entity another process held: the next poll hands it on again
         if complete:
-            await feed.commit(batch)
+            await feed.commit(batch, carried)
+        elif batch.activities:
+            await feed.note(batch, detail="not committed: the next poll hands it on again", carried=carried)
         lag = await feed.lag()
         if lag is not None:
             self.metrics.record_feed_lag(lag)

@@ -10,6 +10,8 @@ Tables (schema version in `PRAGMA user_version`, migrated forward on open):
     cycle           per target: one row per cycle with its outcome and summary
     operation       the plan of each cycle, one row per operation, with its outcome
     approval        operator approvals of held removals, consumed by the next cycle
+    change_seen     the change feed's activity ids handed on; change_inbox: webhook batches (v3)
+    change_event    the last change-feed event seen per user and what became of it (v5, `why`)
 
 Writes to one entity are serialised across processes (the daemon, `sync-user`, `sync-group`):
 an operation's `in_flight` mark is its claim on the entity (`mark_in_flight`), taken in the same
@@ -43,7 +45,7 @@ from daemon.lock import lock_holder
 from daemon.mapping import Desired, DesiredGroup, DesiredUser, content_hash
 from daemon.model import UNCHANGED, Members, Snapshot, shared
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CYCLE_KIND = "cycle"          # cycle.kind of the daemon's own cycles (sync-user writes its own)
 
 _SCHEMA = """
@@ -94,6 +96,17 @@ _CLAIMS_MIGRATION = (
     "ALTER TABLE cycle ADD COLUMN owner TEXT",
     "ALTER TABLE operation ADD COLUMN recorded REAL",
 )
+# v5: the last change-feed event seen per user, for `provisiond why` (daemon/source/changes.py
+# writes it: `pending` when polled, `applied` with the incremental cycle of each target that
+# carried it when the batch is committed, `covered` when a full snapshot began after it, or
+# `skipped` with the reason).
+_CHANGE_EVENT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS change_event (
+    user_id TEXT PRIMARY KEY, activity_id TEXT NOT NULL, action TEXT NOT NULL,
+    recorded_at TEXT NOT NULL, seen REAL NOT NULL, status TEXT NOT NULL, detail TEXT,
+    applied REAL, cycles TEXT NOT NULL DEFAULT '{}');
+CREATE INDEX IF NOT EXISTS change_event_seen ON change_event(seen);
+"""
 
 BATCH = 1000
 SQL_IN_BATCH = 500           # ids per `IN (...)`: under SQLite's 999 host parameters of old builds
@@ -335,6 +348,8 @@ class Store:
                     columns = {str(r[1]) async for r in cur}
                 if column not in columns:
                     await self.db.execute(statement)
+        if version < 5:
+            await self.db.executescript(_CHANGE_EVENT_SCHEMA)
         await self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @asynccontextmanager

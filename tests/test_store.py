@@ -225,7 +225,7 @@ async def test_a_version_1_state_file_is_migrated_forward_keeping_its_cycles(tmp
     store = await Store.open(path)
     try:
         async with store.db.execute("PRAGMA user_version") as cur:
-            assert (await cur.fetchone())[0] == SCHEMA_VERSION == 4
+            assert (await cur.fetchone())[0] == SCHEMA_VERSION == 5
         async with store.db.execute("SELECT id, kind FROM cycle ORDER BY id") as cur:
             assert [tuple(r) async for r in cur] == [(1, "cycle"), (2, "sync-user")]
         assert await store.last_cycle_id("zpa") == 1          # sync-user runs are not "the last cycle"

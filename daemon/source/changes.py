@@ -223,6 +223,70 @@ async def read_affected(client: PingOneClient, changes: ChangeSet, *,
     return Reads(users, groups)
 
 
+def last_per_user(activities: Iterable[Activity]) -> dict[str, Activity]:
+    """user id -> the latest activity (by recordedAt, then id) that names the user."""
+    out: dict[str, Activity] = {}
+    for activity in activities:
+        for uid in activity.user_ids:
+            held = out.get(uid)
+            if held is None or (activity.recorded_at, activity.id) > (held.recorded_at, held.id):
+                out[uid] = activity
+    return out
+
+
+# --- what became of each user's last event (`provisiond why`) --------------------------------------
+
+EVENT_PENDING = "pending"      # handed on, not committed yet (being applied, or left for the next poll)
+EVENT_APPLIED = "applied"      # its batch was applied and committed
+EVENT_COVERED = "covered"      # still pending when a full snapshot began after it: the full cycle has it
+EVENT_SKIPPED = "skipped"      # nothing to apply (the action failed in PingOne)
+FAILED_DETAIL = "the action failed in PingOne (result FAILED): it changed nothing"
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """What one target's incremental cycle did with a batch: its cycle id (None: it did not run)."""
+
+    cycle: int | None
+    outcome: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"cycle": self.cycle, "outcome": self.outcome}
+
+
+# A newer event (by recordedAt, then id) replaces the stored one; the same event moves on from
+# pending (or covered, when the feed hands it on again after a full snapshot) but never back.
+_EVENT_UPSERT = """
+INSERT INTO change_event(user_id, activity_id, action, recorded_at, seen, status, detail, applied, cycles)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(user_id) DO UPDATE SET
+    seen = CASE WHEN excluded.activity_id = change_event.activity_id THEN change_event.seen ELSE excluded.seen END,
+    activity_id = excluded.activity_id, action = excluded.action, recorded_at = excluded.recorded_at,
+    status = excluded.status, detail = excluded.detail, applied = excluded.applied, cycles = excluded.cycles
+WHERE (excluded.recorded_at, excluded.activity_id) > (change_event.recorded_at, change_event.activity_id)
+   OR (excluded.activity_id = change_event.activity_id
+       AND (change_event.status = 'pending' OR (change_event.status = 'covered' AND excluded.status != 'pending')))
+"""
+
+
+async def last_event(store: Store, user_id: str) -> dict[str, Any] | None:
+    """The last change-feed event seen for a user and what became of it; None when none is kept."""
+    async with store.db.execute(
+        "SELECT activity_id, action, recorded_at, seen, status, detail, applied, cycles FROM change_event "
+        "WHERE user_id=?", (user_id,)) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    activity_id, action, recorded_at, seen, status, detail, applied, cycles = row
+    try:
+        carried = json.loads(cycles)
+    except ValueError:
+        carried = {}
+    return {"activity_id": activity_id, "action": action, "recorded_at": recorded_at, "seen": seen,
+            "status": status, "detail": detail, "applied": applied,
+            "targets": carried if isinstance(carried, dict) else {}}
+
+
 # --- the feed: watermark, de-duplication, inbox ----------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +342,9 @@ class ChangeFeed:
             await db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                              (WATERMARK_KEY, repr(float(moment))))
             await db.execute("DELETE FROM change_seen WHERE recorded_at >= ?", (stamp(moment - self.overlap),))
+            await db.execute("UPDATE change_event SET status=?, detail=? WHERE status=? AND recorded_at < ?",
+                             (EVENT_COVERED, f"a full snapshot began after it, at {stamp(moment)}",
+                              EVENT_PENDING, stamp(moment)))
 
     async def poll(self, *, audit: bool | None = None) -> ChangeBatch:
         """What is new: the inbox's pending batches and, with *audit* (default: the feed's `poll`
@@ -317,9 +384,20 @@ class ChangeFeed:
                              key=lambda a: (a.recorded_at, a.id)))
         return ChangeBatch(fresh, affected(fresh), moved, seqs, polled, refused)
 
-    async def commit(self, batch: ChangeBatch) -> None:
+    async def note(self, batch: ChangeBatch, *, detail: str = "being applied",
+                   carried: Mapping[str, Carried] | None = None) -> None:
+        """Record the batch's last event per user as pending (`why`), with *detail* saying why
+        (and what each target's cycle did, when one ran). The feed's own state is untouched."""
+        rows = self._event_rows(batch, EVENT_PENDING, detail, None, carried)
+        if rows:
+            async with self.store.transaction() as db:
+                await db.executemany(_EVENT_UPSERT, rows)
+
+    async def commit(self, batch: ChangeBatch, carried: Mapping[str, Carried] | None = None) -> None:
         """The batch is applied: mark its activities seen, consume its inbox rows, move the
-        watermark (never backwards), forget seen ids the next poll can no longer return."""
+        watermark (never backwards), forget seen ids the next poll can no longer return. Each
+        user's last event is recorded applied, with *carried* (target -> its incremental cycle)."""
+        now = self.clock()
         async with self.store.transaction() as db:
             await db.executemany("INSERT OR IGNORE INTO change_seen(id, recorded_at) VALUES (?, ?)",
                                  [(a.id, a.recorded_at) for a in batch.activities])
@@ -336,6 +414,25 @@ class ChangeFeed:
                 # A record older than this is outside every later poll's window: its id may go.
                 await db.execute("DELETE FROM change_seen WHERE recorded_at < ?",
                                  (stamp(mark - self.overlap - self.slack - 60.0),))
+            rows = self._event_rows(batch, EVENT_APPLIED, None, now, carried)
+            if rows:
+                await db.executemany(_EVENT_UPSERT, rows)
+                await db.execute("DELETE FROM change_event WHERE seen < ?", (now - self.retention,))
+
+    def _event_rows(self, batch: ChangeBatch, status: str, detail: str | None, applied: float | None,
+                    carried: Mapping[str, Carried] | None) -> list[tuple[Any, ...]]:
+        """`change_event` rows for the last event of each user the batch names."""
+        now = self.clock()
+        cycles = json.dumps({name: c.as_json() for name, c in sorted((carried or {}).items())})
+        rows: list[tuple[Any, ...]] = []
+        for uid, activity in sorted(last_per_user(batch.activities).items()):
+            if activity.failed:
+                rows.append((uid, activity.id, activity.action, activity.recorded_at, now, EVENT_SKIPPED,
+                             FAILED_DETAIL, None, "{}"))
+            else:
+                rows.append((uid, activity.id, activity.action, activity.recorded_at, now, status, detail,
+                             applied, cycles))
+        return rows
 
     async def _inbox(self) -> tuple[tuple[int, ...], list[Any]]:
         seqs: list[int] = []
