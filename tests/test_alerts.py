@@ -29,7 +29,7 @@ def metrics_named_by_rules() -> set[str]:
 def test_the_rules_file_names_the_alerts_it_promises() -> None:
     names = {rule["alert"] for rule in rules()}
     assert {"ProvisiondRemovalsHeld", "ProvisiondTargetQuarantined", "ProvisiondNoSuccessfulCycle",
-            "ProvisiondSourceFailing", "ProvisiondChangeFeedLag"} <= names
+            "ProvisiondCyclesFailing", "ProvisiondSourceFailing", "ProvisiondChangeFeedLag"} <= names
     for rule in rules():
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"]
