@@ -192,6 +192,7 @@ async def _status(cfg: Config) -> dict[str, Any]:
             c["recent_failures"] = await store.recent_failures(c["target"], limit=10)
             c["kind"] = "cycle"
             c["last_incremental"] = await store.latest_cycle_of_kind(c["target"], "incremental")
+            c["changes_missed"] = await _missed_at(store, c["target"])
             out["targets"].append(c)
         out["held_reload"] = await approvals.held_reload(store)
         out["source_shrunk"] = await approvals.shrunk(store)
@@ -282,6 +283,9 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             ops = sum(n for key, n in inc["summary"].get("operations", {}).items() if key.endswith(".applied"))
             print(f"  last incremental cycle {inc['cycle']} {inc['outcome']} (finished {_when(inc['finished'])}, "
                   f"{ops} applied)")
+        if t.get("changes_missed") is not None:
+            print(f"  CHANGES MISSED: an incremental cycle left this target without changes at "
+                  f"{_when(t['changes_missed'])}; its full cycle runs as soon as it is healthy")
         print(f"  managed: {t['managed_users']} users, {t['managed_groups']} groups; "
               f"unmanaged users in target: {s.get('unmanaged_users', '-')}")
         if t["held"]:
@@ -362,6 +366,16 @@ async def _test_connection(cfg: Config) -> bool:
 def cmd_test_connection(args: argparse.Namespace, cfg: Config) -> int:
     _setup_logging(cfg, to_stderr=True, level="warning")
     return EX_OK if anyio.run(_test_connection, cfg) else EX_FAIL
+
+
+async def _missed_at(store: Store, target: str) -> float | None:
+    """When an incremental cycle last left `target` without changes its full cycle still owes; None."""
+    from daemon import approvals
+
+    try:
+        return float(await store.get_meta(f"{approvals.META_MISSED_CHANGES}.{target}") or "")
+    except ValueError:
+        return None
 
 
 async def _approve(cfg: Config, target: str | None, plan_id: int | None, reload: bool,
