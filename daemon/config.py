@@ -25,7 +25,7 @@ import secrets as _random
 import stat
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import FrozenInstanceError, dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field, replace
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -71,6 +71,9 @@ DEFAULT_STATE_PATH: Final = "/var/lib/provisiond/state.db"
 # seconds through the feed; at 100k users a full pass is ~2,269 PingOne requests, so once a day
 # it costs under 2 requests a minute beside the feed's 12 polls.
 DEFAULT_INTERVAL: Final = 86400.0
+# With `[source] changes = "off"` the full cycle is the only way a change travels: the interval
+# left unset is then 5 minutes, as before the feed.
+DEFAULT_INTERVAL_WITHOUT_FEED: Final = 300.0
 DEFAULT_FULL_SYNC_EVERY: Final = 86400.0
 DEFAULT_LOG_FORMAT: Final = "json"
 DEFAULT_LOG_LEVEL: Final = "info"
@@ -539,6 +542,8 @@ def parse_config(
     if "source" not in top.raw:
         raise ctx.error("source", "missing: a [source] section (PingOne) is required")
     source = _parse_source(_Table(ctx, "source", top.raw["source"], SourceFile, "source"))
+    if source.changes == "off" and "interval" not in top.get("daemon", {}):
+        daemon = replace(daemon, interval=DEFAULT_INTERVAL_WITHOUT_FEED)
     targets = _parse_targets(ctx, top.raw.get("target"))
     cfg = Config(path=path, daemon=daemon, source=source, targets=targets)
     return Config(

@@ -183,7 +183,7 @@ class DaemonFile(_Table):
 
     state_path: Text | None = Field(None, description="SQLite state file; relative to the config file")
     interval: _duration("daemon.interval", "Time between the starts of two full cycles, the change feed's "
-                                           "backstop (default 24h)") = None
+                                           "backstop (default 24h; 5m when [source] changes = \"off\")") = None
     full_sync_every: _duration("daemon.full_sync_every", "How often each target is re-read whole") = None
     log_format: LogFormat | None = Field(None, description="json (journald, jq) or console")
     log_level: LogLevel | None = None

@@ -203,6 +203,14 @@ def test_minimal_config_takes_daemon_defaults(write: Writer) -> None:
     assert cfg.path == str(write(MINIMAL))
 
 
+def test_the_interval_left_unset_is_a_day_with_the_feed_and_5m_without(write: Writer) -> None:
+    assert load_text(write, MINIMAL).daemon.interval == 86400.0
+    off = MINIMAL.replace("[source]", '[source]\nchanges = "off"')
+    assert load_text(write, off).daemon.interval == 300.0
+    assert load_text(write, '[daemon]\ninterval = "2h"\n' + off).daemon.interval == 7200.0
+    assert load_text(write, '[daemon]\nlog_level = "debug"\n' + off).daemon.interval == 300.0
+
+
 @pytest.mark.parametrize(
     ("profile", "concurrency", "rps", "email", "deletes"),
     [("zpa", 8, 40.0, True, True), ("zia", 2, 5.0, True, False), ("generic", 8, 20.0, False, False)],
