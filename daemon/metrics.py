@@ -61,7 +61,9 @@ NAMESPACE = "provisiond"
 SOURCE_LABEL = "pingone"
 OPERATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CYCLE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-PROPAGATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 86400.0)
+# Around the change feed's seconds (p95 target 10 s) finely, then out to the full cycle's day.
+PROPAGATION_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
+                       86400.0)
 # Last-cycle outcomes that make /healthz answer 503. `partial_failure` (some entities failed, the
 # target works) is reported as "degraded" with 200: one refused user must not page anyone.
 DEFAULT_UNHEALTHY_OUTCOMES = frozenset({"quarantined", "failed", "aborted"})

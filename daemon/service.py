@@ -272,6 +272,7 @@ class Service:
         self._locks: dict[str, anyio.Lock] = {}                 # target -> held by its full or incremental cycle
         self.feed_failing_since: float | None = None
         self._feed_fallback_at = 0.0
+        self._poll_now: anyio.Event | None = None   # set by the webhook when a batch is stored: poll at once
         self._asked_at_tick = -1                                # the tick after which a full cycle was asked for
         self._asked: Wake | None = None                         # that request (the feed, a reload)
         self._wake_event = anyio.Event()                        # set: look for what is due now
@@ -685,17 +686,32 @@ class Service:
         inbox = await Inbox.open(store.path)
         stack.push_async_callback(inbox.close)
         secret = src.webhook_secret.reveal()
-        return (lambda app: mount_webhook(app, inbox, secret)), ["/pingone/events"]
+        return (lambda app: mount_webhook(app, inbox, secret, on_stored=self._wake_poll)), ["/pingone/events"]
+
+    def _wake_poll(self) -> None:
+        if self._poll_now is not None:
+            self._poll_now.set()
 
     async def _follow_changes(self) -> None:
-        """Every `change_poll_interval`: one poll of the feed, applied to every target."""
+        """One poll of the feed every `change_poll_interval`, start to start (a poll's own work
+        is not added to the wait), applied to every target; in webhook mode also at once when a
+        batch was stored."""
+        next_audit = anyio.current_time() + self.engine.config.source.change_poll_interval
+        self._poll_now = anyio.Event()
         while not self.stopping:
-            await anyio.sleep(self.engine.config.source.change_poll_interval)
+            with anyio.move_on_after(max(0.0, next_audit - anyio.current_time())):
+                await self._poll_now.wait()
+            self._poll_now = anyio.Event()     # a batch stored from now on wakes the next round
+            # The audit log is read on the timer only; a webhook wake-up reads just the inbox, so a
+            # storm of deliveries never multiplies the requests PingOne sees.
+            audit = anyio.current_time() >= next_audit
+            if audit:
+                next_audit = anyio.current_time() + self.engine.config.source.change_poll_interval
             engine = self.engine
             if self.stopping or engine.config.source.changes == "off" or engine.last_snapshot is None:
                 continue          # no full snapshot yet (start, reload): the next tick takes one
             try:
-                await self._apply_changes()
+                await self._apply_changes(audit=audit)
             except FeedGap as exc:
                 self.log.warning("changes.gap", error=str(exc), hint="a full cycle starts now")
                 self._full_cycle_now("feed_gap")
@@ -705,7 +721,7 @@ class Service:
                 self.log.error("changes.crashed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
                 self._feed_failed(exc)
             else:
-                if self.feed_failing_since is not None:
+                if audit and self.feed_failing_since is not None:
                     self.log.info("changes.recovered", failed_for_s=round(time.time() - self.feed_failing_since, 1))
                     self.feed_failing_since = None
 
@@ -737,7 +753,7 @@ class Service:
             self._asked = (reason, None)
             self._wake_event.set()
 
-    async def _apply_changes(self) -> None:
+    async def _apply_changes(self, *, audit: bool = True) -> None:
         """One poll: read what the batch names, an incremental cycle per target, then commit.
 
         A target running its full cycle is left out and the batch is not committed: the next
@@ -746,7 +762,7 @@ class Service:
         committed for the others, and that target's full cycle is owed (`_missed_changes`)."""
         engine = self.engine
         feed = ChangeFeed(engine.source, engine.store)
-        batch = await feed.poll()
+        batch = await feed.poll() if audit else await feed.poll(audit=False)
         if batch.activities:
             await feed.note(batch)            # `why USER`: pending until committed
         complete = True

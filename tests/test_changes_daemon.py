@@ -398,6 +398,32 @@ async def test_a_sigkill_mid_apply_lands_the_change_exactly_once_after_the_resta
         assert await d.exit_code(20) == 0
 
 
+async def test_a_webhook_delivery_is_applied_at_once_not_at_the_next_poll(world: World) -> None:
+    """The audit log is read once an hour here and lags 10 minutes: a change reaching the target
+    within seconds came through the webhook, whose stored batch wakes the feed at once."""
+    w, t, d_ = world, world.targets, world.sb.directory
+    secret = "webhook-shared-secret-for-the-wake-up"
+    text = w.config.read_text(encoding="utf-8").replace(
+        f'change_poll_interval = "{POLL}"', f'changes = "webhook"\nwebhook_secret = "{secret}"\n'
+        'change_poll_interval = "1h"', 1)
+    w.config.write_text(text, encoding="utf-8")
+    await w.feed_settings(indexing_delay=600.0)
+    async with w.daemon() as d:
+        await first_cycle(d)
+        url = str(d.named("http.listening")[0]["url"]) + "/pingone/events"
+        w.sb.pingone.feed.subscribe({
+            "name": "provisiond", "enabled": True, "format": "ACTIVITY",
+            "httpEndpoint": {"url": url, "headers": {"X-Provisiond-Webhook-Secret": secret}},
+            "filterOptions": {"includedActionTypes": sorted(set(w.sb.pingone.feed.settings.action_types.values()))}})
+        uid = w.members("ZIA Users")[0]
+        d_.set_enabled(uid, False)
+        await wait_for(lambda: gone_or_inactive(t, "zia", w.name(uid)), "the change through the webhook", d)
+        assert d.named("webhook.received")
+        assert [e for e in d.named("cycle.started") if e.get("kind") == "incremental"]
+        d.signal(signal.SIGTERM)
+        assert await d.exit_code(20) == 0
+
+
 async def test_webhook_mode_takes_changes_posted_with_the_secret_and_refuses_the_rest(world: World) -> None:
     w, t, d_ = world, world.targets, world.sb.directory
     secret = "webhook-shared-secret-for-the-test"

@@ -30,7 +30,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -509,12 +509,13 @@ def _valid_batch(parsed: Any) -> list[dict[str, Any]] | None:
 
 
 def webhook_handler(inbox: Inbox, secret: str, *, max_body: int = DEFAULT_MAX_BODY,
-                    header: str = SECRET_HEADER) -> Any:
+                    header: str = SECRET_HEADER, on_stored: Callable[[], None] | None = None) -> Any:
     """The aiohttp handler of `POST /pingone/events` (mount it with `mount_webhook`).
 
     401 without the shared secret in *header* (compared in constant time, before the body is
     read), 413 beyond *max_body* bytes, 415 unless JSON, 400 for a body that is not ACTIVITY
-    records, 503 when the batch cannot be stored; 204 once it is stored durably."""
+    records, 503 when the batch cannot be stored; 204 once it is stored durably, after which
+    *on_stored* is called (the daemon polls at once instead of at its next poll)."""
     expected = secret.encode()
     log = logs.get_logger()
 
@@ -552,6 +553,8 @@ def webhook_handler(inbox: Inbox, secret: str, *, max_body: int = DEFAULT_MAX_BO
             log.error("webhook.store_failed", error=type(exc).__name__)
             return web.Response(status=503, text="cannot store the batch now\n")
         log.info("webhook.received", activities=len(items))
+        if on_stored is not None:
+            on_stored()
         return web.Response(status=204)
 
     return handle

@@ -79,6 +79,33 @@ async def test_a_batch_with_the_secret_is_stored_before_the_2xx(receiver: Receiv
     assert receiver.stored() == [[activity(1)], [activity(2), activity(3)]]
 
 
+async def test_on_stored_is_called_for_each_stored_batch_only(tmp_path: Path) -> None:
+    """The daemon's wake-up (poll the inbox at once): after a batch is stored, never for a refusal."""
+    path = tmp_path / "state.db"
+    store = await Store.open(path)
+    inbox = await Inbox.open(path)
+    calls: list[int] = []
+    app = web.Application()
+
+    def stored() -> None:
+        with sqlite3.connect(path) as db:
+            calls.append(db.execute("SELECT count(*) FROM change_inbox").fetchone()[0])
+
+    mount_webhook(app, inbox, SECRET, on_stored=stored)
+    try:
+        async with serve(app) as url, aiohttp.ClientSession() as session:
+            receiver = Receiver(url, session, path)
+            assert await receiver.post(activity(1), secret="wrong") == 401
+            assert await receiver.post(raw=b"{not json") == 400
+            assert calls == []
+            assert await receiver.post(activity(1)) == 204
+            assert await receiver.post([activity(2), activity(3)]) == 204
+            assert calls == [1, 2]       # each call came after its batch was in the inbox
+    finally:
+        await inbox.close()
+        await store.close()
+
+
 @pytest.mark.parametrize("secret", [None, "", "wrong", SECRET[:-1], SECRET + "x"])
 async def test_a_missing_or_wrong_secret_is_refused_and_nothing_stored(receiver: Receiver,
                                                                        secret: str | None) -> None:
