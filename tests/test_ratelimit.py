@@ -132,4 +132,6 @@ async def test_real_clock_rate_within_tolerance() -> None:
     for _ in range(26):
         await gov.acquire()
     elapsed = time.monotonic() - start
-    assert 0.45 <= elapsed < 0.9   # 25 intervals of 20 ms
+    # 25 intervals of 20 ms: never sooner (the governor's promise); later only by the machine's load,
+    # so the upper bound only catches a governor that waits whole seconds.
+    assert 0.45 <= elapsed < 5.0

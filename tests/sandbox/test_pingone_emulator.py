@@ -293,8 +293,8 @@ async def test_bad_cursor_is_400(api: Api) -> None:
     assert status == 400 and body["details"][0]["target"] == "cursor"
 
 
-async def test_20k_listing_at_limit_1000_is_fast() -> None:
-    """Measured, printed, bounded loosely (the 100k / 3 s target is bench/pingone_paging.py's)."""
+async def test_20k_listing_at_limit_1000_pages_every_user() -> None:
+    """Its time is printed, not asserted (the 100k / 3 s target is bench/pingone_paging.py's)."""
     directory = generate(20_000, 50, seed=1)
     async for api in _api(PingOneEmulator(directory)):
         started = time.perf_counter()
@@ -302,7 +302,7 @@ async def test_20k_listing_at_limit_1000_is_fast() -> None:
         elapsed = time.perf_counter() - started
         print(f"\npaged {len(items)} users in-process: {elapsed:.2f} s")
         assert len(items) == 20_000
-        assert elapsed < 10
+        assert len({item["id"] for item in items}) == 20_000
 
 
 # --- filters ---------------------------------------------------------------------------------------
