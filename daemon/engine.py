@@ -53,7 +53,16 @@ from daemon.applier import APPLIED, BUSY, FAILED, Applier, ApplyResult, Observer
 from daemon.backoff import RetryPolicy
 from daemon.config import Config, GroupRef, TargetConfig
 from daemon.errors import Forbidden, NotFound, RemoteError, TransientError, Unauthorized
-from daemon.incremental import INCREMENTAL_KIND, Increment, merge, removal_window, slice_to
+from daemon.incremental import (
+    INCREMENTAL_KIND,
+    Increment,
+    NameIndex,
+    desire_slice,
+    merge,
+    own_copy,
+    removal_window,
+    slice_to,
+)
 from daemon.links import GROUP_LIMIT, HELD, PENDING, REMOVALS_HELD, Actual, GroupLink, Op, Plan, UserLink
 from daemon.mapping import (
     Desired,
@@ -403,8 +412,12 @@ def share_member_sets(desired: Desired, actual: Actual) -> None:
 
 def share_with_desired(users: dict[str, UserLink], groups: dict[str, GroupLink], desired: Desired) -> None:
     """Links kept for the next cycle share the mapped attributes' dicts and the member sets where
-    equal: at 100k users a second copy of every user's attributes is ~70 MB."""
-    for sid, link in users.items():
+    equal: at 100k users a second copy of every user's attributes is ~70 MB. Walks the smaller
+    side (an incremental cycle's desired state holds a few users, its links all of them)."""
+    ids: Iterable[str] = (users.keys() if len(users) <= len(desired.users)
+                          else [sid for sid in desired.users if sid in users])
+    for sid in ids:
+        link = users[sid]
         want = desired.users.get(sid)
         if want is not None and (attrs := shared(link.attrs, want.attrs)) is not link.attrs:
             users[sid] = replace(link, attrs=attrs)
@@ -460,6 +473,14 @@ class Engine:
         self.last_complete = False
         self.removal_window = DEFAULT_REMOVAL_WINDOW
         self.busy_wait = DEFAULT_BUSY_WAIT     # an incremental cycle's wait for an entity another process holds
+        # The incremental path's own copy of the last snapshot (changed in place by every poll, read
+        # by no full cycle), the users each target has not mapped since they were merged, and each
+        # target's userName index (`NameIndex`) with the `_cache_epoch` it was built at: odd while
+        # a snapshot fills the mapping caches.
+        self._owned: Snapshot | None = None
+        self._stale: dict[str, set[str]] = {}
+        self._name_index: dict[str, tuple[int, NameIndex]] = {}
+        self._cache_epoch = 0
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -607,10 +628,14 @@ class Engine:
     async def cycle_snapshot(self) -> Snapshot:
         """Step 1 as a cycle takes it: users mapped into the caches as their pages arrive, the
         JSON of users the state file holds as they are dropped, ids made canonical."""
-        with gc_paused():
-            snapshot = await self.snapshot(await self._streaming_hook(), self._last_members,
-                                           self._canonical_ids())
-            self._last_members = snapshot.members
+        self._cache_epoch += 1          # the caches change under any userName index built before
+        try:
+            with gc_paused():
+                snapshot = await self.snapshot(await self._streaming_hook(), self._last_members,
+                                               self._canonical_ids())
+                self._last_members = snapshot.members
+        finally:
+            self._cache_epoch += 1
         return snapshot
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
@@ -889,7 +914,7 @@ class Engine:
 
     async def apply_plan(self, cx: CycleContext, snapshot: Snapshot, desired: Desired, actual: Actual,
                          the_plan: Plan, changed_at: Mapping[str, str] | None = None, *,
-                         claim_since: float | None = None) -> tuple[ApplyResult, Actual]:
+                         claim_since: float | None = None, in_place: bool = False) -> tuple[ApplyResult, Actual]:
         """Step e: send the plan's pending operations; the links after them are kept in memory
         for the next cycle, sharing the desired state's objects where equal. Each entity is
         claimed before its first write (`Store.mark_in_flight`): one another process holds, or
@@ -899,9 +924,12 @@ class Engine:
         pending = the_plan.pending()
         # The applier updates these in place; with nothing to apply, the links are reused as they
         # are rather than copied (1,000,000 entries).
-        users: dict[str, UserLink] = (actual.users if not pending and isinstance(actual.users, dict)
+        # *in_place*: *actual*'s own dicts, which no one else reads (`rt.links` is cleared until the
+        # apply ends, and dropped if it does not end well): an incremental cycle's apply.
+        keep = in_place or not pending
+        users: dict[str, UserLink] = (actual.users if keep and isinstance(actual.users, dict)
                                       else dict(actual.users))
-        groups: dict[str, GroupLink] = (actual.groups if not pending and isinstance(actual.groups, dict)
+        groups: dict[str, GroupLink] = (actual.groups if keep and isinstance(actual.groups, dict)
                                         else dict(actual.groups))
         hook = self.progress
         applier = Applier(
@@ -970,12 +998,22 @@ class Engine:
         base = self.last_snapshot
         if base is None:
             return None
-        inc = merge(base, reads, recorded or {})
+        if base is not self._owned:
+            # A full snapshot, which a full cycle may still be reading: copied once (its dicts, not
+            # their values), then changed in place by every poll until the next one. Every mapping
+            # cache holds every user of it: nothing is left to map, the userName indexes are rebuilt.
+            base = self._owned = own_copy(base)
+            self._stale = {}
+            self._name_index = {}
+        inc = merge(base, reads, recorded or {}, in_place=True)
         self.last_snapshot = inc.snapshot
         self._stored_cache = None
-        # Saved as incomplete: it adds and updates rows, never drops one (a full snapshot saved
-        # meanwhile may hold users this merge's base did not).
-        await self.store.save_snapshot(replace(inc.snapshot, complete=False), inc.snapshot.hashes)
+        for name in self.runtimes:
+            self._stale.setdefault(name, set()).update(inc.saved_users)
+        # The rows the changes touch, as a save of the whole merged snapshot would write them (as
+        # incomplete: it adds and updates rows, never drops one; a full snapshot saved meanwhile
+        # may hold users this merge's base did not).
+        await self.store.save_snapshot_rows(inc.snapshot, users=inc.saved_users, groups=inc.saved_groups)
         return inc
 
     async def incremental_cycle(self, rt: TargetRuntime, inc: Increment) -> TargetReport:
@@ -1018,7 +1056,10 @@ class Engine:
         try:
             if how.recover:
                 await self.recover(rt, log)
-            desired = await self.desire(rt, inc.snapshot)
+            # The daemon's merged snapshot, sliced by the increment: the desired state of the slice
+            # alone (`_desire_slice`); sync-group's own slice needs the whole desired state.
+            fast = how.slice is None and inc.snapshot is self._owned
+            desired = await (self._desire_slice(rt, inc) if fast else self.desire(rt, inc.snapshot))
             approval = await approvals.in_effect(self.store, name) if how.approvals else None
             deadline = time.monotonic() + how.busy_wait
             merged = Plan(ops=[])
@@ -1034,7 +1075,8 @@ class Engine:
                                 else slice_to(desired, actual, inc.users, inc.groups))
                 part = part or piece
                 the_plan = await self._reconcile_plan(cx, inc, piece, links, actual, approval,
-                                                      first_seq=len(merged.ops))
+                                                      first_seq=len(merged.ops),
+                                                      managed=len(actual.users) if fast else None)
                 if how.on_plan is not None:
                     how.on_plan(piece, the_plan)
                 await self.store.save_plan(cycle_id, name, the_plan.ops)
@@ -1043,7 +1085,7 @@ class Engine:
                 if how.announce and the_plan.pending():
                     await self._announce_links(name)
                 round_result, after = await self.apply_plan(cx, inc.snapshot, piece, actual, the_plan, inc.changed_at,
-                                                            claim_since=since)
+                                                            claim_since=since, in_place=fast)
                 if how.announce and round_result.counts().get(APPLIED):
                     await self._announce_links(name)
                 await self._count_removals(rt, the_plan, round_result)
@@ -1092,18 +1134,47 @@ class Engine:
             raise
         return out
 
+    async def _desire_slice(self, rt: TargetRuntime, inc: Increment) -> Desired:
+        """Step b over what *inc* touches in the daemon's merged snapshot: what `desire` cut to the
+        slice would hold (`slice_to` of either is the same), computed from the touched users and
+        the pushed groups' membership of them only (`incremental.desire_slice`)."""
+        name = rt.config.name
+        old_pins = await self.pins(name)
+        pins = resolve_pins(inc.snapshot, rt.rules, old_pins)
+        if pins != old_pins:
+            await self.store.set_meta(f"group_pins.{name}", json.dumps(pins, sort_keys=True))
+        epoch = self._cache_epoch
+        built = self._name_index.get(name)
+        with gc_paused():
+            if built is not None and built[0] == epoch and built[1].cache is rt.mapped:
+                index = built[1]
+            else:
+                index = NameIndex(rt.mapped)
+                # While a snapshot fills the caches (odd epoch), an index is good for this poll only.
+                if epoch % 2 == 0:
+                    self._name_index[name] = (epoch, index)
+            want = desire_slice(inc.snapshot, rt.rules, pins, inc.users, cache=rt.mapped, index=index,
+                                stale=self._stale.get(name, ()))
+        self._stale.pop(name, None)
+        return want
+
     async def _reconcile_plan(self, cx: CycleContext, inc: Increment, desired: Desired, links: Actual,
-                              actual: Actual, approval: approvals.Approval | None, *, first_seq: int = 0) -> Plan:
+                              actual: Actual, approval: approvals.Approval | None, *, first_seq: int = 0,
+                              managed: int | None = None) -> Plan:
         """Step d over the slice: `max_deletes` less the removals applied within the rolling
         window, so a burst of deletions arriving as events is held as a whole; the removals an
         approval of a held plan releases (`approval`, sync-user only: an incremental cycle
         neither uses nor consumes one) are not counted. A removal the target's latest plan held
         stays held unless released. A departed namesake's link is shown to the planner (a
-        rehire takes its account over), nothing else is planned for it. Not saved here."""
+        rehire takes its account over), nothing else is planned for it. Not saved here.
+        *managed*: the target's linked users when *actual* holds them all (as a full cycle counts
+        them), else SQLite's count."""
         rt = cx.rt
         cfg = rt.config
         _, recent = removal_window(await self._removals(rt), time.time(), self.removal_window)
-        limit = cfg.max_deletes.limit(await self.store.managed_count(cfg.name))
+        if managed is None:
+            managed = await self.store.managed_count(cfg.name)
+        limit = cfg.max_deletes.limit(managed)
         released = approval.releases if approval is not None else frozenset()
         policy = Policy(
             create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,

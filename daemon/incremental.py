@@ -1,12 +1,17 @@
 """The incremental cycle's pure half: changes read from the feed, merged into the last snapshot,
 and the desired state and links sliced to the entities they touch (README "How changes flow").
 
-    merge      the last snapshot + what `changes.read_affected` read anew -> the snapshot as
-               PingOne is now, and the users whose state may have changed (`Increment`)
-    slice_to   the desired state and links reduced to those users and the groups they touch:
-               the planner over the slice plans nothing for any other entity, so an incremental
-               cycle never removes what no event names, and a user outside every scope costs
-               no target request
+    merge         the last snapshot + what `changes.read_affected` read anew -> the snapshot as
+                  PingOne is now, and the users whose state may have changed (`Increment`)
+    desire_slice  the desired state of those users and of the pushed groups' membership of them,
+                  computed from them alone (`NameIndex` finds who else maps to a userName)
+    slice_to      the desired state and links reduced to those users and the groups they touch:
+                  the planner over the slice plans nothing for any other entity, so an incremental
+                  cycle never removes what no event names, and a user outside every scope costs
+                  no target request
+
+`slice_to(desire_slice(...))` is `slice_to(desired_state(...))` of the whole snapshot (checked on
+random directories by tests/test_incremental.py), at the cost of the changes, not the directory.
 
 Pure: no I/O, no clock, no logging. The engine (`Engine.incremental_cycle`) runs the same
 desire -> plan -> apply -> finish steps over the slice as a full cycle runs over everything.
@@ -14,14 +19,29 @@ desire -> plan -> apply -> finish steps over the slice as a full cycle runs over
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import unicodedata
+from collections.abc import Container, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from daemon.links import Actual, GroupLink
-from daemon.mapping import Desired, DesiredGroup, content_hash
-from daemon.model import JSON, Members, Snapshot
+from daemon.mapping import (
+    CONFLICT,
+    MALFORMED_SOURCE,
+    Desired,
+    DesiredGroup,
+    DesiredUser,
+    MappedUser,
+    MappingCache,
+    Rules,
+    Skipped,
+    cache_user,
+    content_hash,
+    username_key,
+)
+from daemon.mapping import _map as map_one
+from daemon.model import JSON, UNCHANGED, Members, Snapshot
 from daemon.source.changes import Reads
 
 INCREMENTAL_KIND = "incremental"    # cycle.kind of an incremental cycle (logs, SQLite, `status`)
@@ -36,6 +56,8 @@ class Increment:
     groups: frozenset[str]          # groups named by an event
     deleted_users: frozenset[str]
     changed_at: Mapping[str, str] = field(default_factory=dict)   # user id -> when PingOne recorded its change
+    saved_users: frozenset[str] = frozenset()      # users whose stored row the merge changes
+    saved_groups: frozenset[str] = frozenset()     # groups whose stored row the merge changes
 
 
 def _source_user(raw: Mapping[str, Any]) -> tuple[JSON, set[str] | None]:
@@ -53,19 +75,20 @@ def _without(members: AbstractSet[str], drop: Iterable[str]) -> AbstractSet[str]
     return Members.of(m for m in members if m not in gone)
 
 
-def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = None) -> Increment:
-    """*base* with *reads* merged in (a copy: a full cycle may be running on *base*).
+def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = None, *,
+          in_place: bool = False) -> Increment:
+    """*base* with *reads* merged in: a copy (a full cycle may be running on *base*), or, with
+    *in_place*, *base* itself changed (the engine's own copy, which no full cycle reads). Either
+    way the work is the changes' own: the dicts are copied, not walked.
 
     A group read anew takes its members and parents; a deleted group leaves. A user read anew
     takes its JSON (and hash, so the mapping runs again) and its direct membership in every
     group the snapshot holds members of; a deleted user leaves the users and every member set.
     The users touched are those read, and every user of a changed group (nested ones included,
     before and after the change): their scope and memberships are planned again."""
-    snap = Snapshot(users=dict(base.users), groups=dict(base.groups), members=dict(base.members),
-                    parents=dict(base.parents), complete=base.complete, problems=list(base.problems),
-                    started_at=base.started_at, finished_at=base.finished_at, hashes=dict(base.hashes),
-                    wanted=base.wanted)
+    snap = base if in_place else own_copy(base)
     touched: set[str] = set(reads.users)
+    rows: set[str] = set()            # groups whose stored row (name, members, parents) changes
     before_children = base.children()
     for gid in reads.groups:
         touched.update(base.member_ids(gid, transitive=True, children=before_children))
@@ -77,12 +100,14 @@ def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = Non
             for child, parents in list(snap.parents.items()):
                 if gid in parents:
                     snap.parents[child] = frozenset(p for p in parents if p != gid)
+                    rows.add(child)
             continue
         group = dict(read.group)
         group.pop("_links", None)
         snap.groups[gid] = group
         snap.members[gid] = Members.of(read.member_ids)
         snap.parents[gid] = frozenset(read.parent_ids)
+        rows.add(gid)
     for uid, raw in reads.users.items():
         if raw is None:
             snap.users.pop(uid, None)
@@ -90,6 +115,7 @@ def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = Non
             for gid, members in list(snap.members.items()):
                 if uid in members:
                     snap.members[gid] = _without(members, (uid,))
+                    rows.add(gid)
             continue
         user, direct = _source_user(raw)
         snap.users[uid] = user
@@ -100,8 +126,10 @@ def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = Non
             inside = uid in members
             if gid in direct and not inside:
                 snap.members[gid] = Members.of([*members, uid])
+                rows.add(gid)
             elif gid not in direct and inside:
                 snap.members[gid] = _without(members, (uid,))
+                rows.add(gid)
     after_children = snap.children()
     for gid in reads.groups:
         if gid in snap.groups:
@@ -114,7 +142,17 @@ def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = Non
         at = recorded.get(uid, earliest)
         if at is not None:
             changed_at[uid] = at
-    return Increment(snap, frozenset(touched), frozenset(reads.groups), reads.deleted_users, changed_at)
+    return Increment(snap, frozenset(touched), frozenset(reads.groups), reads.deleted_users, changed_at,
+                     frozenset(u for u, raw in reads.users.items() if raw is not None),
+                     frozenset(g for g in rows if g in snap.groups))
+
+
+def own_copy(base: Snapshot) -> Snapshot:
+    """A snapshot that may be changed without changing *base*: its dicts copied, the values shared."""
+    return Snapshot(users=dict(base.users), groups=dict(base.groups), members=dict(base.members),
+                    parents=dict(base.parents), complete=base.complete, problems=list(base.problems),
+                    started_at=base.started_at, finished_at=base.finished_at, hashes=dict(base.hashes),
+                    wanted=base.wanted)
 
 
 def slice_to(desired: Desired, actual: Actual, users: AbstractSet[str],
@@ -135,8 +173,8 @@ def slice_to(desired: Desired, actual: Actual, users: AbstractSet[str],
     for gid in desired.groups.keys() | actual.groups.keys():
         want = desired.groups.get(gid)
         link = actual.groups.get(gid)
-        wanted_members = want.members & users if want is not None else frozenset()
-        linked_members = link.members & users if link is not None else frozenset()
+        wanted_members = _cut(want.members, users) if want is not None else frozenset()
+        linked_members = _cut(link.members, users) if link is not None else frozenset()
         if gid in groups:
             pass
         elif want is None:
@@ -154,6 +192,183 @@ def slice_to(desired: Desired, actual: Actual, users: AbstractSet[str],
                    present_users=desired.present_users, present_groups=desired.present_groups,
                    in_scope=len(part_users), create_only=desired.create_only)
     return part, Actual(links, link_groups)
+
+
+# Below this many members per user asked about, walking the members at C speed (a hash lookup
+# each) is cheaper than asking a sorted `Members` about each user (a bisection in Python each).
+_WALK_RATIO = 32
+
+
+def _cut(members: AbstractSet[str], users: AbstractSet[str]) -> AbstractSet[str]:
+    """*members* & *users*, at the cost of the smaller side (a pushed group may hold 1,000,000)."""
+    if len(members) <= _WALK_RATIO * len(users):
+        keep = users if isinstance(users, frozenset | set) else frozenset(users)
+        return keep.intersection(members)
+    return frozenset(u for u in users if u in members)
+
+
+# --- the desired state of the slice ---------------------------------------------------------------
+
+def _name_key(user: DesiredUser) -> str:
+    return user.key or username_key(user.user_name)
+
+
+class NameIndex:
+    """userName key -> the ids of the users a mapping cache maps to it: who else a user's
+    userName may clash with, without mapping the directory. A superset: an id whose entry has
+    since changed stays listed until looked up (`desire_slice` checks each against the cache).
+
+    Built from a cache that every user of the snapshot is in with its current hash (after a full
+    snapshot); kept current by `desire_slice`, which adds every user it maps."""
+
+    __slots__ = ("cache", "keys")
+
+    def __init__(self, cache: MappingCache) -> None:
+        self.cache = cache
+        self.keys: dict[str, str | list[str]] = {}
+        for uid, entry in cache.items():
+            if isinstance(entry, DesiredUser):
+                self.add(_name_key(entry), uid)
+
+    def add(self, key: str, uid: str) -> None:
+        held = self.keys.get(key)
+        if held is None:
+            self.keys[key] = uid          # one id (the usual case) held without a list around it
+        elif isinstance(held, str):
+            if held != uid:
+                self.keys[key] = [held, uid]
+        elif uid not in held:
+            held.append(uid)
+
+    def ids(self, key: str) -> tuple[str, ...]:
+        held = self.keys.get(key)
+        if held is None:
+            return ()
+        return (held,) if isinstance(held, str) else tuple(held)
+
+
+class _InGroup(Container[str]):
+    """A group's members as `desired_state` sees them (`Snapshot.member_ids`), answering `in`
+    from the member sets of the group and its nested groups, without building their union."""
+
+    __slots__ = ("sets",)
+
+    def __init__(self, sets: list[AbstractSet[str]]) -> None:
+        self.sets = sets
+
+    def __contains__(self, uid: object) -> bool:
+        return any(uid in found for found in self.sets)
+
+
+def desire_slice(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str] | None, users: AbstractSet[str], *,
+                 cache: MappingCache, index: NameIndex, stale: Iterable[str] = ()) -> Desired:
+    """The desired state of *users* and of the pushed groups' membership of them: what
+    `slice_to(desired_state(snapshot, rules, pins, hashes=snapshot.hashes, cache=cache), ...)`
+    holds, computed from the slice alone.
+
+    For each user of *users*: its scope (the scope groups' member sets asked about it, the
+    filter run on it), its mapping (the cache, or mapped anew and cached), and whether another
+    user in scope maps to its userName key (*index*, each id found checked as the user itself).
+    The groups are every pushed group, as `desired_state` selects them, with their members cut
+    to *users*. Users whose JSON the changes replaced and that no slice mapped yet (*stale*:
+    merged while this target's cycle was skipped) are mapped into the cache first, so that the
+    index knows their userName. Pure but for the cache and the index, which it keeps current."""
+    hashes = snapshot.hashes
+    for uid in stale:
+        user = snapshot.users.get(uid)
+        digest = hashes.get(uid)
+        if user is None or user is UNCHANGED or not isinstance(user, dict) or digest is None:
+            continue
+        before = cache.get(uid)
+        cache_user(cache, rules, uid, user, digest)
+        after = cache[uid]
+        if after is not before and isinstance(after, DesiredUser):
+            index.add(_name_key(after), uid)
+    children = snapshot.children()
+    sets_of: dict[str, list[AbstractSet[str]]] = {}
+
+    def sets(group_id: str) -> list[AbstractSet[str]]:
+        """The member sets `member_ids(group_id)` is the union of."""
+        found = sets_of.get(group_id)
+        if found is None:
+            groups = snapshot.descendants(group_id, children) if rules.transitive else (group_id,)
+            found = sets_of[group_id] = [m for gid in groups if (m := snapshot.members.get(gid))]
+        return found
+
+    scope: list[AbstractSet[str]] | None = None
+    if rules.scope_groups:
+        scope = []
+        for selector in rules.scope_groups:
+            for group in selector.select(snapshot, pins):
+                scope.extend(sets(group["id"]))
+    members_of = lambda group_id: _InGroup(sets(group_id))   # noqa: E731
+    results: dict[str, MappedUser | None] = {}
+
+    def mapped(uid: str) -> MappedUser | None:
+        """The user as `desired_state` takes it: None when out of scope (or absent)."""
+        if uid in results:
+            return results[uid]
+        result: MappedUser | None = None
+        user = snapshot.users.get(uid)
+        if user is None or (scope is not None and not any(uid in found for found in scope)):
+            pass
+        elif user is UNCHANGED:
+            hit = cache.get(uid)
+            if hit is None:
+                raise RuntimeError(f"user {uid}: the snapshot dropped its JSON but the mapping cache "
+                                   "does not hold it")
+            result = hit if hit.passes else None
+        elif not isinstance(user, dict):
+            result = Skipped(uid, None, MALFORMED_SOURCE, "user is not an object")
+        elif rules.scope_filter is None or rules.scope_filter.matches(user, members_of):
+            digest = hashes.get(uid)
+            hit = cache.get(uid) if digest is not None else None
+            if hit is not None and hit.digest == digest:
+                result = hit
+            else:
+                result = map_one(uid, user, rules, digest or 0)
+                if digest is not None:
+                    cache[uid] = result
+                    if isinstance(result, DesiredUser):
+                        index.add(_name_key(result), uid)
+        results[uid] = result
+        return result
+
+    desired = Desired(present_users=snapshot.users.keys(), present_groups=snapshot.groups.keys(),
+                      create_only=rules.create_only)
+    for uid in users:
+        result = mapped(uid)
+        if result is None:
+            continue
+        desired.in_scope += 1
+        if isinstance(result, Skipped):
+            desired.skipped[uid] = result
+            continue
+        key = _name_key(result)
+        others = [other for other in index.ids(key)
+                  if other != uid and isinstance(found := mapped(other), DesiredUser) and _name_key(found) == key]
+        if others:
+            desired.skipped[uid] = Skipped(
+                uid, result.user_name, CONFLICT,
+                f"userName {result.user_name!r} is also mapped from {', '.join(sorted(others))}")
+            continue
+        desired.users[uid] = result
+    provisioned = frozenset(desired.users)
+    for selector in rules.groups:
+        for group in selector.select(snapshot, pins):
+            group_id = group["id"]
+            name = group.get("name")
+            if group_id in desired.groups or not isinstance(name, str) or not name:
+                continue
+            inside: set[str] = set()
+            for held in sets(group_id):
+                inside.update(_cut(held, provisioned))
+            desired.groups[group_id] = DesiredGroup(group_id, unicodedata.normalize("NFC", name),
+                                                    Members.of(inside) if inside else _NONE)
+    return desired
+
+
+_NONE = Members.of(())
 
 
 def removal_window(entries: Iterable[tuple[float, int]], now: float, window: float) -> tuple[list[tuple[float, int]], int]:

@@ -254,6 +254,14 @@ _UPSERT_LINK = (
     "foreign_members, origin, disabled_reason, disabled_at, last_synced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
+def _group_source_row(snapshot: Snapshot, gid: str, group: Mapping[str, Any]) -> tuple[Digest, tuple[Any, ...]]:
+    """A group's `source_group` row and its hash (name, direct members, parents)."""
+    members = _dumps(sorted(snapshot.members.get(gid, ())))
+    parents = _dumps(sorted(snapshot.parents.get(gid, ())))
+    digest = content_hash((group.get("name"), members, parents))
+    return digest, (gid, group.get("name"), _hash_text(digest), members, parents)
+
+
 def _user_row(target: str, u: UserLink, now: float) -> tuple[Any, ...]:
     return (target, "user", u.source_id, u.target_id, u.user_name, _dumps(dict(u.attrs)), int(u.active),
             "[]", "[]", u.origin, u.disabled_reason, u.disabled_at, now)
@@ -408,25 +416,18 @@ class Store:
         nobody is gone from one `COUNT(*)`. Returns the number of user rows written or deleted.
         """
         held = [uid for uid, user in snapshot.users.items() if user is not UNCHANGED]
-        old = await self._stored_user_hashes(held) if held else {}
-        rows = []
-        for uid in held:
-            if old.get(uid) != hashes[uid]:
-                user = snapshot.users[uid]
-                rows.append((uid, user.get("username"), _hash_text(hashes[uid]), user.get("updatedAt"), _dumps(user)))
-        del old, held
+        rows = await self._changed_user_rows(snapshot, hashes, held)
+        del held
         if self._group_hashes is None:
             self._group_hashes = await self._read_hashes("source_group")
         old_groups = self._group_hashes
         groups = []
         group_hashes: dict[str, Digest] = {}
         for gid, g in snapshot.groups.items():
-            members = _dumps(sorted(snapshot.members.get(gid, ())))
-            parents = _dumps(sorted(snapshot.parents.get(gid, ())))
-            digest = content_hash((g.get("name"), members, parents))
+            digest, row = _group_source_row(snapshot, gid, g)
             group_hashes[gid] = digest
             if old_groups.get(gid) != digest:
-                groups.append((gid, g.get("name"), _hash_text(digest), members, parents))
+                groups.append(row)
         groups_gone = [gid for gid in old_groups if gid not in snapshot.groups] if snapshot.complete else []
         gone = 0
         async with self.transaction() as db:
@@ -445,6 +446,47 @@ class Store:
         else:
             old_groups.update(group_hashes)
         return len(rows) + gone
+
+    async def _changed_user_rows(self, snapshot: Snapshot, hashes: Mapping[str, Digest],
+                                 held: list[str]) -> list[tuple[Any, ...]]:
+        """`source_user` rows of the users of *held* whose hash is not the stored one."""
+        old = await self._stored_user_hashes(held) if held else {}
+        rows = []
+        for uid in held:
+            if old.get(uid) != hashes[uid]:
+                user = snapshot.users[uid]
+                rows.append((uid, user.get("username"), _hash_text(hashes[uid]), user.get("updatedAt"), _dumps(user)))
+        return rows
+
+    async def save_snapshot_rows(self, snapshot: Snapshot, *, users: Iterable[str], groups: Iterable[str]) -> int:
+        """Write the rows of *users* and *groups* (the ones a change merged into *snapshot*
+        touched) as `save_snapshot` of the incomplete *snapshot* would: those whose hash changed,
+        nothing dropped (a user or group gone stays until a complete snapshot drops it). The cost
+        is the changes', not the snapshot's. Returns the number of user rows written."""
+        held = [uid for uid in users if (user := snapshot.users.get(uid)) is not None and user is not UNCHANGED]
+        rows = await self._changed_user_rows(snapshot, snapshot.hashes, held)
+        if self._group_hashes is None:
+            self._group_hashes = await self._read_hashes("source_group")
+        old_groups = self._group_hashes
+        changed: list[tuple[Any, ...]] = []
+        for gid in groups:
+            g = snapshot.groups.get(gid)
+            if g is None:
+                continue
+            digest, row = _group_source_row(snapshot, gid, g)
+            if old_groups.get(gid) != digest:
+                changed.append(row)
+                old_groups[gid] = digest
+        if rows or changed:
+            async with self.transaction() as db:
+                for i in range(0, len(rows), BATCH):
+                    await db.executemany(
+                        "INSERT OR REPLACE INTO source_user(id, username, hash, updated_at, data) "
+                        "VALUES (?, ?, ?, ?, ?)", rows[i:i + BATCH])
+                await db.executemany(
+                    "INSERT OR REPLACE INTO source_group(id, name, hash, members, parents) VALUES (?, ?, ?, ?, ?)",
+                    changed)
+        return len(rows)
 
     @staticmethod
     async def _drop_gone_users(db: aiosqlite.Connection, present: Mapping[str, Any]) -> int:
