@@ -495,6 +495,7 @@ class Engine:
             runtime = build_runtime(target, self.session)
             runtime.client.on_request = self._request_hook(target.name)
             self.last_snapshot = None       # its UNCHANGED users are not in this runtime's cache
+            self._owned = None
             if previous is not None:
                 runtime.quarantine = previous.quarantine
             self.runtimes[target.name] = runtime
@@ -679,6 +680,7 @@ class Engine:
         await self.save_snapshot(snapshot)
         if self.keep_snapshot:
             self.last_snapshot, self.last_complete = snapshot, complete
+            self._owned = None          # the last merged copy is not kept beside the new snapshot
         report.snapshot_users = len(snapshot.users)
         report.snapshot_complete = complete
         self.log.info("snapshot.taken", user_count=len(snapshot.users), group_count=len(snapshot.groups),
