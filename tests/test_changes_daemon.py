@@ -9,7 +9,7 @@ import re
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,13 @@ class World:
         inside = set(self.members("ZPA Users")) | set(self.members("ZIA Users")) | set(self.members("ZPA Contractors"))
         return next(uid for uid in sorted(self.sb.directory.users) if uid not in inside)
 
+    def subscribe(self, url: str, secret: str) -> None:
+        """The PingOne subscription README tells operators to create: every action type, to *url*."""
+        self.sb.pingone.feed.subscribe({
+            "name": "provisiond", "enabled": True, "format": "ACTIVITY",
+            "httpEndpoint": {"url": url, "headers": {"X-Provisiond-Webhook-Secret": secret}},
+            "filterOptions": {"includedActionTypes": sorted(set(self.sb.pingone.feed.settings.action_types.values()))}})
+
     async def feed_settings(self, **settings: Any) -> None:
         async with self.targets.session.post(f"{self.sb.pingone_url}/_admin/activities/settings",
                                              json=settings) as resp:
@@ -130,13 +137,22 @@ class World:
         return max(named, key=lambda a: (a.recorded, a.seq)).body
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
+@asynccontextmanager
+async def feed_world(tmp_path: Path, config: Callable[[Sandbox], Path] | None = None) -> AsyncIterator[World]:
+    """30 users in 4 groups on emulators that index audit records in 0.2 s; the config written by
+    *config* (default `configure`)."""
     sb = build_sandbox(users=30, groups=4, seed=7, zia_rps=5000.0)
     sb.zpa.faults.rate_limit_rps = None
     async with running(sb, port=0), aiohttp.ClientSession() as session:
-        w = World(sb, configure(sb, tmp_path), Targets(sb, session), tmp_path)
+        path = config(sb) if config is not None else configure(sb, tmp_path)
+        w = World(sb, path, Targets(sb, session), tmp_path)
         await w.feed_settings(indexing_delay=0.2)
+        yield w
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with feed_world(tmp_path) as w:
         yield w
 
 
@@ -411,10 +427,7 @@ async def test_a_webhook_delivery_is_applied_at_once_not_at_the_next_poll(world:
     async with w.daemon() as d:
         await first_cycle(d)
         url = str(d.named("http.listening")[0]["url"]) + "/pingone/events"
-        w.sb.pingone.feed.subscribe({
-            "name": "provisiond", "enabled": True, "format": "ACTIVITY",
-            "httpEndpoint": {"url": url, "headers": {"X-Provisiond-Webhook-Secret": secret}},
-            "filterOptions": {"includedActionTypes": sorted(set(w.sb.pingone.feed.settings.action_types.values()))}})
+        w.subscribe(url, secret)
         uid = w.members("ZIA Users")[0]
         d_.set_enabled(uid, False)
         await wait_for(lambda: gone_or_inactive(t, "zia", w.name(uid)), "the change through the webhook", d)
@@ -437,10 +450,7 @@ async def test_webhook_mode_takes_changes_posted_with_the_secret_and_refuses_the
         async with t.session.post(url, json=[{"id": "x", "recordedAt": "2026-01-01T00:00:00.000Z"}],
                                   headers={"X-Provisiond-Webhook-Secret": "wrong"}) as resp:
             assert resp.status == 401
-        w.sb.pingone.feed.subscribe({
-            "name": "provisiond", "enabled": True, "format": "ACTIVITY",
-            "httpEndpoint": {"url": url, "headers": {"X-Provisiond-Webhook-Secret": secret}},
-            "filterOptions": {"includedActionTypes": sorted(set(w.sb.pingone.feed.settings.action_types.values()))}})
+        w.subscribe(url, secret)
         uid = w.members("ZIA Users")[0]
         d_.set_enabled(uid, False)
         await wait_for(lambda: gone_or_inactive(t, "zia", w.name(uid)), "the change through the webhook", d)

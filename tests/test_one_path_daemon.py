@@ -19,8 +19,7 @@ import anyio
 import pytest
 from yarl import URL
 
-from daemon.sandbox.runner import build_sandbox, running
-from tests.test_changes_daemon import Targets, World, configure, first_cycle, wait_for
+from tests.test_changes_daemon import World, feed_world, first_cycle, wait_for
 from tests.test_faults_daemon import assert_log_schema
 from tests.test_service import child_env, until
 
@@ -31,11 +30,7 @@ LATENCY_MS = 5000.0      # each zpa request: the daemon's write to the user is i
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    sb = build_sandbox(users=30, groups=4, seed=7, zia_rps=5000.0)
-    sb.zpa.faults.rate_limit_rps = None
-    async with running(sb, port=0), aiohttp.ClientSession() as session:
-        w = World(sb, configure(sb, tmp_path), Targets(sb, session), tmp_path)
-        await w.feed_settings(indexing_delay=0.2)
+    async with feed_world(tmp_path) as w:
         yield w
 
 

@@ -21,11 +21,11 @@ import pytest
 from daemon import approvals
 from daemon.config import MaxDeletes
 from daemon.engine import META_CHANGE_REMOVALS
-from daemon.sandbox.runner import ZPA_TOKEN, build_sandbox, running, write_config
+from daemon.sandbox.runner import ZPA_TOKEN, write_config
 from daemon.store import Store
 from tests.safety import harness, removal_requests
 from tests.safety.test_deletion_threshold import remove_from_scope
-from tests.test_changes_daemon import Targets, World, gone_or_inactive, wait_for
+from tests.test_changes_daemon import World, feed_world, gone_or_inactive, wait_for
 from tests.test_faults_daemon import assert_log_schema, get, set_faults
 from tests.test_service import Daemon, run_command, until
 from tests.test_service_tools import free_port
@@ -51,11 +51,7 @@ def configure(tmp_path: Path, sb: Any, *, changes: str = "poll") -> Path:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    sb = build_sandbox(users=30, groups=4, seed=7, zia_rps=5000.0)
-    sb.zpa.faults.rate_limit_rps = None
-    async with running(sb, port=0), aiohttp.ClientSession() as session:
-        w = World(sb, configure(tmp_path, sb), Targets(sb, session), tmp_path)
-        await w.feed_settings(indexing_delay=0.2)
+    async with feed_world(tmp_path, lambda sb: configure(tmp_path, sb)) as w:
         yield w
 
 
