@@ -119,12 +119,7 @@ async def test_a_user_that_left_scope_is_deprovisioned_and_only_it_leaves_the_gr
 
 
 async def test_an_attribute_change_is_patched_at_once(tmp_path: Path) -> None:
-    async with world(tmp_path) as w:
-        await w.cycle()
-        d = w.sb.directory
-        uid = str(d.user_by_username("in.direct@example.com")["id"])
-        d.update_user(uid, name={"given": "Renamed", "family": "Person"})
-        w.sb.zpa.reset_counters()
+    async with renamed_after_a_cycle(tmp_path) as (w, _uid):
         result, _ = await run_sync(w, "in.direct@example.com", target="zpa")
         assert ops(result, "zpa") == [("user", "update", "in.direct@example.com", "applied")]
         assert w.sb.zpa.user_by_username("in.direct@example.com")["name"]["givenName"] == "Renamed"
@@ -173,6 +168,18 @@ async def test_an_unknown_user_raises(tmp_path: Path) -> None:
 
 
 @asynccontextmanager
+async def renamed_after_a_cycle(tmp_path: Path) -> AsyncIterator[tuple[World, str]]:
+    """A world after one cycle, in which in.direct@example.com was then renamed in PingOne."""
+    async with world(tmp_path) as w:
+        await w.cycle()
+        d = w.sb.directory
+        uid = str(d.user_by_username("in.direct@example.com")["id"])
+        d.update_user(uid, name={"given": "Renamed", "family": "Person"})
+        w.sb.zpa.reset_counters()
+        yield w, uid
+
+
+@asynccontextmanager
 async def another_writer(w: World, uid: str) -> AsyncIterator[tuple[Store, int]]:
     """A write to `uid` in zpa in flight in another live process (a `sleep` child owns the cycle,
     as the daemon would: `cycle.owner`), on the same state file."""
@@ -197,12 +204,7 @@ async def another_writer(w: World, uid: str) -> AsyncIterator[tuple[Store, int]]
 async def test_a_user_another_process_is_writing_is_not_sent_and_is_reported_busy(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ondemand, "BUSY_WAIT", 0.5)
-    async with world(tmp_path) as w:
-        await w.cycle()
-        d = w.sb.directory
-        uid = str(d.user_by_username("in.direct@example.com")["id"])
-        d.update_user(uid, name={"given": "Renamed", "family": "Person"})
-        w.sb.zpa.reset_counters()
+    async with renamed_after_a_cycle(tmp_path) as (w, uid):
         async with another_writer(w, uid) as (_, cycle):
             result, lines = await run_sync(w, uid, target="zpa")
         (t,) = result.targets
@@ -217,12 +219,7 @@ async def test_a_user_another_process_is_writing_is_not_sent_and_is_reported_bus
 async def test_a_user_released_while_waiting_is_planned_again_from_the_current_state_and_sent(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ondemand, "BUSY_WAIT", 10.0)
-    async with world(tmp_path) as w:
-        await w.cycle()
-        d = w.sb.directory
-        uid = str(d.user_by_username("in.direct@example.com")["id"])
-        d.update_user(uid, name={"given": "Renamed", "family": "Person"})
-        w.sb.zpa.reset_counters()
+    async with renamed_after_a_cycle(tmp_path) as (w, uid):
         async with another_writer(w, uid) as (other, cycle):
 
             async def release() -> None:
