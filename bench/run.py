@@ -1159,24 +1159,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="keep configs, state and logs here (default: a temp dir)")
     args = parser.parse_args(argv)
     plan = replace(Plan(), seed=args.seed, latency_ms=args.latency_ms, concurrency=args.concurrency)
-    if args.users:
-        plan = replace(plan, world_users=args.users)
-    if args.groups:
-        plan = replace(plan, world_groups=args.groups, prop_groups=args.groups)
-    if args.users:
-        plan = replace(plan, prop_users=args.users)
-    if args.changes is not None:
-        plan = replace(plan, prop_changes=args.changes)
-    if args.window is not None:
-        plan = replace(plan, prop_window_s=args.window)
-    if args.idle is not None:
-        plan = replace(plan, prop_idle_s=args.idle)
-    if args.scale_users:
-        plan = replace(plan, scale_users=args.scale_users)
-    if args.scale_changes is not None:
-        plan = replace(plan, scale_prop_changes=args.scale_changes)
-    if args.scale_window is not None:
-        plan = replace(plan, scale_prop_window_s=args.scale_window)
+    # option -> the Plan fields it sets; a size of 0 (users, groups) keeps the default
+    overrides = {"users": ("world_users", "prop_users"), "groups": ("world_groups", "prop_groups"),
+                 "changes": ("prop_changes",), "window": ("prop_window_s",), "idle": ("prop_idle_s",),
+                 "scale_users": ("scale_users",), "scale_changes": ("scale_prop_changes",),
+                 "scale_window": ("scale_prop_window_s",)}
+    sizes = {"users", "groups", "scale_users"}
+    for option, fields in overrides.items():
+        value = getattr(args, option)
+        if value is None or (option in sizes and not value):
+            continue
+        plan = replace(plan, **dict.fromkeys(fields, value))
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
