@@ -61,6 +61,7 @@ from daemon.incremental import (
     merge,
     own_copy,
     removal_window,
+    repinned,
     slice_to,
 )
 from daemon.links import GROUP_LIMIT, HELD, PENDING, REMOVALS_HELD, Actual, GroupLink, Op, Plan, UserLink
@@ -1061,7 +1062,10 @@ class Engine:
             # The daemon's merged snapshot, sliced by the increment: the desired state of the slice
             # alone (`_desire_slice`); sync-group's own slice needs the whole desired state.
             fast = how.slice is None and inc.snapshot is self._owned
-            desired = await (self._desire_slice(rt, inc) if fast else self.desire(rt, inc.snapshot))
+            if fast:
+                desired, inc = await self._desire_slice(rt, inc)
+            else:
+                desired = await self.desire(rt, inc.snapshot)
             approval = await approvals.in_effect(self.store, name) if how.approvals else None
             deadline = time.monotonic() + how.busy_wait
             merged = Plan(ops=[])
@@ -1136,15 +1140,17 @@ class Engine:
             raise
         return out
 
-    async def _desire_slice(self, rt: TargetRuntime, inc: Increment) -> Desired:
+    async def _desire_slice(self, rt: TargetRuntime, inc: Increment) -> tuple[Desired, Increment]:
         """Step b over what *inc* touches in the daemon's merged snapshot: what `desire` cut to the
         slice would hold (`slice_to` of either is the same), computed from the touched users and
-        the pushed groups' membership of them only (`incremental.desire_slice`)."""
+        the pushed groups' membership of them only (`incremental.desire_slice`). *inc* comes
+        back widened by the groups a name pin moved to, and their users (`repinned`)."""
         name = rt.config.name
         old_pins = await self.pins(name)
         pins = resolve_pins(inc.snapshot, rt.rules, old_pins)
         if pins != old_pins:
             await self.store.set_meta(f"group_pins.{name}", json.dumps(pins, sort_keys=True))
+            inc = repinned(inc, old_pins, pins)
         epoch = self._cache_epoch
         built = self._name_index.get(name)
         with gc_paused():
@@ -1158,7 +1164,7 @@ class Engine:
             want = desire_slice(inc.snapshot, rt.rules, pins, inc.users, cache=rt.mapped, index=index,
                                 stale=self._stale.get(name, ()))
         self._stale.pop(name, None)
-        return want
+        return want, inc
 
     async def _reconcile_plan(self, cx: CycleContext, inc: Increment, desired: Desired, links: Actual,
                               actual: Actual, approval: approvals.Approval | None, *, first_seq: int = 0,

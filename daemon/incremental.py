@@ -3,6 +3,7 @@ and the desired state and links sliced to the entities they touch (README "How c
 
     merge         the last snapshot + what `changes.read_affected` read anew -> the snapshot as
                   PingOne is now, and the users whose state may have changed (`Increment`)
+    repinned      the increment widened by the groups a name pin moved to (`resolve_pins`)
     desire_slice  the desired state of those users and of the pushed groups' membership of them,
                   computed from them alone (`NameIndex` finds who else maps to a userName)
     slice_to      the desired state and links reduced to those users and the groups they touch:
@@ -42,7 +43,7 @@ from daemon.mapping import (
 )
 from daemon.mapping import _map as map_one
 from daemon.model import JSON, UNCHANGED, Members, Snapshot
-from daemon.source.changes import Reads
+from daemon.source.changes import GroupRead, Reads
 
 INCREMENTAL_KIND = "incremental"    # cycle.kind of an incremental cycle (logs, SQLite, `status`)
 
@@ -52,7 +53,7 @@ class Increment:
     """The snapshot with the changes merged in, and what the changes touch."""
 
     snapshot: Snapshot
-    users: frozenset[str]           # users named by an event, or members (before or after) of a changed group
+    users: frozenset[str]           # users named by an event, or whose groups a changed group changed (`merge`)
     groups: frozenset[str]          # groups named by an event
     deleted_users: frozenset[str]
     changed_at: Mapping[str, str] = field(default_factory=dict)   # user id -> when PingOne recorded its change
@@ -84,14 +85,23 @@ def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = Non
     A group read anew takes its members and parents; a deleted group leaves. A user read anew
     takes its JSON (and hash, so the mapping runs again) and its direct membership in every
     group the snapshot holds members of; a deleted user leaves the users and every member set.
-    The users touched are those read, and every user of a changed group (nested ones included,
-    before and after the change): their scope and memberships are planned again."""
+    The users touched (their scope and memberships planned again) are those read, and of each
+    group read anew: every user (nested ones included, before and after) when the group itself
+    changed (created, deleted, its JSON or its parents), else only the users whose membership
+    changed (joined or left it directly, or as a member of a nested group). A user whose groups are what
+    they were is not planned again for a group's sake: its desired state is the same."""
     snap = base if in_place else own_copy(base)
     touched: set[str] = set(reads.users)
     rows: set[str] = set()            # groups whose stored row (name, members, parents) changes
     before_children = base.children()
-    for gid in reads.groups:
-        touched.update(base.member_ids(gid, transitive=True, children=before_children))
+    # group id -> its users before (direct, and with nested groups'), when only they may change
+    before: dict[str, tuple[AbstractSet[str], AbstractSet[str]]] = {}
+    for gid, read in reads.groups.items():
+        members = base.member_ids(gid, transitive=True, children=before_children)
+        if read is None or _reshaped(base, gid, read):
+            touched.update(members)
+        else:
+            before[gid] = (base.members.get(gid, _NONE), members)
     for gid, read in reads.groups.items():
         if read is None:
             snap.groups.pop(gid, None)
@@ -133,7 +143,14 @@ def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = Non
     after_children = snap.children()
     for gid in reads.groups:
         if gid in snap.groups:
-            touched.update(snap.member_ids(gid, transitive=True, children=after_children))
+            members = snap.member_ids(gid, transitive=True, children=after_children)
+            was = before.get(gid)
+            if was is None:
+                touched.update(members)
+                continue
+            # Joined or left: directly (a target without nesting sees that) or through nesting.
+            touched.update(frozenset(snap.members.get(gid, _NONE)).symmetric_difference(was[0]))
+            touched.update(frozenset(members).symmetric_difference(was[1]))
     recorded = recorded or {}
     group_times = [recorded[g] for g in reads.groups if g in recorded]
     earliest = min(group_times) if group_times else None
@@ -145,6 +162,37 @@ def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = Non
     return Increment(snap, frozenset(touched), frozenset(reads.groups), reads.deleted_users, changed_at,
                      frozenset(u for u, raw in reads.users.items() if raw is not None),
                      frozenset(g for g in rows if g in snap.groups))
+
+
+# Keys of a group's JSON that change with its membership alone (a member or a nested group added
+# or removed bumps `updatedAt`): the member counts, which no group selector reads (a rule compares
+# the group's strings: GROUP_RULE_DIALECT), and the time of the change, which no rule should.
+_MEMBER_COUNTS = ("_links", "directMemberCounts", "totalMemberCounts", "updatedAt")
+
+
+def _reshaped(base: Snapshot, gid: str, read: GroupRead) -> bool:
+    """Whether the group read anew is new, or its JSON (but for `_MEMBER_COUNTS`) or parents differ
+    from *base*'s: then every user in it may be planned differently (a rename or a nesting can
+    move a scope or a pushed group)."""
+    held = base.groups.get(gid)
+    if held is None or frozenset(read.parent_ids) != base.parents.get(gid, frozenset()):
+        return True
+    return any(read.group.get(key) != held.get(key) for key in read.group.keys() | held.keys()
+               if key not in _MEMBER_COUNTS)
+
+
+def repinned(inc: Increment, old_pins: Mapping[str, str], pins: Mapping[str, str]) -> Increment:
+    """*inc* widened by every group a name pin moved to (its pinned group deleted, another group
+    of that name now selected) and the users in it: their scope and the group's pushing change
+    although no event names them."""
+    moved = {gid for name, gid in pins.items() if old_pins.get(name, gid) != gid}
+    if not moved:
+        return inc
+    children = inc.snapshot.children()
+    users = set(inc.users)
+    for gid in moved:
+        users.update(inc.snapshot.member_ids(gid, transitive=True, children=children))
+    return replace(inc, users=frozenset(users), groups=inc.groups | moved)
 
 
 def own_copy(base: Snapshot) -> Snapshot:

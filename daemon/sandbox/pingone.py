@@ -173,6 +173,9 @@ class PingOneEmulator:
         self.dynamic_membership_type = dynamic_membership_type
         # UNCONFIRMED: whether include=memberOfGroupIDs|Names lists nested (indirect) groups too.
         self.member_of_ids_transitive = member_of_ids_transitive
+        # UNCONFIRMED (pingone.md §9.4): whether GET users/{id} honours include=memberOfGroupIDs.
+        # False answers the user without it (the daemon then reads the groups a change names).
+        self.user_read_includes_groups = True
         self.counters: collections.Counter[str] = collections.Counter()
         self.request_log: list[tuple[str, str]] = []
         self.request_log_size = request_log_size
@@ -559,7 +562,7 @@ class PingOneEmulator:
         self._authorize(request)
         user_id = self._known_user(request)
         item = self._render_user(self._api_base(request), user_id, "population" in self._expands(request))
-        includes = self._includes(request)
+        includes = self._includes(request) if self.user_read_includes_groups else set()
         if includes & {"memberOfGroupIDs", "memberOfGroupNames"}:
             group_ids = sorted(self.directory.user_group_ids(user_id, transitive=self.member_of_ids_transitive))
             if "memberOfGroupIDs" in includes:

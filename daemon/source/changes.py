@@ -57,6 +57,8 @@ MAX_BATCH_ITEMS = 1000
 FAILED = "FAILED"
 USER = "USER"
 GROUP = "GROUP"
+# `action.type` of a change to a group itself (GROUP.CREATED, .UPDATED, .DELETED: pingone.md §9.1).
+GROUP_ACTION_PREFIX = "GROUP."
 
 
 class FeedGap(ProvisiondError):
@@ -84,6 +86,9 @@ class ChangeSet:
     user_ids: frozenset[str] = frozenset()
     group_ids: frozenset[str] = frozenset()
     first_recorded: Mapping[str, str] = field(default_factory=dict)   # entity id -> recordedAt
+    # Groups named only beside a user (a membership added or removed) and never on their own: the
+    # user's read says its direct groups, so `read_affected` reads these only when it does not.
+    member_groups: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
         return bool(self.user_ids or self.group_ids)
@@ -128,9 +133,15 @@ def parse_activity(raw: Any) -> Activity | None:
 
 
 def affected(activities: Iterable[Activity]) -> ChangeSet:
-    """Every user and group the successful activities name; failed actions change nothing."""
+    """Every user and group the successful activities name; failed actions change nothing.
+
+    A group named beside a user by an action that is not the group's own (`GROUP.*`: created,
+    updated, deleted) is a membership of that user added or removed: it goes to `member_groups`
+    unless another activity names the group itself. The user's read covers such a change, so the
+    group's member list (one page of users per 1,000 members) is not read for it."""
     users: set[str] = set()
     groups: set[str] = set()
+    beside: set[str] = set()
     first: dict[str, str] = {}
     for activity in activities:
         if activity.failed:
@@ -139,8 +150,11 @@ def affected(activities: Iterable[Activity]) -> ChangeSet:
             if ident not in first or activity.recorded_at < first[ident]:
                 first[ident] = activity.recorded_at
         users.update(activity.user_ids)
-        groups.update(activity.group_ids)
-    return ChangeSet(frozenset(users), frozenset(groups), first)
+        if activity.user_ids and not activity.action.upper().startswith(GROUP_ACTION_PREFIX):
+            beside.update(activity.group_ids)
+        else:
+            groups.update(activity.group_ids)
+    return ChangeSet(frozenset(users), frozenset(groups), first, frozenset(beside - groups))
 
 
 def stamp(seconds: float) -> str:
@@ -191,8 +205,11 @@ async def read_affected(client: PingOneClient, changes: ChangeSet, *,
                         concurrency: int = DEFAULT_READ_CONCURRENCY) -> Reads:
     """GET each affected user (with `memberOfGroupIDs`) and group (with members and parents).
 
-    Only those: a change to one user costs one request, not a snapshot. A 404 means deleted;
-    any other failure propagates (the caller retries the whole batch: nothing was committed)."""
+    Only those: a change to one user costs one request, not a snapshot. The groups named only
+    beside a user (`ChangeSet.member_groups`) are read too when a user came back without
+    `memberOfGroupIDs` (then its own read does not say which groups it is in). A 404 means
+    deleted; any other failure propagates (the caller retries the whole batch: nothing was
+    committed)."""
     users: dict[str, dict[str, Any] | None] = {}
     groups: dict[str, GroupRead | None] = {}
     limiter = anyio.CapacityLimiter(concurrency)
@@ -220,6 +237,11 @@ async def read_affected(client: PingOneClient, changes: ChangeSet, *,
             tg.start_soon(user, uid)
         for gid in sorted(changes.group_ids):
             tg.start_soon(group, gid)
+    if changes.member_groups and any(read is not None and not isinstance(read.get("memberOfGroupIDs"), list)
+                                     for read in users.values()):
+        async with anyio.create_task_group() as tg:
+            for gid in sorted(changes.member_groups):
+                tg.start_soon(group, gid)
     return Reads(users, groups)
 
 

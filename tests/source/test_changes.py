@@ -143,14 +143,56 @@ def test_affected_skips_failed_actions_and_keeps_the_first_time() -> None:
             Activity("2", "2026-01-01T00:00:01.000Z", "X", ("u",), ()),
             Activity("3", "2026-01-01T00:00:00.000Z", "X", ("v",), (), failed=True)]
     changes = affected(acts)
-    assert changes.user_ids == {"u"} and changes.group_ids == {"g"}
+    assert changes.user_ids == {"u"} and changes.member_groups == {"g"} and not changes.group_ids
     assert changes.first_recorded["u"] == "2026-01-01T00:00:01.000Z"
     assert not affected(acts[2:])
     failed = parse_activity(record("9", "t", {"type": "USER", "id": "v"}, status="FAILED"))
     assert failed is not None and failed.failed
 
 
+def test_a_group_named_beside_a_user_is_a_membership_unless_the_group_itself_changed() -> None:
+    at = "2026-01-01T00:00:00.000Z"
+    added = Activity("1", at, "GROUP_MEMBERSHIP.CREATED", ("u",), ("g",))
+    renamed = Activity("2", at, "GROUP.UPDATED", ("v",), ("h",))
+    nested = Activity("3", at, "GROUP_NESTING.CREATED", (), ("g2", "p"))
+    changes = affected([added, renamed, nested])
+    assert changes.user_ids == {"u", "v"}
+    assert changes.member_groups == {"g"} and changes.group_ids == {"h", "g2", "p"}
+    # The same group also named on its own: read as a group, not only as a membership.
+    alone = Activity("4", at, "GROUP.UPDATED", (), ("g",))
+    changes = affected([added, alone])
+    assert changes.group_ids == {"g"} and not changes.member_groups
+
+
 # --- over HTTP -------------------------------------------------------------------------------------
+
+async def test_a_membership_change_reads_the_user_not_the_groups_member_list(env: Env) -> None:
+    alice = env.directory.add_user("alice@example.com")["id"]
+    bob = env.directory.add_user("bob@example.com")["id"]
+    zpa = env.directory.add_group("ZPA")["id"]
+    env.directory.add_member(zpa, bob)
+    env.clock.advance(60)
+    feed = env.feed()
+    await feed.start_at(env.clock.now)
+    env.directory.add_member(zpa, alice)
+    env.directory.remove_member(zpa, bob)
+    env.clock.advance(3)
+    batch = await feed.poll()
+    assert batch.changes.member_groups == {zpa} and not batch.changes.group_ids
+    env.emulator.request_log.clear()
+    reads = await read_affected(env.client(), batch.changes)
+    assert not reads.groups
+    read_alice, read_bob = reads.users[alice], reads.users[bob]
+    assert read_alice is not None and read_alice["memberOfGroupIDs"] == [zpa]
+    assert read_bob is not None and read_bob["memberOfGroupIDs"] == []
+    reads_sent = [path for _, path in env.emulator.request_log if "/environments/" in path]
+    assert sorted(path.split("?")[0].rsplit("/", 1)[-1] for path in reads_sent) == sorted([alice, bob])
+    # A PingOne that answers the user without its groups: the group is read after all.
+    env.emulator.user_read_includes_groups = False
+    reads = await read_affected(env.client(), batch.changes)
+    zpa_read = reads.groups[zpa]
+    assert zpa_read is not None and zpa_read.member_ids == (alice,)
+
 
 async def test_every_event_type_reaches_the_affected_ids_and_reads_them(env: Env) -> None:
     feed = env.feed()
