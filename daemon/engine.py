@@ -117,6 +117,7 @@ DEFAULT_REMOVAL_WINDOW = 3600.0
 # An entity another process holds (`busy`): how long a reconcile step waits for it before it plans
 # it again from the current state, and how often it looks (one indexed query per entity).
 DEFAULT_BUSY_WAIT = 10.0
+PLANNED = "planned"          # the outcome of a plan-only `reconcile` (`Reconcile.plan_only`): nothing applied
 BUSY_POLL = 0.1
 _MEMBER_OF_RE = re.compile(r'memberOfGroups\[\s*id\s+eq\s+"([^"]+)"\s*\]', re.IGNORECASE)
 
@@ -201,6 +202,9 @@ class Reconcile:
     slice: Callable[[Desired, Actual], tuple[Desired, Actual]] | None = None
     on_plan: Callable[[Desired, Plan], None] | None = None   # sees (and may trim) each plan before it is saved
     summary: Mapping[str, Any] = field(default_factory=dict)   # more keys for the cycle's summary
+    # Stop after the first plan (`why`'s prediction): no cycle row, no plan rows, no claim, no
+    # recovery, no pins or links written, nothing sent or logged; `Reconciled.ops` is the plan.
+    plan_only: bool = False
 
 
 @dataclass
@@ -844,12 +848,13 @@ class Engine:
         result, after = await self.apply_plan(cx, snapshot, desired, actual, the_plan)   # e
         return await self.finish(cx, desired, after, the_plan, result)            # f
 
-    async def desire(self, rt: TargetRuntime, snapshot: Snapshot) -> Desired:
-        """Step b: what the target should hold (mapping, pure); the group pins it resolved are kept."""
+    async def desire(self, rt: TargetRuntime, snapshot: Snapshot, *, keep_pins: bool = True) -> Desired:
+        """Step b: what the target should hold (mapping, pure); the group pins it resolved are kept
+        (unless not *keep_pins*: a plan-only reconcile writes nothing)."""
         name = rt.config.name
         old_pins = await self.pins(name)
         pins = resolve_pins(snapshot, rt.rules, old_pins)
-        if pins != old_pins:
+        if pins != old_pins and keep_pins:
             await self.store.set_meta(f"group_pins.{name}", json.dumps(pins, sort_keys=True))
         with gc_paused():
             return desired_state(snapshot, rt.rules, pins, hashes=snapshot.hashes, cache=rt.mapped)
@@ -1041,6 +1046,8 @@ class Engine:
         this step waits for it (up to `how.busy_wait` seconds) and plans it again from the
         current state, and what is still busy then stays `skipped`/`busy` (`report.busy`).
         A quarantined target is skipped; a target that fails is quarantined as in a full cycle."""
+        if how.plan_only:
+            return await self._plan_only(rt, inc, how)
         name = rt.config.name
         kind = how.kind
         log = self.log.bind(target=name)
@@ -1061,11 +1068,7 @@ class Engine:
                 await self.recover(rt, log)
             # The daemon's merged snapshot, sliced by the increment: the desired state of the slice
             # alone (`_desire_slice`); sync-group's own slice needs the whole desired state.
-            fast = how.slice is None and inc.snapshot is self._owned
-            if fast:
-                desired, inc = await self._desire_slice(rt, inc)
-            else:
-                desired = await self.desire(rt, inc.snapshot)
+            desired, inc, fast = await self._reconcile_desired(rt, inc, how)
             approval = await approvals.in_effect(self.store, name) if how.approvals else None
             deadline = time.monotonic() + how.busy_wait
             merged = Plan(ops=[])
@@ -1073,18 +1076,9 @@ class Engine:
             part: Desired | None = None
             after: Actual = Actual({}, {})
             while True:
-                since = time.time()
-                actual = await (how.links(desired) if how.links is not None else self.known_links(rt, desired, log))
-                if how.links is None:
-                    since = rt.links_loaded_at or since
-                piece, links = (how.slice(desired, actual) if how.slice is not None
-                                else slice_to(desired, actual, inc.users, inc.groups))
+                since, actual, piece, the_plan = await self._reconcile_round(
+                    cx, inc, how, desired, approval, first_seq=len(merged.ops), fast=fast)
                 part = part or piece
-                the_plan = await self._reconcile_plan(cx, inc, piece, links, actual, approval,
-                                                      first_seq=len(merged.ops),
-                                                      managed=len(actual.users) if fast else None)
-                if how.on_plan is not None:
-                    how.on_plan(piece, the_plan)
                 await self.store.save_plan(cycle_id, name, the_plan.ops)
                 if the_plan.ops:
                     self.report_plan(cx, piece, the_plan)
@@ -1139,6 +1133,49 @@ class Engine:
                 await self.store.finish_cycle(cycle_id, "aborted", {})
             raise
         return out
+
+    async def _plan_only(self, rt: TargetRuntime, inc: Increment, how: Reconcile) -> Reconciled:
+        """`reconcile` stopped after its plan (`how.plan_only`): the same desired state, links,
+        slice and plan (with `on_plan`), read from SQLite and never written: no cycle, no plan
+        rows, no claim, no pins, nothing sent. The report's outcome is `planned`."""
+        name = rt.config.name
+        complete = self.last_complete if how.complete is None else how.complete
+        cx = CycleContext(rt, 0, False, complete, self.log.bind(target=name), time.time(), inc.snapshot.complete,
+                          kind=how.kind, summary=how.summary)
+        desired, inc, fast = await self._reconcile_desired(rt, inc, how)
+        approval = await approvals.in_effect(self.store, name) if how.approvals else None
+        _, _, piece, the_plan = await self._reconcile_round(cx, inc, how, desired, approval, first_seq=0, fast=fast)
+        return Reconciled(TargetReport(name, None, PLANNED), ops=the_plan.ops, desired=piece, approval=approval)
+
+    async def _reconcile_desired(self, rt: TargetRuntime, inc: Increment,
+                                 how: Reconcile) -> tuple[Desired, Increment, bool]:
+        """Step b of `reconcile`: the daemon's merged snapshot, sliced by the increment, is desired
+        for the slice alone (`_desire_slice`, "fast"); sync-group's own slice needs the whole."""
+        fast = how.slice is None and inc.snapshot is self._owned and not how.plan_only
+        if fast:
+            desired, inc = await self._desire_slice(rt, inc)
+        else:
+            desired = await self.desire(rt, inc.snapshot, keep_pins=not how.plan_only)
+        return desired, inc, fast
+
+    async def _reconcile_round(self, cx: CycleContext, inc: Increment, how: Reconcile, desired: Desired,
+                               approval: approvals.Approval | None, *, first_seq: int,
+                               fast: bool) -> tuple[float, Actual, Desired, Plan]:
+        """Steps c-d of one `reconcile` round: the links (and when they were read: the claims'
+        `since`), the slice and its plan, shown to `how.on_plan`. Not saved here."""
+        rt = cx.rt
+        since = time.time()
+        actual = await (how.links(desired) if how.links is not None else self.known_links(rt, desired, cx.log))
+        if how.links is None:
+            since = rt.links_loaded_at or since
+        piece, links = (how.slice(desired, actual) if how.slice is not None
+                        else slice_to(desired, actual, inc.users, inc.groups,
+                                      held=rt.client.profile.max_groups_per_user is not None))
+        the_plan = await self._reconcile_plan(cx, inc, piece, links, actual, approval, first_seq=first_seq,
+                                              managed=len(actual.users) if fast else None)
+        if how.on_plan is not None:
+            how.on_plan(piece, the_plan)
+        return since, actual, piece, the_plan
 
     async def _desire_slice(self, rt: TargetRuntime, inc: Increment) -> tuple[Desired, Increment]:
         """Step b over what *inc* touches in the daemon's merged snapshot: what `desire` cut to the

@@ -1,10 +1,13 @@
 """`provisiond why USER`: what provisiond did and will do for one user, from SQLite alone.
 
 No network: the user and its groups come from the last snapshot (`source_user`, `source_group`),
-the link and the history from `target_object` and `operation`. The answer is recomputed with the
-same pure code a cycle runs: the target's compiled `Rules` (`mapping.desired_state`) over a
-snapshot that holds just this user (plus any other stored user that maps to the same userName,
-so that a `conflict` shows), and `planner.plan` against just this user's link.
+the link and the history from `target_object` and `operation`. The prediction ("next cycle",
+what would be sent) is the sync-user step itself run plan-only (`ondemand.plan_user`:
+`Engine.reconcile` with `Reconcile.plan_only`) over the user as the last snapshot holds it (plus
+any other stored user that maps to the same userName, so that a `conflict` shows): the same
+desired state, links, slice, `max_deletes`, held-plan and approval rules, and nothing written to
+SQLite or sent to a target. Scope and mapping are shown with the same pure code (`Rules`,
+`mapping.desired_state`).
 
 Every query is by primary key or index, except the membership scan of `source_group` (one row
 per group, not per user; a substring search, no JSON parsing).
@@ -14,21 +17,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from daemon import approvals, refusals
 from daemon.config import Config, TargetConfig
 from daemon.durations import local_time
-from daemon.engine import profile_overrides, rules_for
-from daemon.links import HELD, PENDING, REMOVALS_HELD, Actual, GroupLink, Op, Plan, UserLink
+from daemon.engine import rules_for
+from daemon.links import HELD, PENDING, GroupLink, Op, UserLink
 from daemon.mapping import Desired, Rules, desired_state, resolve_pins, username_key
 from daemon.model import JSON, Snapshot
-from daemon.planner import Policy, plan
 from daemon.source.changes import EVENT_APPLIED, EVENT_COVERED, EVENT_PENDING, epoch, last_event
 from daemon.store import Store
-from daemon.target.profiles import profile_for
 
 DEFAULT_HISTORY = 10              # last operations shown per target
 SYNC_USER_KIND = "sync-user"      # `cycle.summary.kind` of a cycle written by `provisiond sync-user`
@@ -182,54 +183,6 @@ def user_snapshot(users: Mapping[str, JSON], groups: Mapping[str, JSON], parents
                     members={g: frozenset(m) for g, m in members.items()}, parents=dict(parents))
 
 
-def narrow(actual: Actual, user_id: str, departed: Iterable[UserLink] = ()) -> Actual:
-    """What the planner may see for one user: its link (and the links of departed namesakes, whose
-    account a rehire takes over), and the group links reduced to this user.
-
-    Other members and foreign members are hidden, so a plan never removes anyone else."""
-    groups = {gid: replace(link, members=link.members & {user_id}, foreign=frozenset())
-              for gid, link in actual.groups.items()}
-    users = {link.source_id: link for link in departed}
-    if user_id in actual.users:
-        users[user_id] = actual.users[user_id]
-    return Actual(users, groups)
-
-
-def policy_for(cfg: TargetConfig, *, max_deletes: int | None = None, approved: bool = False,
-               released: frozenset[str] = frozenset()) -> Policy:
-    return Policy(create=cfg.actions.create, update=cfg.actions.update, disable=cfg.actions.disable,
-                  deprovision=cfg.actions.deprovision, remove_action=cfg.remove_action,
-                  delete_after=cfg.delete_after, group_membership=cfg.group_membership,
-                  max_deletes=max_deletes, approved=approved, released=released,
-                  max_groups_per_user=profile_for(cfg.profile, **profile_overrides(cfg)).max_groups_per_user)
-
-
-def plan_for_user(desired: Desired, actual: Actual, user_id: str, cfg: TargetConfig, *, now: float,
-                  max_deletes: int | None = None, approved: bool = False,
-                  released: frozenset[str] = frozenset(),
-                  departed: Sequence[UserLink] = ()) -> Plan:
-    """The planner over one user: desired groups that are not linked yet are created only when
-    this user belongs in them; group links not desired are left alone (never deleted here), and
-    so are renames. `departed`: links of namesakes known to be gone from PingOne (a rehire takes
-    one over); nothing else is planned for them here. `released`: the removals an approval of a
-    held plan releases (`Approval.releases`, `kind:source_id`), exactly as a cycle's plan takes
-    them: a released removal is not counted against `max_deletes`, any other is judged again."""
-    scoped = Actual(actual.users, {g: link for g, link in actual.groups.items() if g in desired.groups})
-    wanted = Desired(users=desired.users, skipped=desired.skipped, missing_groups=desired.missing_groups,
-                     present_users=desired.present_users, present_groups=desired.present_groups,
-                     in_scope=desired.in_scope,
-                     groups={g: w for g, w in desired.groups.items()
-                             if g in scoped.groups or user_id in w.members})
-    result = plan(wanted, narrow(scoped, user_id, departed),
-                  policy_for(cfg, max_deletes=max_deletes, approved=approved, released=released),
-                  complete=True, now=now)
-    # A rename of a pushed group is the next cycle's business, not this user's; so is a departed
-    # namesake's removal.
-    result.ops = [op for op in result.ops if not (op.kind == "group" and op.op == "rename")
-                  and not (op.kind == "user" and op.source_id != user_id)]
-    return result
-
-
 def scope_verdict(snapshot: Snapshot, rules: Rules, pins: Mapping[str, str], cfg: TargetConfig,
                   user_id: str) -> dict[str, Any]:
     """In scope or not, and which part of the rule decided."""
@@ -323,41 +276,29 @@ def _decided_by(present: bool, groups: list[dict[str, Any]], admitted: bool | No
 
 
 async def explain(store: Store, config: Config, ref: str, target: str | None = None) -> dict[str, Any]:
-    """Everything `why` says about one user, as JSON-able data. Raises UnknownUser, KeyError (target)."""
+    """Everything `why` says about one user, as JSON-able data. Raises UnknownUser, KeyError (target).
+
+    The prediction (`next_cycle`) is the sync-user step run plan-only (`ondemand.plan_user`):
+    `Engine.reconcile` over this user as the last snapshot holds it, nothing written or sent."""
+    from daemon import logs
+    from daemon.ondemand import plan_user  # ondemand imports this module
+
     started = time.perf_counter()
-    targets = [config.target(target)] if target is not None else list(config.targets)
-    user = await find_user(store, ref)
-    if user is not None:
-        user_id = str(user["id"])
-    else:
-        linked = await find_linked_id(store, ref)
-        if linked is None:
-            raise UnknownUser(f"no user {ref!r} in the state file {store.path}")
-        user_id = linked
+    planned = await plan_user(config, store, ref, target=target, log=logs.get_logger(command="why"))
+    user_id, user, snap = planned.user_id, planned.user, planned.snapshot
     stored = await stored_groups(store)
-    users = {user_id: user} if user is not None else {}
-    memberships = await direct_group_ids(store, users)
-    now = time.time()
+    memberships = await direct_group_ids(store, [user_id] if user is not None else [])
     out: dict[str, Any] = {
         "user": _user_summary(user, user_id, stored, memberships.get(user_id, set())),
         "last_event": await last_event(store, user_id),
         "targets": [],
     }
-    for cfg in targets:
+    for name, (_, done) in planned.targets.items():
+        cfg = config.target(name)
         rules = rules_for(cfg)
-        pins = resolve_pins(Snapshot(groups=stored.groups, parents=stored.parents), rules,
-                           await pins_for(store, cfg.name))
-        snap = user_snapshot(users, stored.groups, stored.parents, memberships)
+        pins = resolve_pins(snap, rules, await pins_for(store, name))
         desired = desired_state(snap, rules, pins)
-        mine = desired.users.get(user_id)
-        if mine is not None:
-            others = await namesakes(store, mine.user_name, user_id)
-            if others:
-                more = {str(o["id"]): o for o in others}
-                extra = await direct_group_ids(store, more)
-                snap = user_snapshot({**users, **more}, stored.groups, stored.parents, {**memberships, **extra})
-                desired = desired_state(snap, rules, pins)
-        out["targets"].append(await _explain_target(store, cfg, rules, pins, snap, desired, user_id, now))
+        out["targets"].append(await _explain_target(store, cfg, rules, pins, snap, desired, user_id, done.ops))
     out["took_ms"] = round((time.perf_counter() - started) * 1000, 2)
     return out
 
@@ -371,33 +312,23 @@ def _user_summary(user: JSON | None, user_id: str, stored: StoredGroups, direct:
 
 
 async def _explain_target(store: Store, cfg: TargetConfig, rules: Rules, pins: Mapping[str, str],
-                          snap: Snapshot, desired: Desired, user_id: str, now: float) -> dict[str, Any]:
+                          snap: Snapshot, desired: Desired, user_id: str, ops: list[Op]) -> dict[str, Any]:
+    """One target's part of `why`: *ops* is the plan the sync-user step made (plan-only)."""
     name = cfg.name
     scope = scope_verdict(snap, rules, pins, cfg, user_id)
     want = desired.users.get(user_id)
     skip = desired.skipped.get(user_id)
     link = await user_link(store, name, user_id)
     links = await group_links(store, name)
-    actual = Actual({user_id: link} if link is not None else {}, links)
-    departed = ([n for n in await namesake_links(store, name, want.user_name, user_id)
-                 if not await in_snapshot(store, n.source_id)] if want is not None and link is None else [])
     approval = await approvals.in_effect(store, name)
     released = approval.releases if approval is not None else frozenset()
-    the_plan = plan_for_user(desired, actual, user_id, cfg, now=now, released=released, departed=departed)
     history = await store.operations_for(name, user_id, limit=DEFAULT_HISTORY)
     last_cycle = await last_daemon_cycle(store, name)
     held_last = any(op["cycle"] == last_cycle and op["status"] == HELD for op in history)
     # Approved only when the approved plan held this user's removal (the engine's identity);
     # an approval of another plan leaves it held.
     removal_approved = held_last and approvals.removal_key("user", user_id) in released
-    approved = removal_approved
     refused = (await refusals.load(store, name)).get(user_id)    # a standing refusal (admin_linked)
-    if refused is not None:
-        refusals.hold(the_plan, {user_id: refused}, full_sync=False)
-    ops = the_plan.ops
-    if held_last and not approved:
-        ops = [replace(op, status=HELD, skip_reason=REMOVALS_HELD) if op.is_removal and op.status == PENDING
-               else op for op in ops]
     failed_last = {(op["kind"], op["op"]) for op in history
                    if op["status"] == "failed" and op["cycle"] == (history[0]["cycle"] if history else None)}
     next_ops = [_describe(op, failed_last) for op in ops]
@@ -421,7 +352,7 @@ async def _explain_target(store: Store, cfg: TargetConfig, rules: Rules, pins: M
         "link": (await store.link_for(name, user_id)) if link is not None else None,
         "groups": memberships,
         "last_operations": history,
-        "held": held_last and not approved,
+        "held": held_last and not removal_approved,
         "refused": refused,
         "approval_pending": approval is not None,
         "approved_plan": approval.plan_id if approval is not None and approval.plan_id >= 0 else None,

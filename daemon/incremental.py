@@ -204,7 +204,7 @@ def own_copy(base: Snapshot) -> Snapshot:
 
 
 def slice_to(desired: Desired, actual: Actual, users: AbstractSet[str],
-             groups: AbstractSet[str]) -> tuple[Desired, Actual]:
+             groups: AbstractSet[str], *, held: bool = False) -> tuple[Desired, Actual]:
     """The desired state and links reduced to *users* and the groups they touch.
 
     Users: those of *users* that are desired, skipped or linked. Groups: the ones named
@@ -212,7 +212,8 @@ def slice_to(desired: Desired, actual: Actual, users: AbstractSet[str],
     membership of *users* differs between desired and linked, or, not linked yet, that one of
     *users* belongs in. Member sets on both sides are cut to *users* and foreign members are
     hidden, so no other member is ever added or removed; a group link no event names is never
-    deleted here."""
+    deleted here. *held* (a target with a groups-per-user cap): the groups some of *users* are
+    in on both sides are kept too, so that the planner's cap counts the memberships they hold."""
     part_users = {sid: wuser for sid in users if (wuser := desired.users.get(sid)) is not None}
     part_skipped = {sid: skip for sid in users if (skip := desired.skipped.get(sid)) is not None}
     links = {sid: ulink for sid in users if (ulink := actual.users.get(sid)) is not None}
@@ -230,7 +231,7 @@ def slice_to(desired: Desired, actual: Actual, users: AbstractSet[str],
         elif link is None:
             if not wanted_members:
                 continue
-        elif wanted_members == linked_members:
+        elif wanted_members == linked_members and not (held and linked_members):
             continue
         if want is not None:
             want_groups[gid] = replace(want, members=Members.of(wanted_members))

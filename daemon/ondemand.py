@@ -28,6 +28,10 @@ not sent; the step waits for it and plans it again from the current state, or re
 so that a running daemon reads its links from SQLite again (and its own claims count what was
 written here): never two writes in flight to one entity, and none built from stale links.
 
+`why USER`'s prediction is this same step run plan-only (`plan_user`: `Reconcile.plan_only`),
+fed from the stored snapshot instead of PingOne: nothing is read from the network, written to
+SQLite or sent.
+
 `--dry-run`: the target client is wrapped by `DryRunClient`, which lets reads through and answers
 every write itself, and the engine records into a scratch state file (`ScratchWrites`: reads
 the real one): nothing is sent, nothing in the real state file changes, and each step is printed
@@ -36,9 +40,10 @@ as it would happen.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -60,12 +65,14 @@ from daemon.errors import NotFound
 from daemon.explain import (
     SYNC_USER_KIND,
     UnknownUser,
+    direct_group_ids,
     find_linked_id,
     find_user,
     group_links,
     namesake_links,
     namesakes,
     pins_for,
+    stored_groups,
     user_link,
     user_snapshot,
 )
@@ -311,10 +318,11 @@ async def _parents(source: PingOneClient, src: _SourceUser, users: Mapping[str, 
         frontier = sorted(set(found))
 
 
-async def _namesakes(source: PingOneClient, store: Store, src: _SourceUser,
+async def _namesakes(read: Callable[[str], Awaitable[JSON | None]], store: Store, src: _SourceUser,
                      targets: list[TargetConfig]) -> dict[str, JSON]:
-    """The other PingOne users that map to this user's userName in some target, read now: the
-    stored snapshot's and those linked in a target. One still in PingOne is in the snapshot (a
+    """The other PingOne users that map to this user's userName in some target, read now
+    (`read`: PingOne for sync-user, the stored snapshot for `why`; None: gone): the stored
+    snapshot's and those linked in a target. One still in PingOne is in the snapshot (a
     userName shared in scope is a `conflict`); one gone is left out, so its link is a departed
     namesake's (a rehire takes its account over)."""
     if src.user is None:
@@ -334,11 +342,32 @@ async def _namesakes(source: PingOneClient, store: Store, src: _SourceUser,
             candidates.update(await store.linked_namesakes(cfg.name, name, src.user_id))
     out: dict[str, JSON] = {}
     for other in sorted(candidates - {src.user_id}):
-        try:
-            out[other] = await source.get_user(other)
-        except NotFound:
-            continue
+        found = await read(other)
+        if found is not None:
+            out[other] = found
     return out
+
+
+def _pingone_reader(source: PingOneClient) -> Callable[[str], Awaitable[JSON | None]]:
+    async def read(user_id: str) -> JSON | None:
+        try:
+            return await source.get_user(user_id)
+        except NotFound:
+            return None
+    return read
+
+
+def _stored_reader(store: Store) -> Callable[[str], Awaitable[JSON | None]]:
+    """A stored snapshot user as PingOne would answer it: with its direct `memberOfGroupIDs`."""
+    async def read(user_id: str) -> JSON | None:
+        async with store.db.execute("SELECT data FROM source_user WHERE id=?", (user_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        user: JSON = json.loads(row[0])
+        direct = await direct_group_ids(store, [user_id])
+        return {**user, "memberOfGroupIDs": sorted(direct.get(user_id, ()))}
+    return read
 
 
 def _increment(src: _SourceUser, others: Mapping[str, JSON]) -> Increment:
@@ -356,10 +385,10 @@ def _increment(src: _SourceUser, others: Mapping[str, JSON]) -> Increment:
 # -- one target -------------------------------------------------------------------------------
 
 
-async def _sync_target(engine: Engine, cfg: TargetConfig, inc: Increment, user_id: str, out: TargetSync, *,
-                       in_source: bool, dry_run: bool, emit: Emit) -> TargetSync:
+def _user_step(store: Store, cfg: TargetConfig, user_id: str, out: TargetSync, *, in_source: bool,
+               dry_run: bool, emit: Emit, plan_only: bool = False) -> Reconcile:
+    """The `Reconcile` of sync-user for one target, and of `why`'s prediction (`plan_only`)."""
     name = cfg.name
-    store = engine.store
 
     async def links(desired: Desired) -> Actual:
         """This user's link, its linked namesakes' (no lookup takes their objects; a departed
@@ -383,10 +412,16 @@ async def _sync_target(engine: Engine, cfg: TargetConfig, inc: Increment, user_i
         verdict = "in scope" if want is not None else "not in scope" if in_source else "deleted in PingOne"
         _print_plan(emit, name, verdict, the_plan, dry_run=dry_run)
 
-    done = await engine.reconcile(engine.runtimes[name], inc, Reconcile(
+    return Reconcile(
         SYNC_USER_KIND, recover=False, approvals=True, complete=True, announce=not dry_run, busy_wait=BUSY_WAIT,
-        links=links,
-        on_plan=on_plan, summary={"user": user_id, "dry_run": dry_run}))
+        links=links, on_plan=on_plan, summary={"user": user_id, "dry_run": dry_run}, plan_only=plan_only)
+
+
+async def _sync_target(engine: Engine, cfg: TargetConfig, inc: Increment, user_id: str, out: TargetSync, *,
+                       in_source: bool, dry_run: bool, emit: Emit) -> TargetSync:
+    name = cfg.name
+    done = await engine.reconcile(engine.runtimes[name], inc, _user_step(
+        engine.store, cfg, user_id, out, in_source=in_source, dry_run=dry_run, emit=emit))
     _finish(out, done, engine, emit)
     if done.approval is not None and not dry_run:
         approval = done.approval
@@ -420,7 +455,7 @@ async def sync_user(config: Config, store: Store, session: aiohttp.ClientSession
         nested = any(t.membership == "transitive" for t in targets)
         if nested:
             await _parents(source, src, {src.user_id: src.user})
-        others = await _namesakes(source, store, src, targets)
+        others = await _namesakes(_pingone_reader(source), store, src, targets)
         if nested and others:
             await _parents(source, src, others)
         inc = _increment(src, others)
@@ -431,6 +466,46 @@ async def sync_user(config: Config, store: Store, session: aiohttp.ClientSession
                                                      in_source=src.user is not None, dry_run=dry_run, emit=emit))
     result.took_s = time.perf_counter() - started
     return result
+
+
+# -- why: the sync-user step, plan-only, from the state file ----------------------------------
+
+
+@dataclass
+class UserPlan:
+    """What `sync-user` would do for one user now, planned from the stored snapshot."""
+
+    user_id: str
+    user: JSON | None                 # as stored (None: gone from the last snapshot, still linked)
+    snapshot: Snapshot                # the increment's: this user and its namesakes, every stored group
+    targets: dict[str, tuple[TargetSync, Reconciled]] = field(default_factory=dict)
+
+
+async def plan_user(config: Config, store: Store, ref: str, *, target: str | None = None, log: Any) -> UserPlan:
+    """`why`'s prediction: the sync-user step (`_user_step`, `Engine.reconcile`) run plan-only
+    over the user as the last snapshot holds it, read from SQLite as sync-user reads PingOne:
+    the user with its direct groups, every group, and the namesakes (one not in the snapshot
+    is a departed one). No request is made, nothing is written to SQLite or sent to a target.
+    Raises UnknownUser, KeyError (no such target)."""
+    targets = [config.target(target)] if target is not None else list(config.targets)
+    read = _stored_reader(store)
+    stored = await find_user(store, ref)
+    user_id = str(stored["id"]) if stored is not None else await find_linked_id(store, ref)
+    if user_id is None:
+        raise UnknownUser(f"no user {ref!r} in the state file {store.path}")
+    groups = await stored_groups(store)
+    src = _SourceUser(user_id, await read(user_id), dict(groups.groups), dict(groups.parents))
+    inc = _increment(src, await _namesakes(read, store, src, targets))
+    out = UserPlan(user_id, stored, inc.snapshot)
+    async with aiohttp.ClientSession() as session:     # the Engine's clients; plan-only sends nothing
+        engine = Engine(config, store, session, log=log)
+        for cfg in targets:
+            sync = TargetSync(cfg.name)
+            done = await engine.reconcile(engine.runtimes[cfg.name], inc, _user_step(
+                store, cfg, user_id, sync, in_source=src.user is not None, dry_run=True, emit=lambda _: None,
+                plan_only=True))
+            out.targets[cfg.name] = (sync, done)
+    return out
 
 
 # -- sync-group: one group and its in-scope members -------------------------------------------
