@@ -8,7 +8,8 @@ rows and links, real SQLite), and the links are kept in memory as the last full 
 Then, ROUNDS times: one user changes in PingOne (a new family name and a new department), the
 change is merged (`Engine.merge_changes`) and one incremental cycle runs (`Engine.incremental_cycle`)
 against a SCIM emulator on loopback that holds the changed users. Last, a pushed group of about
-5% of the users is renamed (every member is touched: the cost of a big group's change). Wall
+5% of the users is renamed (every member is touched: the cost of a big group's change), after
+one user joined and then left the biggest pushed group (the cost of a membership change). Wall
 time and process CPU (`time.process_time`) are measured around those two calls only.
 
     /tmp/venv/bin/python bench/incremental_cost.py --users 100000 1000000 [--rounds 7] [--json out.json]
@@ -174,6 +175,31 @@ async def measure(users: int, rounds: int, work: Path, profile: Path | None = No
                     cpus.append(cpu * 1000)
                     say(f"{users}: round {n}: {wall * 1000:.1f} ms wall, {cpu * 1000:.1f} ms CPU, "
                         f"plan {report.plan_counts}")
+                # One user joins the biggest pushed group, then leaves it: one user planned, one
+                # member added or removed, whatever the group's size.
+                biggest = max(snapshot.groups, key=lambda g: len(snapshot.members[g]))
+                joiner = next(u for u in changed_ids if biggest not in group_of[u])
+                member_walls: list[float] = []
+                member_cpus: list[float] = []
+                for step, groups_now in enumerate(([*group_of[joiner], biggest], list(group_of[joiner]))):
+                    user = dict(originals[joiner])
+                    user["memberOfGroupIDs"] = groups_now
+                    profiler = cProfile.Profile() if profile is not None and step == 0 else None
+                    if profiler is not None:
+                        profiler.enable()
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    inc = await engine.merge_changes(Reads({joiner: user}, {}))
+                    assert inc is not None
+                    report = await engine.incremental_cycle(rt, inc)
+                    member_walls.append((time.perf_counter() - wall) * 1000)
+                    member_cpus.append((time.process_time() - cpu) * 1000)
+                    if profiler is not None and profile is not None:
+                        profiler.disable()
+                        profiler.dump_stats(str(profile.with_suffix(f".member.{users}.prof")))
+                    assert report.outcome == "success", report
+                    say(f"{users}: a user {'joins' if step == 0 else 'leaves'} a group of "
+                        f"{len(snapshot.members[biggest])} members: {member_walls[-1]:.1f} ms wall, "
+                        f"{member_cpus[-1]:.1f} ms CPU, plan {report.plan_counts}")
                 # One group of about 5% of the users renamed: every member is touched.
                 big = min(snapshot.groups, key=lambda g: abs(len(snapshot.members[g]) - users // 20))
                 size = len(snapshot.members[big])
@@ -200,7 +226,8 @@ async def measure(users: int, rounds: int, work: Path, profile: Path | None = No
             "cpu_ms": [round(c, 1) for c in cpus], "wall_ms_median": round(statistics.median(walls), 1),
             "cpu_ms_median": round(statistics.median(cpus), 1), "wall_ms_max": round(max(walls), 1),
             "scim_writes": writes, "group_members": size, "group_wall_ms": round(group_wall, 1),
-            "group_cpu_ms": round(group_cpu, 1)}
+            "group_cpu_ms": round(group_cpu, 1), "member_group_members": len(snapshot.members[biggest]),
+            "member_wall_ms": [round(w, 1) for w in member_walls], "member_cpu_ms": [round(c, 1) for c in member_cpus]}
 
 
 def say(message: str) -> None:

@@ -72,8 +72,14 @@ def _source_user(raw: Mapping[str, Any]) -> tuple[JSON, set[str] | None]:
 
 
 def _without(members: AbstractSet[str], drop: Iterable[str]) -> AbstractSet[str]:
+    if isinstance(members, Members):
+        return members.minus(drop)
     gone = set(drop)
     return Members.of(m for m in members if m not in gone)
+
+
+def _with(members: AbstractSet[str], uid: str) -> AbstractSet[str]:
+    return members.plus((uid,)) if isinstance(members, Members) else Members.of([*members, uid])
 
 
 def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = None, *,
@@ -135,7 +141,7 @@ def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = Non
         for gid, members in list(snap.members.items()):
             inside = uid in members
             if gid in direct and not inside:
-                snap.members[gid] = Members.of([*members, uid])
+                snap.members[gid] = _with(members, uid)
                 rows.add(gid)
             elif gid not in direct and inside:
                 snap.members[gid] = _without(members, (uid,))

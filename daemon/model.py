@@ -80,8 +80,8 @@ links both ways: sharing every equal object, or as equal copies of each).
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterable, Set
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Set, Sized
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -168,7 +168,25 @@ class Members(tuple[str, ...], Set[str]):
     __rand__ = __and__
 
     def __or__(self, other: Iterable[Any]) -> Members:
+        if isinstance(other, Sized) and len(other) * _FEW <= len(self):
+            return self.plus(other)
         return Members.of(set(self).union(other))
+
+    def plus(self, ids: Iterable[str]) -> Members:
+        """This set with *ids* added: each new one inserted in place (a copy and a move of
+        pointers each), not the whole set sorted again; for a few ids into a big set."""
+        extra = sorted({x for x in ids if x not in self})
+        if not extra:
+            return self
+        out = list(self)
+        for x in extra:
+            insort(out, x)
+        return Members._sorted(out)
+
+    def minus(self, ids: Iterable[str]) -> Members:
+        """This set without *ids*, in order (no sort); itself when none of them is in it."""
+        drop = {x for x in ids if x in self}
+        return Members._sorted(x for x in self if x not in drop) if drop else self
 
     __ror__ = __or__
 
@@ -177,6 +195,10 @@ class Members(tuple[str, ...], Set[str]):
 
     def __repr__(self) -> str:
         return f"Members({list(self)!r})"
+
+
+# `Members | other` inserts other's ids one by one when it has at most 1/_FEW as many.
+_FEW = 16
 
 
 class _Unchanged(dict[str, Any]):

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Set
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from daemon.model import UNCHANGED, Members, shared
 from tests.twins import twin
@@ -89,3 +91,15 @@ def test_the_placeholder_equals_an_empty_user_so_only_identity_tells_them_apart(
     empty: dict[str, object] = {}
     assert UNCHANGED == empty and UNCHANGED is not empty
     assert shared(empty, UNCHANGED) is UNCHANGED              # so it must never be offered to `shared`
+
+
+@given(st.frozensets(st.sampled_from([f"u{i:03d}" for i in range(400)]), min_size=0, max_size=300),
+       st.lists(st.sampled_from([f"u{i:03d}" for i in range(400)] + ["a", "zz"]), max_size=12))
+def test_adding_or_removing_a_few_keeps_the_set_sorted_as_a_rebuild_would(base: frozenset[str],
+                                                                         few: list[str]) -> None:
+    """`plus`, `minus` and `|` with a small other (ids inserted in place, no sort of the whole set)."""
+    m = Members.of(base)
+    for got, want in ((m.plus(few), base | set(few)), (m | set(few), base | set(few)),
+                      (m.minus(few), base - set(few))):
+        assert isinstance(got, Members) and list(got) == sorted(want)
+    assert m.plus(x for x in few if x in base) is m and m.minus(x for x in few if x not in base) is m
