@@ -286,6 +286,10 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         if t.get("changes_missed") is not None:
             print(f"  CHANGES MISSED: an incremental cycle left this target without changes at "
                   f"{_when(t['changes_missed'])}; its full cycle runs as soon as it is healthy")
+        if s.get("busy"):
+            held = ", ".join(f"{n} {kind}(s)" for kind, n in sorted(s["busy"].items()))
+            print(f"  BUSY: {held} not written: another provisiond process held them past the wait; "
+                  "the target's cycle is retried on its back-off")
         print(f"  managed: {t['managed_users']} users, {t['managed_groups']} groups; "
               f"unmanaged users in target: {s.get('unmanaged_users', '-')}")
         if t["held"]:

@@ -222,6 +222,29 @@ class Reconciled:
     error: str | None = None
 
 
+@dataclass
+class Rounds:
+    """What a target's apply rounds (`Engine._apply_rounds`) did so far: the plans merged (seqs
+    unique), their outcomes, the slice first planned, the links after the last apply and the
+    entities still `busy` (another process held them) after the last."""
+
+    merged: Plan
+    result: ApplyResult
+    part: Desired | None = None
+    after: Actual = field(default_factory=lambda: Actual({}, {}))
+    left_busy: AbstractSet[tuple[str, str]] = frozenset()
+
+    @property
+    def busy(self) -> int:
+        return len(self.left_busy)
+
+
+def busy_entities(the_plan: Plan, result: ApplyResult) -> set[tuple[str, str]]:
+    """The (kind, source id) of every entity an operation of *the_plan* was skipped `busy` for."""
+    return {(op.kind, op.source_id) for op in the_plan.ops
+            if (o := result.outcomes.get(op.seq)) is not None and o.skip_reason == BUSY}
+
+
 def hold_unreleased(the_plan: Plan, user_id: str, released: frozenset[str]) -> None:
     """The target's latest plan held this user's removal: hold it here too unless `released`
     (an approval of a plan that held it) releases it, with the member removals, as the planner
@@ -846,7 +869,8 @@ class Engine:
         the_plan = await self.plan_cycle(cx, desired, actual)                     # d
         self.report_plan(cx, desired, the_plan)
         result, after = await self.apply_plan(cx, snapshot, desired, actual, the_plan)   # e
-        return await self.finish(cx, desired, after, the_plan, result)            # f
+        rounds = await self._busy_rounds(cx, snapshot, desired, the_plan, result, after)
+        return await self.finish(cx, desired, rounds.after, the_plan, result, busy=rounds.left_busy)   # f
 
     async def desire(self, rt: TargetRuntime, snapshot: Snapshot, *, keep_pins: bool = True) -> Desired:
         """Step b: what the target should hold (mapping, pure); the group pins it resolved are kept
@@ -954,8 +978,14 @@ class Engine:
         return result, rt.links
 
     async def finish(self, cx: CycleContext, desired: Desired, after: Actual, the_plan: Plan,
-                     result: ApplyResult) -> TargetReport:
-        """Step f: the summary and outcome to SQLite, `cycle.finished` to the log and observers."""
+                     result: ApplyResult, *, busy: AbstractSet[tuple[str, str]] | None = None) -> TargetReport:
+        """Step f: the summary and outcome to SQLite, `cycle.finished` to the log and observers.
+
+        *busy*: the entities still skipped `busy` after the waits (default: every one an
+        operation was skipped `busy` for). When there are any, the summary says how many per
+        kind (`busy`: {"user": n, "group": n}) and `cycle.finished` their count (`busy`); a full
+        cycle that would have succeeded is then a `partial_failure` (not everything was written:
+        the target is retried on its back-off, /healthz says `degraded`)."""
         rt, name, log = cx.rt, cx.rt.config.name, cx.log
         if the_plan.approval is not None:
             # An approval releases held removals once: the one this plan read, not one given
@@ -969,10 +999,15 @@ class Engine:
             known = await self.store.get_meta(f"unmanaged.{name}")
             rt.unmanaged = int(known) if known is not None else None
         summary["unmanaged_users"] = rt.unmanaged   # as of the last full sync
+        if busy is None:
+            busy = busy_entities(the_plan, result)
+        if busy:
+            kinds = sorted({kind for kind, _ in busy})
+            summary["busy"] = {kind: sum(1 for k, _ in busy if k == kind) for kind in kinds}
         if cx.kind != CYCLE_KIND:
             summary = {"kind": cx.kind, **cx.summary, **summary}
         failed = counts.get(FAILED, 0)
-        outcome = "success" if not failed else "partial_failure"
+        outcome = "success" if not failed and not (busy and cx.kind == CYCLE_KIND) else "partial_failure"
         if outcome == "success" and not cx.source_complete:
             outcome = SOURCE_INCOMPLETE
         if result.stopped is not None:
@@ -981,10 +1016,10 @@ class Engine:
         log.info("cycle.finished", outcome=outcome, applied=counts.get(APPLIED, 0), failed=failed,
                  skipped=counts.get("skipped", 0) + sum(1 for op in the_plan.ops if op.status != PENDING),
                  held=the_plan.removals_held, users=summary["users"], groups=summary["groups"],
-                 full_sync=cx.full, kind=cx.kind,
+                 full_sync=cx.full, kind=cx.kind, **({"busy": len(busy)} if busy else {}),
                  **({"reason": result.stopped.reason} if result.stopped is not None else {}))
         report = TargetReport(name, cx.cycle_id, outcome, cx.full, the_plan.counts(), counts, summary, failed,
-                              busy=sum(1 for o in result.outcomes.values() if o.skip_reason == BUSY))
+                              busy=len(busy))
         if result.stopped is not None:
             self._quarantine(rt, result.stopped.reason, result.stopped.detail, log)
         if cx.kind != CYCLE_KIND:
@@ -1071,43 +1106,14 @@ class Engine:
             desired, inc, fast = await self._reconcile_desired(rt, inc, how)
             approval = await approvals.in_effect(self.store, name) if how.approvals else None
             deadline = time.monotonic() + how.busy_wait
-            merged = Plan(ops=[])
-            result = ApplyResult()
-            part: Desired | None = None
-            after: Actual = Actual({}, {})
-            while True:
-                since, actual, piece, the_plan = await self._reconcile_round(
-                    cx, inc, how, desired, approval, first_seq=len(merged.ops), fast=fast)
-                part = part or piece
-                await self.store.save_plan(cycle_id, name, the_plan.ops)
-                if the_plan.ops:
-                    self.report_plan(cx, piece, the_plan)
-                if how.announce and the_plan.pending():
-                    await self._announce_links(name)
-                round_result, after = await self.apply_plan(cx, inc.snapshot, piece, actual, the_plan, inc.changed_at,
-                                                            claim_since=since, in_place=fast)
-                if how.announce and round_result.counts().get(APPLIED):
-                    await self._announce_links(name)
-                await self._count_removals(rt, the_plan, round_result)
-                merged.ops.extend(the_plan.ops)
-                merged.removals_held += the_plan.removals_held
-                merged.removals_deferred += the_plan.removals_deferred
-                merged.removals_limit = the_plan.removals_limit
-                result.outcomes.update(round_result.outcomes)
-                result.requests += round_result.requests
-                result.stopped = round_result.stopped or result.stopped
-                busy = {(op.kind, op.source_id) for op in the_plan.ops
-                        if (o := round_result.outcomes.get(op.seq)) is not None and o.skip_reason == BUSY}
-                if not busy or result.stopped is not None or not await self._wait_free(name, busy, deadline):
-                    out.busy = len(busy)
-                    break
-                log.info("reconcile.replanned", kind=kind, entities=len(busy), reason=BUSY)
-                rt.links = None    # another process wrote this target: its links are read again
+            rounds = Rounds(Plan(ops=[]), ApplyResult())
+            await self._apply_rounds(cx, inc, desired, how, approval, rounds, deadline, fast=fast)
+            merged, result, part, after = rounds.merged, rounds.result, rounds.part, rounds.after
+            out.busy = rounds.busy
             if approval is not None:
                 out.approval = approval
                 out.approval_used = await self._use_approval(name, approval, merged, result)
-            out.report = await self.finish(cx, part, after, merged, result)
-            out.report.busy = out.busy      # what is still busy after the waits (not every round's)
+            out.report = await self.finish(cx, part or desired, after, merged, result, busy=rounds.left_busy)
             out.ops = merged.ops
             out.statuses = {seq: o.status for seq, o in result.outcomes.items()}
             out.desired = part
@@ -1176,6 +1182,75 @@ class Engine:
         if how.on_plan is not None:
             how.on_plan(piece, the_plan)
         return since, actual, piece, the_plan
+    async def _apply_rounds(self, cx: CycleContext, inc: Increment, desired: Desired, how: Reconcile,
+                            approval: approvals.Approval | None, rounds: Rounds, deadline: float, *,
+                            fast: bool = False) -> None:
+        """Plan and apply the slice of *desired* that *inc* names, then, while some of its entities
+        were skipped `busy` (another process held them) and they come free before *deadline*,
+        plan and apply those again from the current state and links: `reconcile`'s rounds, and
+        the full cycle's after its apply (`_busy_rounds`). Every round's plan and outcomes are
+        added to *rounds*; `rounds.busy` is what is still busy after the last."""
+        rt, name, log = cx.rt, cx.rt.config.name, cx.log
+        merged, result = rounds.merged, rounds.result
+        while True:
+            since, actual, piece, the_plan = await self._reconcile_round(
+                cx, inc, how, desired, approval, first_seq=len(merged.ops), fast=fast)
+            rounds.part = rounds.part or piece
+            await self.store.save_plan(cx.cycle_id, name, the_plan.ops)
+            if the_plan.ops:
+                self.report_plan(cx, piece, the_plan)
+            if how.announce and the_plan.pending():
+                await self._announce_links(name)
+            round_result, rounds.after = await self.apply_plan(cx, inc.snapshot, piece, actual, the_plan,
+                                                               inc.changed_at, claim_since=since, in_place=fast)
+            if how.announce and round_result.counts().get(APPLIED):
+                await self._announce_links(name)
+            await self._count_removals(rt, the_plan, round_result)
+            merged.ops.extend(the_plan.ops)
+            merged.removals_held += the_plan.removals_held
+            merged.removals_deferred += the_plan.removals_deferred
+            merged.removals_limit = the_plan.removals_limit
+            result.outcomes.update(round_result.outcomes)
+            result.requests += round_result.requests
+            result.stopped = round_result.stopped or result.stopped
+            busy = busy_entities(the_plan, round_result)
+            if not busy or result.stopped is not None or not await self._wait_free(name, busy, deadline):
+                rounds.left_busy = busy
+                return
+            log.info("reconcile.replanned", kind=cx.kind, entities=len(busy), reason=BUSY)
+            rt.links = None    # another process wrote this target: its links are read again
+
+    async def _busy_rounds(self, cx: CycleContext, snapshot: Snapshot, desired: Desired, the_plan: Plan,
+                           result: ApplyResult, after: Actual) -> Rounds:
+        """The full cycle's entities skipped `busy` (another process held them: an operator's
+        `sync-user`, ...): waited for (up to `busy_wait`, while this cycle holds its target) and,
+        once free, planned again from the current state and links as `reconcile` does (a busy
+        group brings its members into the slice, so its whole membership is planned again). The
+        rounds' plans are added to *the_plan*; `left_busy` is what is still busy at the end."""
+        rounds = Rounds(the_plan, result, desired, after)
+        busy = busy_entities(the_plan, result)
+        rounds.left_busy = busy
+        if not busy or result.stopped is not None:
+            return rounds
+        rt, name = cx.rt, cx.rt.config.name
+        if not await self._wait_free(name, busy, time.monotonic() + self.busy_wait):
+            return rounds
+        cx.log.info("reconcile.replanned", kind=cx.kind, entities=len(busy), reason=BUSY)
+        rt.links = None    # another process wrote this target: its links are read again
+        groups = frozenset(sid for kind, sid in busy if kind == "group")
+        users = {sid for kind, sid in busy if kind == "user"}
+        for gid in groups:
+            if (want := desired.groups.get(gid)) is not None:
+                users.update(want.members)
+            if (link := after.groups.get(gid)) is not None:
+                users.update(link.members)
+        inc = Increment(snapshot, frozenset(users), groups, frozenset())
+        reported = rt.reported
+        deadline = time.monotonic() + self.busy_wait
+        await self._apply_rounds(cx, inc, desired, Reconcile(cx.kind, recover=False, busy_wait=self.busy_wait),
+                                 None, rounds, deadline)
+        rt.reported = {**reported, **rt.reported}   # the full cycle's skips stay reported
+        return rounds
 
     async def _desire_slice(self, rt: TargetRuntime, inc: Increment) -> tuple[Desired, Increment]:
         """Step b over what *inc* touches in the daemon's merged snapshot: what `desire` cut to the

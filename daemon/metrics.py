@@ -20,6 +20,8 @@ What is measured, from the engine's observer events (`daemon.applier` entity eve
     provisiond_queue_depth{target}                          gauge     operations left in the apply
     provisiond_cycles_total{target,outcome}                 counter
     provisiond_cycle_duration_seconds{target}               histogram
+    provisiond_entities_left_busy_total{target,kind}        counter   entities a full cycle left unwritten:
+                                                                      another process held them (kind user|group)
     provisiond_last_success_timestamp_seconds{target}       gauge     end of the last successful cycle
     provisiond_source_last_complete_timestamp_seconds       gauge     end of the last complete snapshot
     provisiond_propagation_latency_seconds{target}          histogram PingOne updatedAt (or, on the change
@@ -212,6 +214,10 @@ class Metrics:
                                          "One HTTP attempt to a target, from send to the body read.",
                                          ["target", "method", "status"], namespace=NAMESPACE, registry=r,
                                          buckets=OPERATION_BUCKETS)
+        self.entities_left_busy = Counter(
+            "entities_left_busy", "Entities a full cycle left unwritten because another provisiond process "
+            "held them after its wait (busy_wait); the target is retried on its back-off.", ["target", "kind"],
+            namespace=NAMESPACE, registry=r)
         self.source_complete = Gauge("source_last_complete_timestamp_seconds",
                                      "End of the last cycle whose PingOne snapshot was complete.",
                                      namespace=NAMESPACE, registry=r)
@@ -244,6 +250,12 @@ class Metrics:
             started, finished = fields.get("started"), fields.get("finished")
             if isinstance(started, int | float) and isinstance(finished, int | float):
                 self.cycle_seconds.labels(target).observe(max(0.0, finished - started))
+            summary = fields.get("summary")
+            busy = summary.get("busy") if isinstance(summary, Mapping) else None
+            if isinstance(busy, Mapping):
+                for kind, count in busy.items():
+                    if isinstance(count, int) and count > 0:
+                        self.entities_left_busy.labels(target, str(kind)).inc(count)
             if result == "success":
                 self.last_success.labels(target).set(finished if isinstance(finished, int | float) else time.time())
             return

@@ -192,6 +192,7 @@ def report_text(report: CycleReport) -> str:
     parts: list[str] = ["source incomplete"] if report.source_incomplete is not None else []
     for t in report.targets:
         counts = [f"{n} {k}" for k in ("applied", "failed") if (n := t.results.get(k, 0))]
+        counts += [f"{t.busy} busy"] if t.busy else []
         parts.append(f"{t.target} {t.outcome}" + (" " + ", ".join(counts) if counts else ""))
     return "; ".join(parts) or "no targets"
 

@@ -187,6 +187,17 @@ def _refuse_beside_daemon(path: str) -> None:
                          "rather than create an empty one")
 
 
+def _create_private(path: str) -> None:
+    """Create a missing state file 0600 (the umask is the caller's). An existing one is not
+    opened: closing any descriptor of the file drops every POSIX lock this process holds on it,
+    SQLite's included; another Store on it in this process would then look closed to the other
+    processes, and the last of those to close would checkpoint and remove the WAL under it."""
+    if path == ":memory:" or path.startswith("file:") or Path(path).exists():
+        return
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+
+
 def _file_identity(path: str) -> tuple[int, int] | None:
     """(device, inode) of a state file; None for an in-memory database or a missing file."""
     if path == ":memory:" or path.startswith("file:"):
@@ -295,8 +306,7 @@ class Store:
         _refuse_beside_daemon(path)
         old_umask = os.umask(0o077)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-            os.close(fd)
+            _create_private(path)
             db = await aiosqlite.connect(path, isolation_level=None)
         except OSError as exc:
             raise StoreError(f"{path}: {exc.strerror or exc}") from exc
