@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,17 +29,6 @@ pytestmark = pytest.mark.timeout(60)
 def op(seq: int, source_id: str, kind: str = "user", name: str = "update") -> Op:
     return Op(seq=seq, phase=1, kind=kind, op=name, source_id=source_id, target_id=f"t-{source_id}",
               name=f"{source_id}@example.com", reason="attributes_changed", payload={}, status=PENDING)
-
-
-@pytest.fixture
-def child() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 @pytest.fixture

@@ -198,17 +198,24 @@ async def test_a_failed_create_shows_the_http_status_and_detail_and_that_it_will
         assert "HTTP 400" in text and "retries the failure" in text
 
 
+def hold_three_zpa_removals(w: World) -> list[str]:
+    """Three users linked in zpa taken out of its scope group (not the nested contractors): with
+    `max_deletes` 1, the next cycle holds their removal. Their ids."""
+    d = w.sb.directory
+    zpa = d.group_by_name("ZPA Users")["id"]
+    contractors = d.transitive_member_ids(d.group_by_name("ZPA Contractors")["id"])
+    linked = [uid for uid in sorted(d.direct_member_ids(zpa) - contractors)
+              if w.sb.zpa.user_by_username(d.users[uid]["username"]) is not None][:3]
+    assert len(linked) == 3
+    for uid in linked:
+        d.remove_member(zpa, uid)
+    return linked
+
+
 async def test_a_removal_held_by_max_deletes_is_reported_held_until_approved(tmp_path: Path) -> None:
     async with world(tmp_path, zpa={"max_deletes": MaxDeletes(count=1)}) as w:
         await w.cycle()
-        d = w.sb.directory
-        zpa = d.group_by_name("ZPA Users")["id"]
-        contractors = d.transitive_member_ids(d.group_by_name("ZPA Contractors")["id"])
-        linked = [uid for uid in sorted(d.direct_member_ids(zpa) - contractors)
-                  if w.sb.zpa.user_by_username(d.users[uid]["username"]) is not None][:3]
-        assert len(linked) == 3
-        for uid in linked:
-            d.remove_member(zpa, uid)
+        linked = hold_three_zpa_removals(w)
         report = await w.cycle()
         assert next(t for t in report.targets if t.target == "zpa").summary["held"] == 3
         left = linked[0]

@@ -31,7 +31,7 @@ from daemon.config import GroupRef, MaxDeletes
 from daemon.explain import explain
 from daemon.ondemand import sync_user
 from daemon.sandbox.directory import Directory
-from tests.test_explain import DIRECT, SALES, World, world
+from tests.test_explain import DIRECT, SALES, World, hold_three_zpa_removals, world
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -220,14 +220,7 @@ async def test_left_scope_why_predicts_the_removal_sync_user_sends(tmp_path: Pat
 async def test_a_removal_held_by_max_deletes_is_predicted_held_then_sent_once_approved(tmp_path: Path) -> None:
     async with world(tmp_path, zpa={"max_deletes": MaxDeletes(count=1)}) as w:
         await w.cycle()
-        d = w.sb.directory
-        zpa = d.group_by_name("ZPA Users")["id"]
-        contractors = d.transitive_member_ids(d.group_by_name("ZPA Contractors")["id"])
-        linked = [uid for uid in sorted(d.direct_member_ids(zpa) - contractors)
-                  if w.sb.zpa.user_by_username(d.users[uid]["username"]) is not None][:3]
-        assert len(linked) == 3
-        for uid in linked:
-            d.remove_member(zpa, uid)
+        linked = hold_three_zpa_removals(w)
         await w.cycle()                         # three removals above max_deletes: held
         ops, log = await why_then_sync(w, linked[0], "zpa")
         assert [(o["kind"], o["status"]) for o in ops if o["kind"] == "user"] == [("user", "held")]
