@@ -182,6 +182,21 @@ async def held_removal(store: Store, target: str, kind: str, source_id: str) -> 
         return plan_id if await cur.fetchone() is not None else None
 
 
+async def held_anew(store: Store, target: str, cycle_id: int) -> int:
+    """How many removals cycle *cycle_id* (an incremental one) held that the target's latest full
+    plan did not already hold. Only those make the target's full cycle owed: one the latest plan
+    holds waits for its approval, and planning it again would hold it again (the feed hands a
+    held batch on again after each full snapshot, which would run a full cycle per poll)."""
+    async with store.db.execute(
+            "SELECT count(*) FROM operation o WHERE o.cycle_id=? AND o.target=? AND o.status='held' "
+            "AND o.op != ? AND NOT EXISTS (SELECT 1 FROM operation p WHERE p.cycle_id="
+            "(SELECT max(id) FROM cycle WHERE target=? AND kind=?) AND p.target=o.target AND p.kind=o.kind "
+            "AND p.source_id=o.source_id AND p.status='held' AND p.op != ?)",
+            (cycle_id, target, MEMBER_REMOVAL, target, CYCLE_KIND, MEMBER_REMOVAL)) as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row is not None else 0
+
+
 def used_up(approval: Approval | None, applied: frozenset[str]) -> bool:
     """Whether a partial apply (`sync-user`: one user's removals, `applied`) used all `approval`
     releases. Only then is it consumed; otherwise the removals it still releases are the next

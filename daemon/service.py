@@ -782,6 +782,8 @@ class Service:
                 async with self._lock(name):
                     report = await engine.incremental_cycle(rt, inc)
                     held = int(report.summary.get("held") or 0)
+                    if held and report.cycle_id is not None:      # what the latest full plan holds is not missed
+                        held = await approvals.held_anew(engine.store, name, report.cycle_id)
                     if report.outcome in MISSED_OUTCOMES or held:
                         await self._missed_changes(name, report.outcome, held)
                 carried[name] = Carried(report.cycle_id, report.outcome if not report.busy else
