@@ -1199,6 +1199,9 @@ class Engine:
             await self.store.save_plan(cx.cycle_id, name, the_plan.ops)
             if the_plan.ops:
                 self.report_plan(cx, piece, the_plan)
+            elif the_plan.removals_deferred:      # no operation to report, but removals left for later
+                cx.log.warning("plan.removals_deferred", deferred=the_plan.removals_deferred,
+                               reason="snapshot_incomplete")
             if how.announce and the_plan.pending():
                 await self._announce_links(name)
             round_result, rounds.after = await self.apply_plan(cx, inc.snapshot, piece, actual, the_plan,

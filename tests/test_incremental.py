@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from daemon.engine import TargetReport
 from daemon.incremental import (
@@ -200,6 +201,26 @@ async def test_a_deleted_user_is_deprovisioned(h: Harness) -> None:
     await incremental(h)
     for target in ("zpa", "zia"):
         assert_converged(h.directory, h.emulator(target), target)
+
+
+async def test_a_deletion_while_the_last_snapshot_is_incomplete_is_deferred_and_logged(h: Harness) -> None:
+    """An incremental cycle over an incomplete snapshot (a failed page, a source shrink not yet
+    accepted) removes nothing, and says so: `plan.removals_deferred`, even with no operation."""
+    uid = members(h, "ZPA Users")[0]
+    name = h.directory.users[uid]["username"].lower()
+    h.engine.last_complete = False
+    h.directory.delete_user(uid)
+    with capture_logs() as logs:
+        await incremental(h)
+    assert not removal_requests(h.sb.zpa)
+    assert _active_on(h, "zpa", name)
+    deferred = [e for e in logs if e["event"] == "plan.removals_deferred" and e.get("target") == "zpa"]
+    assert deferred and deferred[0]["deferred"] >= 1 and deferred[0]["reason"] == "snapshot_incomplete"
+
+
+def _active_on(h: Harness, target: str, name: str) -> bool:
+    user = target_users(h.emulator(target)).get(name)
+    return user is not None and user.get("active") is not False
 
 
 async def test_a_burst_of_deletions_above_max_deletes_is_held_also_when_spread_over_polls(h: Harness) -> None:
