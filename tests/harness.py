@@ -43,9 +43,11 @@ from structlog.typing import EventDict
 
 from daemon.config import Config, load_config
 from daemon.engine import CycleReport, Engine, TargetReport
+from daemon.sandbox.activities import FeedSettings
 from daemon.sandbox.directory import Directory
 from daemon.sandbox.runner import Sandbox, build_sandbox, running, write_config
 from daemon.sandbox.scim import ScimEmulator
+from daemon.source.changes import ChangeFeed
 from daemon.store import Store
 
 FAST_RPS = 5000.0          # tests are bounded by the loopback, not by a rate
@@ -460,3 +462,14 @@ async def daemon_serving(w: World, cycles: int = 1, **env: str) -> AsyncIterator
     async with daemon_running(w.config, w.notify, w.tg, **env) as d:
         await cycled(w, d, cycles)
         yield d, await listening(d)
+
+
+async def follow_feed(h: Harness) -> None:
+    """*h* as a daemon following the change feed finds itself after its first full cycle: the
+    PingOne emulator's records visible at once (no indexing delay), the engine keeping its merged
+    snapshot, the feed's watermark at that cycle's start."""
+    h.sb.pingone.feed.settings = FeedSettings(indexing_delay=0.0, seed=1)
+    h.engine.keep_snapshot = True
+    started = time.time()
+    await h.cycle()
+    await ChangeFeed(h.engine.source, h.store).start_at(started)

@@ -18,10 +18,9 @@ import pytest
 
 from daemon.incremental import Increment
 from daemon.links import PENDING, Op
-from daemon.sandbox.activities import FeedSettings
 from daemon.source.changes import ChangeFeed, read_affected
 from daemon.store import Holder, Outcome, Store, owner_alive, process_identity
-from tests.harness import Harness, harness
+from tests.harness import Harness, follow_feed, harness
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -164,12 +163,8 @@ async def test_recovery_leaves_a_live_process_s_cycle_alone(stores: tuple[Store,
 @pytest.fixture
 async def h(tmp_path: Path) -> AsyncIterator[Harness]:
     async with harness(tmp_path, users=40, groups=4) as h:
-        h.sb.pingone.feed.settings = FeedSettings(indexing_delay=0.0, seed=1)
-        h.engine.keep_snapshot = True
         h.engine.busy_wait = 0.3
-        started = time.time()
-        await h.cycle()
-        await ChangeFeed(h.engine.source, h.store).start_at(started)
+        await follow_feed(h)
         yield h
 
 

@@ -19,7 +19,7 @@ from daemon.engine import TargetReport
 from daemon.sandbox.activities import FeedSettings
 from daemon.source.changes import ChangeFeed, read_affected
 from daemon.target.resource import ENTERPRISE_USER
-from tests.harness import Harness, harness
+from tests.harness import Harness, follow_feed, harness
 from tests.safety import assert_converged, removal_requests, target_users
 from tests.test_incremental import feed_of, incremental, members, outside
 
@@ -33,12 +33,8 @@ async def h(tmp_path: Path) -> AsyncIterator[Harness]:
     # max_deletes out of the way: these tests are about each change arriving (a burst is held below)
     loose = {"max_deletes": MaxDeletes(count=1000)}
     async with harness(tmp_path, users=40, groups=4, zpa=loose, zia=loose) as h:
-        h.sb.pingone.feed.settings = FeedSettings(indexing_delay=0.0, seed=1)
-        h.engine.keep_snapshot = True
         h.strict = True
-        started = time.time()
-        await h.cycle()
-        await feed_of(h).start_at(started)
+        await follow_feed(h)
         yield h
 
 

@@ -5,7 +5,6 @@ back over HTTP (request logs and contents)."""
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import AsyncIterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
@@ -44,9 +43,8 @@ from daemon.mapping import (
 )
 from daemon.model import JSON, UNCHANGED, Members, Snapshot
 from daemon.planner import Policy, plan
-from daemon.sandbox.activities import FeedSettings
 from daemon.source.changes import ChangeFeed, GroupRead, Reads, read_affected
-from tests.harness import Harness, harness
+from tests.harness import Harness, follow_feed, harness
 from tests.safety import assert_converged, removal_requests, scope_group_of, target_users
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,12 +53,8 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 async def h(tmp_path: Path) -> AsyncIterator[Harness]:
     async with harness(tmp_path, users=40, groups=4) as h:
-        h.sb.pingone.feed.settings = FeedSettings(indexing_delay=0.0, seed=1)
-        h.engine.keep_snapshot = True
         h.strict = True
-        started = time.time()
-        await h.cycle()
-        await feed_of(h).start_at(started)
+        await follow_feed(h)
         yield h
 
 
