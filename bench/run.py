@@ -119,12 +119,24 @@ SCENARIOS = ("all", "apply", "zia", "noop", "incremental", "membership", "propag
 # Config
 
 
+def source_section(pingone: emulators.EmulatorProcess) -> str:
+    """The `[source]` lines that reach the PingOne emulator (its own literal secrets); the rest of
+    the table is the caller's."""
+    from daemon.sandbox.pingone import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+
+    return f'''[source]
+api_url = "{pingone.url}/v1"
+auth_url = "{pingone.url}"
+environment_id = "{pingone.info["env_id"]}"
+client_id = "{DEFAULT_CLIENT_ID}"
+client_secret = "{DEFAULT_CLIENT_SECRET}"
+'''
+
+
 def config_text(*, pingone: emulators.EmulatorProcess, scim: emulators.EmulatorProcess, state_path: Path,
                 profile: str, concurrency: int, rps: float, groups: list[str], membership_batch: int,
                 scope_groups: list[str] | None = None) -> str:
     """A provisiond config with one target `bench` (literal secrets: the emulators' own)."""
-    from daemon.sandbox.pingone import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
-
     scope = f"scope = {{ groups = {json.dumps(scope_groups)} }}\n" if scope_groups else ""
     return f'''[daemon]
 state_path = "{state_path}"
@@ -133,13 +145,7 @@ full_sync_every = "24h"
 log_format = "json"
 log_level = "info"
 
-[source]
-api_url = "{pingone.url}/v1"
-auth_url = "{pingone.url}"
-environment_id = "{pingone.info["env_id"]}"
-client_id = "{DEFAULT_CLIENT_ID}"
-client_secret = "{DEFAULT_CLIENT_SECRET}"
-client_auth = "basic"
+{source_section(pingone)}client_auth = "basic"
 page_size = {DEFAULT_SOURCE_PAGE_SIZE}
 
 [[target]]
@@ -666,19 +672,11 @@ def run_config_text(*, pingone: emulators.EmulatorProcess, scim: emulators.Emula
     """Only what a config must say: every knob of [daemon], [source] and the target (interval,
     changes, change_poll_interval, page sizes, concurrency, rate limits, max_deletes) is left at
     its default. `http_listen` serves /metrics, read for the daemon's own latency histogram."""
-    from daemon.sandbox.pingone import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
-
     return f'''[daemon]
 state_path = "{state_path}"
 http_listen = "127.0.0.1:{http_port}"
 
-[source]
-api_url = "{pingone.url}/v1"
-auth_url = "{pingone.url}"
-environment_id = "{pingone.info["env_id"]}"
-client_id = "{DEFAULT_CLIENT_ID}"
-client_secret = "{DEFAULT_CLIENT_SECRET}"
-
+{source_section(pingone)}
 [[target]]
 name = "{TARGET_NAME}"
 profile = "generic"
