@@ -94,8 +94,8 @@ def merge(base: Snapshot, reads: Reads, recorded: Mapping[str, str] | None = Non
     The users touched (their scope and memberships planned again) are those read, and of each
     group read anew: every user (nested ones included, before and after) when the group itself
     changed (created, deleted, its JSON or its parents), else only the users whose membership
-    changed (joined or left it directly, or as a member of a nested group). A user whose groups are what
-    they were is not planned again for a group's sake: its desired state is the same."""
+    changed (joined or left it directly, or as a member of a nested group). A user whose groups
+    are what they were is not planned again for a group's sake: its desired state is the same."""
     snap = base if in_place else own_copy(base)
     touched: set[str] = set(reads.users)
     rows: set[str] = set()            # groups whose stored row (name, members, parents) changes

@@ -172,6 +172,8 @@ class Members(tuple[str, ...], Set[str]):
             return self.plus(other)
         return Members.of(set(self).union(other))
 
+    __ror__ = __or__
+
     def plus(self, ids: Iterable[str]) -> Members:
         """This set with *ids* added: each new one inserted in place (a copy and a move of
         pointers each), not the whole set sorted again; for a few ids into a big set."""
@@ -187,8 +189,6 @@ class Members(tuple[str, ...], Set[str]):
         """This set without *ids*, in order (no sort); itself when none of them is in it."""
         drop = {x for x in ids if x in self}
         return Members._sorted(x for x in self if x not in drop) if drop else self
-
-    __ror__ = __or__
 
     def isdisjoint(self, other: Iterable[Any]) -> bool:
         return not any(map(self.__contains__, other))
